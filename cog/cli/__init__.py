@@ -1,0 +1,1 @@
+"""Operator and user commands (argparse)."""

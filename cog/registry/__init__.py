@@ -1,0 +1,1 @@
+"""The registry server: the HTTP API over Storage and Builders."""

@@ -1,0 +1,6 @@
+"""Shared fixtures. Real services live in tests/services/ (one module per service)."""
+
+pytest_plugins = [
+    "tests.services.docker",
+    "tests.services.s3",
+]

@@ -1,0 +1,1 @@
+# Real services (dockerd, registry, SeaweedFS) started by the tests.

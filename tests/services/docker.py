@@ -1,0 +1,1 @@
+"""Fixtures for the real docker service (being written)."""

@@ -1,0 +1,1 @@
+"""Fixtures for the real s3 service (being written)."""
