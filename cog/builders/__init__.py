@@ -94,6 +94,13 @@ class BuildError(Exception):
         return f"{self.message} (step: {self.step})" if self.step else self.message
 
 
+class BuilderUnavailable(BuildError):
+    """The build machinery itself (Docker engine, BuildKit, registry) cannot be reached.
+
+    Not the package's fault: the server answers 503 and the same package may be rebuilt.
+    """
+
+
 class BuilderConfigError(Exception):
     """An unknown builder name or options the builder rejects; raised at server start."""
 
