@@ -1,7 +1,28 @@
 """Cog: package machine learning models.
 
 Inside an image only the runtime is used (``cog.Model``, ``cog.input``, ``cog.Path`` and
-``python -m cog.server``); it must never import the server-only dependencies.
+``python -m cog.server``); it must never import the server-only dependencies. The model
+API is loaded on first use, so ``import cog`` stays light for the registry and the CLI.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["Model", "Path", "__version__", "input"]
+
+if TYPE_CHECKING:
+    from cog.model import Model, Path, input
+
+_LAZY = ("Model", "Path", "input")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from cog import model
+
+        value = getattr(model, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cog' has no attribute {name!r}")

@@ -1,0 +1,128 @@
+"""``python -m cog.server``: serve the model named in ./cog.yaml.
+
+Options (each also from the environment): ``--port`` ($PORT, default 5000), ``--host``
+($COG_HOST, default 0.0.0.0), ``--concurrency`` ($COG_CONCURRENCY, default 1: inferences
+at once), ``--max-queue`` ($COG_MAX_QUEUE, default 64: requests that may wait for one),
+``--dir`` (the package directory, default the working directory).
+
+The port is open at once: the model is imported and set up in the background while
+``/ping`` answers 503 ``starting``. On SIGTERM (or SIGINT) the server refuses new
+inferences with 503, finishes the admitted ones, and exits 0; a second signal exits at
+once with status 1. Logs (including the model's stdout/stderr) go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from cog.server.app import InferenceServer
+from cog.server.model_ref import ModelRef
+from cog.server.runner import DEFAULT_MAX_QUEUE
+
+logger = logging.getLogger("cog.server")
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        sys.exit(f"${name} must be an integer, not {value!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m cog.server", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--host", default=os.environ.get("COG_HOST", "0.0.0.0"))
+    parser.add_argument("--port", type=int, default=_env_int("PORT", 5000))
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=_env_int("COG_CONCURRENCY", 1),
+        help="inferences that may run at once",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=_env_int("COG_MAX_QUEUE", DEFAULT_MAX_QUEUE),
+        help="requests that may wait for a free inference slot; more get 503",
+    )
+    parser.add_argument("--dir", default=".", help="the package directory (with cog.yaml)")
+    args = parser.parse_args(argv)
+    if args.concurrency < 1:
+        parser.error("--concurrency must be 1 or more")
+    if args.max_queue < 0:
+        parser.error("--max-queue must be 0 or more")
+    return args
+
+
+def configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)  # the real stderr, before it is wrapped
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+async def serve(server: InferenceServer, host: str, port: int) -> int:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully; the exit status."""
+    loop = asyncio.get_running_loop()
+    stop, force = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (force if stop.is_set() else stop).set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+
+    app_runner = web.AppRunner(server.app, handle_signals=False, access_log=None)
+    await app_runner.setup()
+    site = web.TCPSite(app_runner, host, port)
+    await site.start()
+    for address in app_runner.addresses:
+        logger.info("listening on http://%s:%s", *address[:2])
+
+    await stop.wait()
+    logger.info(
+        "shutting down: finishing %d admitted request(s), refusing new ones",
+        server.runner.admitted,
+    )
+    drain = asyncio.ensure_future(server.runner.drain())
+    forced = asyncio.ensure_future(force.wait())
+    await asyncio.wait([drain, forced], return_when=asyncio.FIRST_COMPLETED)
+    if force.is_set():
+        logger.warning("second signal: exiting without waiting")
+        return 1
+    forced.cancel()
+    await app_runner.cleanup()
+    logger.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging()
+    server = InferenceServer(
+        # Read cog.yaml in the setup thread too: any failure is reported by /ping.
+        lambda: ModelRef.from_directory(args.dir).load(),
+        concurrency=args.concurrency,
+        max_queue=args.max_queue,
+    )
+    status = asyncio.run(serve(server, args.host, args.port))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if status:
+        # Inference threads may still be running; do not wait for them.
+        os._exit(status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""The inputs of one inference, read from a form: values converted, files streamed to disk.
+
+Files go to a temporary directory of their own per request, under their original names,
+and are passed to run() as cog.Path; the directory is removed by :meth:`RequestInputs.
+cleanup` once the response is sent. Every problem with the form is collected, so a
+client hears about all of them in one 400 answer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import attrs
+from aiohttp import BodyPartReader, web
+
+from cog.model import Path
+from cog.signature import Argument, InputError
+
+#: A text field longer than this is refused (files have no limit: they are streamed).
+MAX_FIELD_BYTES = 1 << 20
+_CHUNK = 256 * 1024
+
+
+@attrs.frozen
+class Problem:
+    input: str
+    message: str
+
+
+class InvalidInput(Exception):
+    """The form is wrong; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{p.input}: {p.message}" for p in problems))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "error": f"invalid input: {self}",
+            "problems": [{"input": p.input, "message": p.message} for p in self.problems],
+        }
+
+
+class BadBody(Exception):
+    """The body is not a form at all (or a malformed one)."""
+
+
+class RequestInputs:
+    """The values for run(), and the temporary directory holding the uploaded files."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.directory: str | None = None
+
+    def file_path(self, input_name: str, filename: str) -> str:
+        """Where to store an upload: its own name in this request's directory."""
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix="cog-infer-")
+        name = _safe_filename(filename, input_name)
+        path = os.path.join(self.directory, name)
+        if os.path.exists(path):  # two inputs sent files of the same name
+            folder = os.path.join(self.directory, f"{input_name}.d")
+            os.mkdir(folder)
+            path = os.path.join(folder, name)
+        return path
+
+    def cleanup(self) -> None:
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+
+def _safe_filename(filename: str, fallback: str) -> str:
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1].replace("\0", "")
+    if name in ("", ".", ".."):
+        name = fallback
+    while len(name.encode("utf-8")) > 200:  # keep the extension, stay under NAME_MAX
+        stem, ext = os.path.splitext(name)
+        name = stem[: max(1, len(stem) - 16)] + ext if len(stem) > 1 else name[:200]
+    return name
+
+
+async def read_inputs(request: web.Request, arguments: Mapping[str, Argument]) -> RequestInputs:
+    """Read and check the form of ``POST /infer``; raises InvalidInput or BadBody.
+
+    On error nothing is left on disk.
+    """
+    inputs = RequestInputs()
+    problems: list[Problem] = []
+    given: set[str] = set()
+    try:
+        if request.content_type == "multipart/form-data":
+            await _read_multipart(request, arguments, inputs, problems, given)
+        elif request.content_type == "application/x-www-form-urlencoded":
+            for name, value in (await request.post()).items():
+                _take_text(name, str(value), arguments, inputs, problems, given)
+        elif request.body_exists:
+            raise BadBody(f"send the inputs as multipart/form-data, not {request.content_type}")
+        for name, argument in arguments.items():
+            if name in given:
+                continue
+            if argument.required:
+                message = "required file missing" if argument.is_file else "required input missing"
+                problems.append(Problem(name, message))
+            else:
+                inputs.values[name] = argument.default
+        if problems:
+            raise InvalidInput(problems)
+    except BaseException:
+        inputs.cleanup()
+        raise
+    return inputs
+
+
+async def _read_multipart(
+    request: web.Request,
+    arguments: Mapping[str, Argument],
+    inputs: RequestInputs,
+    problems: list[Problem],
+    given: set[str],
+) -> None:
+    try:
+        reader = await request.multipart()
+    except (ValueError, AssertionError) as e:
+        raise BadBody(f"malformed multipart body: {e}") from None
+    while True:
+        try:
+            part = await reader.next()
+        except ValueError as e:
+            raise BadBody(f"malformed multipart body: {e}") from None
+        if part is None:
+            return
+        if not isinstance(part, BodyPartReader):  # a nested multipart
+            problems.append(Problem("", "nested multipart parts are not supported"))
+            await part.release()
+            continue
+        name = part.name or ""
+        argument = arguments.get(name)
+        if part.filename is None:
+            try:
+                text = await _read_text(part)
+            except InputError as e:
+                problems.append(Problem(name, str(e)))
+                given.add(name)
+                continue
+            _take_text(name, text, arguments, inputs, problems, given)
+        elif argument is None or name in given:
+            _check_name(name, argument, problems, given)
+            await part.release()
+        elif not argument.is_file:
+            # A file sent for a text input (say `-i prompt=@prompt.txt`): its content is the value.
+            try:
+                text = await _read_text(part)
+            except InputError as e:
+                problems.append(Problem(name, str(e)))
+                given.add(name)
+                continue
+            _take_text(name, text, arguments, inputs, problems, given)
+        elif part.filename == "":  # a browser's empty file field: no file given
+            await part.release()
+        else:
+            given.add(name)
+            path = inputs.file_path(name, part.filename)
+            with open(path, "wb") as f:
+                # Local temp files: a write lands in the page cache, cheaper than a
+                # thread hop per chunk.
+                while True:
+                    chunk = await part.read_chunk(_CHUNK)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+            inputs.values[name] = Path(path)
+
+
+def _check_name(
+    name: str, argument: Argument | None, problems: list[Problem], given: set[str]
+) -> bool:
+    """True if the input exists and was not given before; else record the problem."""
+    if argument is None:
+        problems.append(Problem(name, "unknown input" if name else "a form field without a name"))
+        return False
+    if name in given:
+        problems.append(Problem(name, "given more than once"))
+        return False
+    return True
+
+
+def _take_text(
+    name: str,
+    text: str,
+    arguments: Mapping[str, Argument],
+    inputs: RequestInputs,
+    problems: list[Problem],
+    given: set[str],
+) -> None:
+    argument = arguments.get(name)
+    if not _check_name(name, argument, problems, given):
+        return
+    assert argument is not None
+    given.add(name)
+    if argument.is_file:
+        problems.append(Problem(name, "must be a file upload"))
+        return
+    try:
+        inputs.values[name] = argument.convert(text)
+    except InputError as e:
+        problems.append(Problem(name, str(e)))
+
+
+async def _read_text(part: BodyPartReader) -> str:
+    data = bytearray()
+    while True:
+        chunk = await part.read_chunk(_CHUNK)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_FIELD_BYTES:
+            await part.release()
+            raise InputError(f"longer than {MAX_FIELD_BYTES} bytes")
+    charset = part.get_charset(default="utf-8")
+    try:
+        return data.decode(charset)
+    except (UnicodeDecodeError, LookupError):
+        raise InputError(f"is not {charset} text") from None

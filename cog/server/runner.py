@@ -1,0 +1,257 @@
+"""The model's life in the server: load and setup once, then inferences in worker threads.
+
+Model code never runs on the event loop: setup() in a daemon thread (so a SIGTERM during a
+long setup does not wait for it), run() in a pool of ``concurrency`` threads (1 by
+default: GPU models are not re-entrant). Requests beyond ``concurrency`` wait, up to
+``max_queue`` of them; more are refused (:class:`Busy`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import attrs
+
+from cog.model import Model, signature_of
+from cog.server.console import call_tagged
+from cog.server.model_ref import ModelLoadError
+from cog.signature import Signature, SignatureError
+
+logger = logging.getLogger("cog.server")
+
+DEFAULT_MAX_QUEUE = 64
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPING = "stopping"
+
+
+class NotReady(Exception):
+    """The model cannot take an inference now (starting, failed or stopping)."""
+
+    def __init__(self, state: State, error: str | None = None) -> None:
+        self.state = state
+        self.error = error
+        messages = {
+            State.STARTING: "the model is starting",
+            State.FAILED: f"the model failed to start: {error}",
+            State.STOPPING: "the server is shutting down",
+        }
+        super().__init__(messages.get(state, state.value))
+
+
+class Busy(Exception):
+    """Every inference slot and queue place is taken."""
+
+
+@attrs.frozen
+class Outcome:
+    """What one run() did: a value, or the exception it raised; and how long it took."""
+
+    value: Any
+    error: BaseException | None
+    seconds: float
+
+
+class ModelRunner:
+    """Loads the model, runs setup() once, and runs inferences with bounded concurrency."""
+
+    def __init__(
+        self,
+        load: Callable[[], type[Model]],
+        *,
+        concurrency: int = 1,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be 1 or more, not {concurrency}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be 0 or more, not {max_queue}")
+        self.concurrency = concurrency
+        self.max_queue = max_queue
+        self.state = State.STARTING
+        #: why setup failed (one line; the traceback is in the log)
+        self.error: str | None = None
+        self.model_class: type[Model] | None = None
+        self.signature: Signature | None = None
+        #: seconds that creating the model and its setup() took
+        self.setup_time: float | None = None
+        self._load = load
+        self._model: Model | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._setup: asyncio.Future[Any] | None = None
+        self._idle: asyncio.Event | None = None
+        self._admitted = 0
+        self._running = 0
+
+    @property
+    def admitted(self) -> int:
+        """Requests between admission and their response (running, queued, or reading input)."""
+        return self._admitted
+
+    async def start(self) -> None:
+        """Begin loading and setup in the background; /ping tells when it is done."""
+        loop = asyncio.get_running_loop()
+        # Created here, on the running loop (Python 3.8 binds them at creation).
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._idle = asyncio.Event()
+        self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="cog-run")
+        self._setup = _in_daemon_thread(loop, call_tagged, "setup", self._load_and_setup)
+        self._setup.add_done_callback(self._setup_finished)
+
+    async def wait_started(self) -> State:
+        """Wait until setup has finished (or failed); the state then."""
+        if self._setup is not None:
+            await asyncio.wait([self._setup])
+        return self.state
+
+    def _load_and_setup(self) -> tuple[type[Model], Model, float]:
+        started = time.perf_counter()
+        model_class = self._load()
+        signature_of(model_class)
+        loaded = time.perf_counter()
+        logger.info("loaded %s in %.3fs", model_class.__qualname__, loaded - started)
+        model = model_class()
+        model.setup()
+        return model_class, model, time.perf_counter() - loaded
+
+    def _setup_finished(self, future: asyncio.Future[Any]) -> None:
+        error = future.exception()
+        if error is not None:
+            if isinstance(error, SignatureError):
+                self.error = f"the model's inputs are declared wrongly:\n{error}"
+            elif isinstance(error, ModelLoadError):
+                self.error = str(error)
+            else:
+                self.error = f"{type(error).__name__}: {error}"
+            logger.error("setup failed: %s", self.error, exc_info=error)
+            if self.state is State.STARTING:
+                self.state = State.FAILED
+            return
+        self.model_class, self._model, self.setup_time = future.result()
+        self.signature = signature_of(self.model_class)
+        logger.info("setup() done in %.3fs; ready", self.setup_time)
+        if self.state is State.STARTING:
+            self.state = State.READY
+
+    def admit(self) -> None:
+        """Take a place for one request, or raise NotReady or Busy. Pair with release()."""
+        if self.state is not State.READY:
+            raise NotReady(self.state, self.error)
+        if self._admitted >= self.concurrency + self.max_queue:
+            raise Busy(
+                f"busy: {self.concurrency} running and {self.max_queue} waiting; try again later"
+            )
+        self._admitted += 1
+
+    def release(self) -> None:
+        self._admitted -= 1
+        self._check_idle()
+
+    async def run(
+        self, inputs: dict[str, Any], tag: str, on_abandon: Callable[[], None] | None = None
+    ) -> Outcome:
+        """Run the model on ``inputs`` in a worker thread once a slot is free.
+
+        If the request is cancelled, ``on_abandon`` is called once run() no longer needs
+        the inputs (at once if it had not started, else when its thread is done).
+        """
+        assert self._slots is not None and self._executor is not None
+        try:
+            await self._slots.acquire()
+        except asyncio.CancelledError:
+            if on_abandon is not None:
+                on_abandon()
+            raise
+        if self.state is State.STOPPING:
+            self._slots.release()
+            self._check_idle()
+            raise NotReady(self.state)
+        self._running += 1
+        future = asyncio.get_running_loop().run_in_executor(
+            self._executor, call_tagged, tag, self._timed_run, inputs
+        )
+        # The slot is freed when the thread is done, not when this request is: a
+        # cancelled request's run() goes on, and must still count.
+        future.add_done_callback(self._run_finished)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if on_abandon is not None:
+                future.add_done_callback(lambda _: on_abandon())
+            raise
+
+    def _timed_run(self, inputs: dict[str, Any]) -> Outcome:
+        assert self._model is not None
+        started = time.perf_counter()
+        try:
+            value = self._model.run(**inputs)
+        except BaseException as e:  # SystemExit from a model must not end a worker thread
+            return Outcome(None, e, time.perf_counter() - started)
+        return Outcome(value, None, time.perf_counter() - started)
+
+    def _run_finished(self, future: asyncio.Future[Any]) -> None:
+        assert self._slots is not None
+        self._running -= 1
+        self._slots.release()
+        if not future.cancelled():
+            future.exception()  # retrieved, so an abandoned request logs no warning
+        self._check_idle()
+
+    async def drain(self) -> None:
+        """Refuse new inferences and wait for the admitted ones to finish."""
+        self.state = State.STOPPING
+        if self._idle is None:
+            return
+        self._check_idle()
+        await self._idle.wait()
+
+    def _check_idle(self) -> None:
+        idle = self._admitted == 0 and self._running == 0
+        if self.state is State.STOPPING and self._idle is not None and idle:
+            self._idle.set()
+
+    async def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+
+def _in_daemon_thread(
+    loop: asyncio.AbstractEventLoop, function: Callable[..., Any], *args: Any
+) -> asyncio.Future[Any]:
+    """Run ``function`` in a new daemon thread; a future on ``loop`` for its result."""
+    future = loop.create_future()
+
+    def settle(error: BaseException | None, result: Any) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        try:
+            result = function(*args)
+        except Exception as e:
+            outcome: tuple[BaseException | None, Any] = (e, None)
+        except BaseException as e:  # e.g. SystemExit: reported, not re-raised on the loop
+            outcome = (RuntimeError(f"{type(e).__name__}: {e}"), None)
+        else:
+            outcome = (None, result)
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=target, name="cog-setup", daemon=True).start()
+    return future

@@ -1,0 +1,674 @@
+"""The input signature of a model's ``run()``: what each ``@cog.input`` declared, as data.
+
+One set of rules serves three readers:
+
+- ``cog.Model`` checks a class's declarations when the class is defined
+  (:func:`build_signature`, raising :class:`SignatureError` that lists every problem);
+- the inference server converts and checks form values with :meth:`Argument.convert`
+  and publishes :meth:`Signature.to_json` (``/help``) and :meth:`Signature.to_openapi`;
+- the registry reads the same signature from the model's source without importing it
+  (:func:`static_signature`), so it can be compared with what a built image reports.
+
+JSON form (``/help``)::
+
+    {"arguments": {"scale": {"type": "float", "help": "...", "default": 1.5,
+                             "min": 1.0, "max": 4.0}, ...}}
+
+Keys that were not declared are **omitted** (never null), so ``"default": null`` means
+"optional; run() gets None" while a missing ``default`` means "required". Arguments are
+listed in the order of run()'s parameters.
+
+This module runs inside every image: Python 3.8+, attrs and the standard library only.
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+import inspect
+import math
+import pathlib
+import re
+from typing import Any, Callable, Iterable, Sequence
+
+import attrs
+
+#: The input types, by the name used in JSON.
+TYPE_NAMES = ("str", "int", "float", "bool", "Path")
+_JSON_SCHEMA_TYPES = {
+    "str": {"type": "string"},
+    "int": {"type": "integer"},
+    "float": {"type": "number"},
+    "bool": {"type": "boolean"},
+    "Path": {"type": "string", "format": "binary"},
+}
+_A_TYPE = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a boolean",
+    "Path": "a file",
+}
+_TRUE = ("true", "1")
+_FALSE = ("false", "0")
+_INTEGER = re.compile(r"\s*[+-]?\d+\s*\Z")
+
+
+class _NoDefault(enum.Enum):
+    NO_DEFAULT = "NO_DEFAULT"
+
+    def __repr__(self) -> str:
+        return "NO_DEFAULT"
+
+
+#: Marks an input without a default (a required input). ``None`` is a real default.
+NO_DEFAULT = _NoDefault.NO_DEFAULT
+
+
+class SignatureError(ValueError):
+    """A model's inputs are declared wrongly.
+
+    ``problems`` holds one line per problem, each starting with ``file:line:`` and naming
+    the input; the message is all of them.
+    """
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class InputError(ValueError):
+    """One input value is not acceptable; the message says why (without the input's name)."""
+
+
+@attrs.frozen
+class Argument:
+    """One declared input of ``run()``."""
+
+    name: str
+    #: one of TYPE_NAMES
+    type: str
+    help: str | None = None
+    #: NO_DEFAULT: required. Anything else (including None, 0, "", False) is the default.
+    default: Any = NO_DEFAULT
+    min: int | float | None = None
+    max: int | float | None = None
+    options: tuple[Any, ...] | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is NO_DEFAULT
+
+    @property
+    def is_file(self) -> bool:
+        return self.type == "Path"
+
+    def convert(self, raw: str) -> Any:
+        """The value of a text form field, converted to this input's type and checked.
+
+        Raises InputError. File inputs are not converted here (the server stores them).
+        """
+        if self.type == "str":
+            value: Any = raw
+        elif self.type == "int":
+            if not _INTEGER.match(raw):
+                raise InputError(f"{raw!r} is not an integer")
+            value = int(raw)
+        elif self.type == "float":
+            try:
+                value = float(raw)
+            except ValueError:
+                raise InputError(f"{raw!r} is not a number") from None
+            if not math.isfinite(value):
+                raise InputError(f"{raw!r} is not a finite number")
+        elif self.type == "bool":
+            lowered = raw.strip().lower()
+            if lowered in _TRUE:
+                value = True
+            elif lowered in _FALSE:
+                value = False
+            else:
+                raise InputError(f"{raw!r} is not a boolean (use true, false, 1 or 0)")
+        else:
+            raise InputError("must be a file upload")
+        self.check(value)
+        return value
+
+    def check(self, value: Any) -> None:
+        """Raise InputError if a value of the right type is out of range or not an option."""
+        if self.min is not None and value < self.min:
+            raise InputError(f"{value!r} is below the minimum {self.min!r}")
+        if self.max is not None and value > self.max:
+            raise InputError(f"{value!r} is above the maximum {self.max!r}")
+        if self.options is not None and value not in self.options:
+            allowed = ", ".join(repr(option) for option in self.options)
+            raise InputError(f"{value!r} is not one of {allowed}")
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"type": self.type}
+        if self.help is not None:
+            data["help"] = self.help
+        if self.default is not NO_DEFAULT:
+            data["default"] = self.default
+        if self.min is not None:
+            data["min"] = self.min
+        if self.max is not None:
+            data["max"] = self.max
+        if self.options is not None:
+            data["options"] = list(self.options)
+        return data
+
+    def to_json_schema(self) -> dict[str, Any]:
+        schema = dict(_JSON_SCHEMA_TYPES[self.type])
+        if self.help is not None:
+            schema["description"] = self.help
+        if self.default is not NO_DEFAULT:
+            schema["default"] = self.default
+            if self.default is None:
+                schema["nullable"] = True
+        if self.min is not None:
+            schema["minimum"] = self.min
+        if self.max is not None:
+            schema["maximum"] = self.max
+        if self.options is not None:
+            schema["enum"] = list(self.options)
+        return schema
+
+
+@attrs.frozen
+class Signature:
+    """The inputs of a model's ``run()``, in the order of its parameters."""
+
+    arguments: tuple[Argument, ...] = ()
+
+    def argument(self, name: str) -> Argument | None:
+        for argument in self.arguments:
+            if argument.name == name:
+                return argument
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"arguments": {name: {type, help, default, min, max, options}}}``, unset omitted."""
+        return {"arguments": {arg.name: arg.to_json() for arg in self.arguments}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Signature:
+        """The inverse of to_json (for clients reading ``/help``)."""
+        arguments = []
+        for name, spec in data["arguments"].items():
+            options = spec.get("options")
+            arguments.append(
+                Argument(
+                    name=name,
+                    type=spec["type"],
+                    help=spec.get("help"),
+                    default=spec.get("default", NO_DEFAULT),
+                    min=spec.get("min"),
+                    max=spec.get("max"),
+                    options=None if options is None else tuple(options),
+                )
+            )
+        return cls(tuple(arguments))
+
+    def to_json_schema(self) -> dict[str, Any]:
+        """The form of ``POST /infer`` as a JSON Schema object (OpenAPI 3.0 flavour)."""
+        return {
+            "type": "object",
+            "properties": {arg.name: arg.to_json_schema() for arg in self.arguments},
+            "required": [arg.name for arg in self.arguments if arg.required],
+            "additionalProperties": False,
+        }
+
+    def to_openapi(
+        self, *, title: str = "Cog model", description: str | None = None, version: str = "1"
+    ) -> dict[str, Any]:
+        """An OpenAPI 3.0 document for the inference server's routes."""
+        error = {"$ref": "#/components/schemas/Error"}
+        status = {"$ref": "#/components/schemas/Status"}
+        info: dict[str, Any] = {"title": title, "version": version}
+        if description:
+            info["description"] = description
+        return {
+            "openapi": "3.0.3",
+            "info": info,
+            "paths": {
+                "/infer": {
+                    "post": {
+                        "summary": "Run one inference",
+                        "requestBody": {
+                            "required": any(arg.required for arg in self.arguments),
+                            "content": {
+                                "multipart/form-data": {
+                                    "schema": {"$ref": "#/components/schemas/Input"}
+                                }
+                            },
+                        },
+                        "responses": {
+                            "200": {
+                                "description": "The output: text/plain for a string, "
+                                "application/json for numbers, booleans, lists and "
+                                "objects, application/octet-stream for bytes, the file's "
+                                "own type for a file. Headers X-Setup-Time and X-Run-Time "
+                                "give seconds.",
+                                "content": {"*/*": {}},
+                            },
+                            "400": _json_response(
+                                "The input is invalid; every problem is listed", error
+                            ),
+                            "415": _json_response("The body is not a form", error),
+                            "500": _json_response("run() failed", error),
+                            "503": _json_response("Not ready, busy or shutting down", error),
+                        },
+                    }
+                },
+                "/ping": {
+                    "get": {
+                        "summary": "Readiness",
+                        "responses": {
+                            "200": _json_response("Ready", status),
+                            "503": _json_response("Starting, failed or stopping", status),
+                        },
+                    }
+                },
+                "/help": {
+                    "get": {
+                        "summary": "The input signature",
+                        "responses": {"200": {"description": "The signature as JSON"}},
+                    }
+                },
+            },
+            "components": {
+                "schemas": {
+                    "Input": self.to_json_schema(),
+                    "Error": {
+                        "type": "object",
+                        "properties": {
+                            "error": {"type": "string"},
+                            "problems": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "properties": {
+                                        "input": {"type": "string"},
+                                        "message": {"type": "string"},
+                                    },
+                                },
+                            },
+                        },
+                        "required": ["error"],
+                    },
+                    "Status": {
+                        "type": "object",
+                        "properties": {
+                            "status": {
+                                "type": "string",
+                                "enum": ["starting", "ready", "failed", "stopping"],
+                            },
+                            "error": {"type": "string"},
+                        },
+                        "required": ["status"],
+                    },
+                }
+            },
+        }
+
+
+def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+# --- Declarations and their rules ------------------------------------------------------
+
+
+@attrs.frozen
+class InputDeclaration:
+    """What one ``@cog.input(...)`` said, before it is checked (values may be anything)."""
+
+    name: Any
+    #: a Python type (str, int, float, bool, a pathlib.Path subclass) as written
+    type: Any
+    help: Any = None
+    default: Any = NO_DEFAULT
+    min: Any = None
+    max: Any = None
+    options: Any = None
+    #: where the decorator is, for messages
+    line: int | None = None
+
+
+@attrs.frozen
+class RunParameters:
+    """What a model's ``run()`` accepts, and where it is."""
+
+    #: named parameters after ``self``, in order
+    names: tuple[str, ...]
+    #: run() has ``**kwargs``, so any input name is a parameter
+    takes_any: bool = False
+    #: parameters that can only be passed by position (inputs are passed by name)
+    positional_only: tuple[str, ...] = ()
+    filename: str = "<model>"
+    line: int | None = None
+    qualname: str = "Model.run"
+    is_async: bool = False
+
+
+def run_parameters(function: Callable[..., Any], qualname: str | None = None) -> RunParameters:
+    """The parameters of a ``run`` function (unbound: its first parameter is ``self``)."""
+    code = getattr(inspect.unwrap(function), "__code__", None)
+    parameters = list(inspect.signature(function).parameters.values())
+    if parameters and parameters[0].kind in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        parameters = parameters[1:]
+    kind = inspect.Parameter
+    return RunParameters(
+        names=tuple(
+            p.name for p in parameters if p.kind not in (kind.VAR_POSITIONAL, kind.VAR_KEYWORD)
+        ),
+        takes_any=any(p.kind is kind.VAR_KEYWORD for p in parameters),
+        positional_only=tuple(p.name for p in parameters if p.kind is kind.POSITIONAL_ONLY),
+        filename=code.co_filename if code else "<model>",
+        line=code.co_firstlineno if code else None,
+        qualname=qualname or getattr(function, "__qualname__", "run"),
+        is_async=inspect.iscoroutinefunction(function),
+    )
+
+
+def type_name(value: Any) -> str | None:
+    """The JSON name of an input type given in ``@cog.input(type=...)``, or None."""
+    if value is str:
+        return "str"
+    if value is bool:
+        return "bool"
+    if value is int:
+        return "int"
+    if value is float:
+        return "float"
+    if isinstance(value, type) and issubclass(value, pathlib.PurePath):
+        return "Path"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _conform(type_: str, value: Any) -> Any:
+    """A declared literal (default or option) as the input's type; raises InputError."""
+    if type_ == "str" and isinstance(value, str):
+        return value
+    if type_ == "bool" and isinstance(value, bool):
+        return value
+    if type_ == "int" and _is_number(value) and isinstance(value, int):
+        return value
+    if type_ == "float" and _is_number(value):
+        if not math.isfinite(value):
+            raise InputError(f"{value!r} is not a finite number")
+        return float(value)
+    raise InputError(f"{value!r} is not {_A_TYPE[type_]}")
+
+
+def build_signature(declarations: Sequence[InputDeclaration], run: RunParameters) -> Signature:
+    """Check every declaration against the rules and ``run()``; the Signature, or SignatureError.
+
+    Every problem is collected, so a model author sees them all at once.
+    """
+    problems: list[str] = []
+
+    def where(line: int | None) -> str:
+        return f"{run.filename}:{line if line is not None else '?'}: {run.qualname}"
+
+    if run.is_async:
+        problems.append(f"{where(run.line)}: run() must be a plain method, not async")
+    arguments: dict[str, Argument] = {}
+    seen: set[str] = set()
+    for declaration in declarations:
+        name = declaration.name
+        if not isinstance(name, str) or not name:
+            problems.append(f"{where(declaration.line)}: an input's name must be a string")
+            continue
+        found: list[str] = []
+        argument = _check_declaration(declaration, found)
+        if name in seen:
+            found.insert(0, "declared more than once")
+        elif not run.takes_any and name not in run.names:
+            found.insert(0, "is not a parameter of run()")
+        elif name in run.positional_only:
+            found.insert(0, "is a positional-only parameter of run(); inputs are passed by name")
+        problems.extend(f"{where(declaration.line)}: input {name!r}: {p}" for p in found)
+        if argument is not None and name not in seen:
+            arguments[name] = argument
+        seen.add(name)
+    declared = {d.name for d in declarations if isinstance(d.name, str)}
+    for parameter in run.names:
+        if parameter not in declared:
+            problems.append(
+                f"{where(run.line)}: parameter {parameter!r} of run() has no @cog.input"
+            )
+    if problems:
+        raise SignatureError(problems)
+    ordered = [arguments[n] for n in run.names if n in arguments]
+    ordered += [a for n, a in arguments.items() if n not in run.names]
+    return Signature(tuple(ordered))
+
+
+def _check_declaration(d: InputDeclaration, problems: list[str]) -> Argument | None:
+    """One declaration as an Argument, appending what is wrong with it to ``problems``."""
+    type_ = type_name(d.type)
+    if type_ is None:
+        problems.append(f"type must be str, int, float, bool or cog.Path, not {d.type!r}")
+        return None
+    if d.help is not None and not isinstance(d.help, str):
+        problems.append(f"help must be a string, not {d.help!r}")
+    numeric = type_ in ("int", "float")
+    bounds: dict[str, Any] = {"min": None, "max": None}
+    for key in bounds:
+        bound = getattr(d, key)
+        if bound is None:
+            continue
+        if not numeric:
+            problems.append(f"{key} is only allowed for int and float inputs, not {type_}")
+        elif not _is_number(bound) or not math.isfinite(bound):
+            problems.append(f"{key} must be a number, not {bound!r}")
+        else:
+            bounds[key] = float(bound) if type_ == "float" else bound
+    low, high = bounds["min"], bounds["max"]
+    if low is not None and high is not None and low > high:
+        problems.append(f"min {low!r} is above max {high!r}")
+    probe = Argument(name=d.name, type=type_, min=low, max=high)
+
+    options: tuple[Any, ...] | None = None
+    if d.options is not None:
+        if type_ == "Path":
+            problems.append("options are not allowed for file inputs")
+        elif not isinstance(d.options, (list, tuple)):
+            problems.append(f"options must be a list, not {d.options!r}")
+        elif len(d.options) < 2:
+            problems.append("options must list two or more values")
+        else:
+            conformed = []
+            for option in d.options:
+                try:
+                    value = _conform(type_, option)
+                    probe.check(value)
+                except InputError as e:
+                    problems.append(f"option {e}")
+                    continue
+                if value in conformed:
+                    problems.append(f"option {option!r} is listed twice")
+                conformed.append(value)
+            options = tuple(conformed)
+    probe = attrs.evolve(probe, options=options)
+
+    default = d.default
+    if default is not NO_DEFAULT:
+        if type_ == "Path":
+            problems.append("a file input cannot have a default")
+            default = NO_DEFAULT
+        elif default is not None:
+            try:
+                default = _conform(type_, default)
+                probe.check(default)
+            except InputError as e:
+                problems.append(f"default {e}")
+    return attrs.evolve(probe, help=d.help if isinstance(d.help, str) else None, default=default)
+
+
+# --- Reading a signature from source, without importing it ------------------------------
+
+_INPUT_KEYWORDS = ("name", "type", "help", "default", "min", "max", "options")
+_BUILTIN_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+class _Undetermined(Exception):
+    """The source does something a static reader cannot follow."""
+
+
+def static_signature(source: str, class_name: str, filename: str = "<model>") -> Signature | None:
+    """The signature of ``class_name.run`` in a model file, read with ``ast`` (never imported).
+
+    Returns None when it cannot be determined statically: the class or its ``run`` is not
+    defined at the top level of the file (e.g. inherited), ``run`` has a decorator other than
+    ``@cog.input``, or an argument of ``@cog.input`` is not a literal. Raises SignatureError
+    when the declarations are definitely wrong (the same rules, and messages, as at import).
+    """
+    try:
+        tree = ast.parse(source, filename)
+    except SyntaxError as e:
+        raise SignatureError([f"{filename}:{e.lineno}: {e.msg}"]) from None
+    names = _CogNames.of(tree)
+    cls = None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            cls = node
+    if cls is None:
+        return None
+    run = None
+    for node in cls.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "run":
+            run = node
+        elif _assigns(node, "run"):
+            run = None
+    if run is None:
+        return None
+    try:
+        declarations = [names.declaration(d, filename) for d in run.decorator_list]
+    except _Undetermined:
+        return None
+    return build_signature(declarations, _static_parameters(run, filename, f"{class_name}.run"))
+
+
+def _assigns(node: ast.stmt, name: str) -> bool:
+    targets: list[ast.expr] = []
+    if isinstance(node, ast.Assign):
+        targets = node.targets
+    elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+        targets = [node.target]
+    return any(isinstance(t, ast.Name) and t.id == name for t in targets)
+
+
+def _static_parameters(
+    run: ast.FunctionDef | ast.AsyncFunctionDef, filename: str, qualname: str
+) -> RunParameters:
+    args = run.args
+    positional = [a.arg for a in args.posonlyargs] + [a.arg for a in args.args]
+    positional_only = [a.arg for a in args.posonlyargs][1:]
+    names = positional[1:] + [a.arg for a in args.kwonlyargs]
+    # Python reports a decorated function's first line as its first decorator's line.
+    line = run.decorator_list[0].lineno if run.decorator_list else run.lineno
+    return RunParameters(
+        names=tuple(names),
+        takes_any=args.kwarg is not None,
+        positional_only=tuple(positional_only),
+        filename=filename,
+        line=line,
+        qualname=qualname,
+        is_async=isinstance(run, ast.AsyncFunctionDef),
+    )
+
+
+@attrs.frozen
+class _CogNames:
+    """How a module refers to cog, cog.input and Path types (its imports)."""
+
+    modules: frozenset[str]
+    inputs: frozenset[str]
+    paths: frozenset[str]
+    pathlib_modules: frozenset[str]
+
+    @classmethod
+    def of(cls, tree: ast.Module) -> _CogNames:
+        modules, inputs, paths, pathlib_modules = {"cog"}, set(), {"Path"}, {"pathlib"}
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name == "cog":
+                        modules.add(alias.asname or "cog")
+                    elif alias.name == "pathlib":
+                        pathlib_modules.add(alias.asname or "pathlib")
+            elif isinstance(node, ast.ImportFrom) and node.module in ("cog", "pathlib"):
+                for alias in node.names:
+                    if node.module == "cog" and alias.name == "input":
+                        inputs.add(alias.asname or "input")
+                    elif alias.name in ("Path", "PosixPath", "PurePath"):
+                        paths.add(alias.asname or alias.name)
+        return cls(
+            frozenset(modules), frozenset(inputs), frozenset(paths), frozenset(pathlib_modules)
+        )
+
+    def declaration(self, decorator: ast.expr, filename: str) -> InputDeclaration:
+        if not isinstance(decorator, ast.Call) or not self._is_input(decorator.func):
+            raise _Undetermined
+        call = decorator
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        if len(call.args) > 2:
+            problems.append("@cog.input takes the name and type by position, the rest by keyword")
+        for key, node in list(zip(("name", "type"), call.args)) + [
+            (k.arg, k.value) for k in call.keywords
+        ]:
+            if key is None:  # **kwargs
+                raise _Undetermined
+            if key not in _INPUT_KEYWORDS:
+                problems.append(f"@cog.input has no option {key!r}")
+                continue
+            values[key] = self._type(node) if key == "type" else _literal(node)
+        if "type" not in values:
+            problems.append("@cog.input needs a type")
+        if problems:
+            name = values.get("name", "?")
+            where = f"{filename}:{call.lineno}"
+            raise SignatureError([f"{where}: input {name!r}: {p}" for p in problems])
+        return InputDeclaration(line=call.lineno, **values)
+
+    def _is_input(self, func: ast.expr) -> bool:
+        if isinstance(func, ast.Name):
+            return func.id in self.inputs
+        return (
+            isinstance(func, ast.Attribute)
+            and func.attr == "input"
+            and isinstance(func.value, ast.Name)
+            and func.value.id in self.modules
+        )
+
+    def _type(self, node: ast.expr) -> Any:
+        if isinstance(node, ast.Name):
+            if node.id in _BUILTIN_TYPES:
+                return _BUILTIN_TYPES[node.id]
+            if node.id in self.paths:
+                return pathlib.Path
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            module = node.value.id
+            if node.attr == "Path" and (module in self.modules or module in self.pathlib_modules):
+                return pathlib.Path
+        elif isinstance(node, ast.Constant):
+            return node.value  # a literal is never a type: the rules report it
+        raise _Undetermined
+
+
+def _literal(node: ast.expr) -> Any:
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, RecursionError):
+        raise _Undetermined from None
