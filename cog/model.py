@@ -61,7 +61,8 @@ def input(
     """Declare an input of ``run()``.
 
     ``type`` is str, int, float, bool or cog.Path (a file). Without ``default`` the input is
-    required; ``default=None`` makes it optional (run() gets None). ``min``/``max`` bound
+    required; ``default=None`` makes it optional (run() gets None), the only default a file
+    input may have. ``min``/``max`` bound
     numbers; ``options`` lists the allowed values (two or more; not for files). Decorators
     stack, one per input; the checks run when the class is defined.
     """

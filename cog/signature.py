@@ -15,7 +15,8 @@ JSON form (``/help``)::
                              "min": 1.0, "max": 4.0}, ...}}
 
 Keys that were not declared are **omitted** (never null), so ``"default": null`` means
-"optional; run() gets None" while a missing ``default`` means "required". Arguments are
+"optional; run() gets None" (the only default a file input may have) while a missing
+``default`` means "required". Arguments are
 listed in the order of run()'s parameters.
 
 This module runs inside every image: Python 3.8+, attrs and the standard library only.
@@ -503,8 +504,8 @@ def _check_declaration(d: InputDeclaration, problems: list[str]) -> Argument | N
 
     default = d.default
     if default is not NO_DEFAULT:
-        if type_ == "Path":
-            problems.append("a file input cannot have a default")
+        if type_ == "Path" and default is not None:
+            problems.append("a file input cannot have a default (default=None: optional)")
             default = NO_DEFAULT
         elif default is not None:
             try:

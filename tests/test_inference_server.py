@@ -1,0 +1,563 @@
+"""The in-image inference server, in process (aiohttp's test client) with real models."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import pathlib
+import sys
+import tempfile
+import threading
+
+import aiohttp
+import pytest
+
+import cog
+from cog.server import InferenceServer, console
+from cog.server.model_ref import ModelRef
+
+WAIT = 10.0  # seconds a condition may take before the test gives up (a bound, not a timing)
+
+
+async def eventually(condition, what="condition"):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while not condition():
+        if loop.time() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def form(**fields):
+    """A multipart/form-data body: str values are fields, (filename, bytes) tuples files."""
+    writer = aiohttp.MultipartWriter("form-data")
+    for name, value in fields.items():
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            if isinstance(item, tuple):
+                filename, content = item
+                part = writer.append(
+                    io.BytesIO(content), {"Content-Type": "application/octet-stream"}
+                )
+                part.set_content_disposition(
+                    "form-data", quote_fields=False, name=name, filename=filename
+                )
+            else:
+                part = writer.append(item)
+                part.set_content_disposition("form-data", name=name)
+    return writer
+
+
+async def started_client(aiohttp_client, model, **settings):
+    server = InferenceServer(model, **settings)
+    client = await aiohttp_client(server.app)
+    await server.runner.wait_started()
+    return server, client
+
+
+@pytest.fixture
+def temp_root(tmp_path, monkeypatch):
+    """Per-request temp dirs go here, so a test can see that none are left behind."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+# --- Models -----------------------------------------------------------------------------
+
+
+class Echo(cog.Model):
+    """Echo the inputs as JSON."""
+
+    @cog.input("text", type=str, help="Some text")
+    @cog.input("count", type=int, default=1, min=0, max=10)
+    @cog.input("ratio", type=float, default=0.5, min=0.0, max=1.0)
+    @cog.input("flag", type=bool, default=False)
+    @cog.input("mode", type=str, default="a", options=["a", "b"])
+    def run(self, text, count, ratio, flag, mode):
+        return {"text": text, "count": count, "ratio": ratio, "flag": flag, "mode": mode}
+
+
+class Files(cog.Model):
+    @cog.input("image", type=cog.Path)
+    @cog.input("mask", type=cog.Path)
+    def run(self, image, mask):
+        return {
+            "types": [type(image).__name__, type(mask).__name__],
+            "names": [image.name, mask.name],
+            "sizes": [image.stat().st_size, mask.stat().st_size],
+            "dirs": sorted({str(image.parent), str(mask.parent)}),
+            "first_bytes": image.read_bytes()[:5].decode("latin-1"),
+        }
+
+
+OUTPUT_CASES = {
+    "str": ("héllo", "text/plain", b"h\xc3\xa9llo"),
+    "bytes": (b"\x00\x01\xff", "application/octet-stream", b"\x00\x01\xff"),
+    "int": (7, "application/json", b"7"),
+    "float": (2.5, "application/json", b"2.5"),
+    "bool": (True, "application/json", b"true"),
+    "none": (None, "application/json", b"null"),
+    "list": ([1, "a", [2]], "application/json", b'[1, "a", [2]]'),
+    "tuple": ((1, 2), "application/json", b"[1, 2]"),
+    "dict": ({"a": {"b": 1}}, "application/json", b'{"a": {"b": 1}}'),
+}
+
+
+class Outputs(cog.Model):
+    @cog.input("kind", type=str)
+    @cog.input("seed", type=cog.Path, default=None)
+    def run(self, kind, seed):
+        if kind == "file":
+            out = seed.with_name("result.png")
+            out.write_bytes(b"\x89PNG fake " * 50_000)
+            return out
+        if kind == "pathlib":
+            out = pathlib.Path(seed.parent, "notes.txt")
+            out.write_text("plain pathlib path")
+            return out
+        if kind == "missing":
+            return cog.Path("/nonexistent/file.png")
+        if kind == "set-of-objects":
+            return {object()}
+        return OUTPUT_CASES[kind][0]
+
+
+# --- Routes -----------------------------------------------------------------------------
+
+
+async def test_ping_help_openapi(aiohttp_client):
+    _, client = await started_client(aiohttp_client, Echo)
+    response = await client.get("/ping")
+    assert response.status == 200
+    assert await response.json() == {"status": "ready"}
+    response = await client.get("/help")
+    assert response.status == 200
+    help_ = await response.json()
+    assert list(help_["arguments"]) == ["text", "count", "ratio", "flag", "mode"]
+    assert help_["arguments"]["count"] == {"type": "int", "default": 1, "min": 0, "max": 10}
+    document = await (await client.get("/openapi.json")).json()
+    assert document["info"] == {
+        "title": "Echo",
+        "version": "1",
+        "description": "Echo the inputs as JSON.",
+    }
+    assert document["components"]["schemas"]["Input"]["required"] == ["text"]
+
+
+async def test_infer_converts_every_type(aiohttp_client):
+    _, client = await started_client(aiohttp_client, Echo)
+    response = await client.post(
+        "/infer", data=form(text="hi", count="3", ratio="0.25", flag="true", mode="b")
+    )
+    assert response.status == 200, await response.text()
+    assert await response.json() == {
+        "text": "hi",
+        "count": 3,
+        "ratio": 0.25,
+        "flag": True,
+        "mode": "b",
+    }
+    assert float(response.headers["X-Setup-Time"]) >= 0
+    assert float(response.headers["X-Run-Time"]) >= 0
+    assert response.headers["X-Request-ID"]
+
+
+async def test_defaults_fill_missing_optional_inputs(aiohttp_client):
+    _, client = await started_client(aiohttp_client, Echo)
+    response = await client.post("/infer", data=form(text=""))
+    assert await response.json() == {
+        "text": "",
+        "count": 1,
+        "ratio": 0.5,
+        "flag": False,
+        "mode": "a",
+    }
+
+
+async def test_urlencoded_form_works_for_text_inputs(aiohttp_client):
+    _, client = await started_client(aiohttp_client, Echo)
+    response = await client.post("/infer", data={"text": "x", "count": "2"})
+    assert response.status == 200
+    assert (await response.json())["count"] == 2
+
+
+async def test_request_id_is_taken_from_the_client(aiohttp_client):
+    _, client = await started_client(aiohttp_client, Echo)
+    response = await client.post("/infer", data=form(text="x"), headers={"X-Request-ID": "job-42"})
+    assert response.headers["X-Request-ID"] == "job-42"
+    response = await client.post("/infer", data=form(text="x"), headers={"X-Request-ID": "a b;c"})
+    assert response.headers["X-Request-ID"] != "a b;c"
+
+
+@pytest.mark.parametrize("kind", list(OUTPUT_CASES))
+async def test_output_types(aiohttp_client, kind):
+    _, client = await started_client(aiohttp_client, Outputs)
+    response = await client.post("/infer", data=form(kind=kind))
+    assert response.status == 200, await response.text()
+    _, content_type, body = OUTPUT_CASES[kind]
+    assert response.content_type == content_type
+    assert await response.read() == body
+    assert "X-Setup-Time" in response.headers
+    assert "X-Run-Time" in response.headers
+
+
+async def test_file_output_is_streamed_with_its_type(aiohttp_client, temp_root):
+    _, client = await started_client(aiohttp_client, Outputs)
+    response = await client.post("/infer", data=form(kind="file", seed=("seed.bin", b"s")))
+    assert response.status == 200
+    assert response.content_type == "image/png"
+    assert response.headers["Content-Disposition"] == 'inline; filename="result.png"'
+    body = await response.read()
+    assert body == b"\x89PNG fake " * 50_000
+    assert int(response.headers["Content-Length"]) == len(body)
+    assert list(temp_root.iterdir()) == []  # written next to the input, removed with it
+
+    response = await client.post("/infer", data=form(kind="pathlib", seed=("s", b"s")))
+    assert response.content_type == "text/plain"
+    assert await response.text() == "plain pathlib path"
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [("missing", "cannot be read"), ("set-of-objects", "is not JSON")],
+)
+async def test_unsendable_outputs_are_500(aiohttp_client, kind, message):
+    _, client = await started_client(aiohttp_client, Outputs)
+    response = await client.post("/infer", data=form(kind=kind))
+    assert response.status == 500
+    assert message in (await response.json())["error"]
+
+
+async def test_files_go_to_a_per_request_directory_and_are_removed(aiohttp_client, temp_root):
+    _, client = await started_client(aiohttp_client, Files)
+    big = os.urandom(3 * 1024 * 1024 + 17)
+    first = await client.post(
+        "/infer", data=form(image=("photo.jpg", big), mask=("../../etc/mask.png", b"m"))
+    )
+    assert first.status == 200, await first.text()
+    result = await first.json()
+    assert result["types"] == ["Path", "Path"]
+    assert result["names"] == ["photo.jpg", "mask.png"]  # original names, no directories
+    assert result["sizes"] == [len(big), 1]
+    assert result["first_bytes"] == big[:5].decode("latin-1")
+    (directory,) = result["dirs"]
+    assert pathlib.Path(directory).parent == temp_root
+    assert not pathlib.Path(directory).exists()
+
+    second = await client.post(
+        "/infer", data=form(image=("same.png", b"1"), mask=("same.png", b"22"))
+    )
+    result2 = await second.json()
+    assert result2["names"] == ["same.png", "same.png"]
+    assert result2["sizes"] == [1, 2]
+    assert len(result2["dirs"]) == 2  # the second file of that name gets a folder of its own
+    assert list(temp_root.iterdir()) == []
+
+
+async def test_400_lists_every_problem(aiohttp_client, temp_root):
+    class Strict(cog.Model):
+        @cog.input("text", type=str)
+        @cog.input("count", type=int, max=5)
+        @cog.input("ratio", type=float, min=0.0)
+        @cog.input("mode", type=str, options=["a", "b"])
+        @cog.input("flag", type=bool)
+        @cog.input("image", type=cog.Path)
+        @cog.input("mask", type=cog.Path)
+        def run(self, text, count, ratio, mode, flag, image, mask):
+            raise AssertionError("never called")
+
+    _, client = await started_client(aiohttp_client, Strict)
+    response = await client.post(
+        "/infer",
+        data=form(
+            count=["9", "1"],
+            ratio="-0.5",
+            mode="c",
+            flag="maybe",
+            mask="not-a-file",
+            image=("upload.png", b"partial upload is removed"),
+            bogus="1",
+        ),
+    )
+    assert response.status == 400
+    body = await response.json()
+    problems = {(p["input"], p["message"]) for p in body["problems"]}
+    assert problems == {
+        ("count", "9 is above the maximum 5"),
+        ("count", "given more than once"),
+        ("ratio", "-0.5 is below the minimum 0.0"),
+        ("mode", "'c' is not one of 'a', 'b'"),
+        ("flag", "'maybe' is not a boolean (use true, false, 1 or 0)"),
+        ("mask", "must be a file upload"),
+        ("bogus", "unknown input"),
+        ("text", "required input missing"),
+    }
+    assert "count: 9 is above the maximum 5" in body["error"]
+    assert list(temp_root.iterdir()) == []
+
+    response = await client.post(
+        "/infer", data=form(text="t", count="1", ratio="1", mode="a", flag="1")
+    )
+    problems = {(p["input"], p["message"]) for p in (await response.json())["problems"]}
+    assert problems == {("image", "required file missing"), ("mask", "required file missing")}
+
+
+async def test_a_body_that_is_not_a_form_is_415(aiohttp_client):
+    _, client = await started_client(aiohttp_client, Echo)
+    response = await client.post("/infer", json={"text": "x"})
+    assert response.status == 415
+    assert "multipart/form-data" in (await response.json())["error"]
+
+
+async def test_run_exception_is_500_and_the_server_keeps_serving(aiohttp_client, caplog):
+    class Flaky(cog.Model):
+        @cog.input("fail", type=bool)
+        def run(self, fail):
+            if fail:
+                raise RuntimeError("kaboom")
+            return "fine"
+
+    _, client = await started_client(aiohttp_client, Flaky)
+    response = await client.post("/infer", data=form(fail="true"), headers={"X-Request-ID": "r1"})
+    assert response.status == 500
+    body = await response.json()
+    assert body == {"error": "RuntimeError: kaboom"}  # no traceback in the answer
+    assert "X-Run-Time" in response.headers
+    logged = [r for r in caplog.records if r.name == "cog.server" and r.exc_info]
+    assert any("[r1]" in r.getMessage() for r in logged)
+    response = await client.post("/infer", data=form(fail="false"))
+    assert response.status == 200
+    assert await response.text() == "fine"
+
+
+async def test_sys_exit_in_run_is_a_500_too(aiohttp_client):
+    class Exits(cog.Model):
+        def run(self):
+            sys.exit(3)
+
+    _, client = await started_client(aiohttp_client, Exits)
+    response = await client.post("/infer")
+    assert response.status == 500
+    assert (await client.post("/infer")).status == 500
+    assert (await client.get("/ping")).status == 200
+
+
+# --- Setup: /ping while it runs and after it fails --------------------------------------
+
+
+async def test_ping_while_setup_runs_then_ready(aiohttp_client):
+    release = threading.Event()
+
+    class SlowSetup(cog.Model):
+        def setup(self):
+            release.wait(WAIT)
+            self.value = "set up"
+
+        def run(self):
+            return self.value
+
+    server = InferenceServer(SlowSetup)
+    client = await aiohttp_client(server.app)
+    response = await client.get("/ping")
+    assert response.status == 503
+    assert await response.json() == {"status": "starting"}
+    response = await client.post("/infer")
+    assert response.status == 503
+    assert (await response.json())["status"] == "starting"
+    assert (await client.get("/help")).status == 503
+    release.set()
+    await server.runner.wait_started()
+    assert (await client.get("/ping")).status == 200
+    response = await client.post("/infer")
+    assert await response.text() == "set up"
+
+
+async def test_setup_failure_is_reported_by_ping(aiohttp_client, caplog):
+    class Broken(cog.Model):
+        def setup(self):
+            raise FileNotFoundError("weights.bin is missing")
+
+        def run(self):
+            return "never"
+
+    _, client = await started_client(aiohttp_client, Broken)
+    response = await client.get("/ping")
+    assert response.status == 503
+    assert await response.json() == {
+        "status": "failed",
+        "error": "FileNotFoundError: weights.bin is missing",
+    }
+    response = await client.post("/infer")
+    assert response.status == 503
+    assert "weights.bin is missing" in (await response.json())["error"]
+    assert any(r.exc_info for r in caplog.records if "setup failed" in r.getMessage())
+
+
+async def test_load_failure_is_reported_by_ping(aiohttp_client, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "cog.yaml").write_text("model: infer.py:Model\n")
+    (tmp_path / "infer.py").write_text(
+        "import cog\n\nclass Model(cog.Model):\n"
+        "    @cog.input('size', type=int, default='big')\n"
+        "    def run(self, size):\n        pass\n"
+    )
+    server = InferenceServer(lambda: ModelRef.from_directory(str(tmp_path)).load())
+    client = await aiohttp_client(server.app)
+    await server.runner.wait_started()
+    status = await (await client.get("/ping")).json()
+    assert status["status"] == "failed"
+    assert "infer.py:4: Model.run: input 'size': default 'big' is not an integer" in status["error"]
+
+    server = InferenceServer(lambda: ModelRef.from_directory(str(tmp_path / "nowhere")).load())
+    client = await aiohttp_client(server.app)
+    await server.runner.wait_started()
+    status = await (await client.get("/ping")).json()
+    assert status == {"status": "failed", "error": f"{tmp_path / 'nowhere' / 'cog.yaml'} not found"}
+
+
+# --- Concurrency: off the loop, one at a time, a bounded queue ---------------------------
+
+
+class Gate(cog.Model):
+    started: threading.Event
+    release: threading.Event
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    @cog.input("n", type=int)
+    def run(self, n):
+        cls = type(self)
+        with cls.lock:
+            cls.running += 1
+            cls.most = max(cls.most, cls.running)
+        cls.started.set()
+        cls.release.wait(WAIT)
+        with cls.lock:
+            cls.running -= 1
+        return n
+
+
+@pytest.fixture
+def gate():
+    Gate.started, Gate.release = threading.Event(), threading.Event()
+    Gate.running = Gate.most = 0
+    yield Gate
+    Gate.release.set()
+
+
+async def test_one_inference_at_a_time_then_queue_then_503(aiohttp_client, gate):
+    server, client = await started_client(aiohttp_client, gate, concurrency=1, max_queue=1)
+    first = asyncio.ensure_future(client.post("/infer", data=form(n="1")))
+    await eventually(gate.started.is_set, "the first run to start")
+    second = asyncio.ensure_future(client.post("/infer", data=form(n="2")))
+    await eventually(lambda: server.runner.admitted == 2, "the second request to queue")
+
+    # The loop is free while run() blocks a worker thread.
+    ping = await client.get("/ping")
+    assert ping.status == 200
+
+    refused = await client.post("/infer", data=form(n="3"))
+    assert refused.status == 503
+    assert refused.headers["Retry-After"] == "1"
+    assert "busy" in (await refused.json())["error"]
+
+    gate.release.set()
+    responses = await asyncio.gather(first, second)
+    assert [r.status for r in responses] == [200, 200]
+    assert [await r.json() for r in responses] == [1, 2]
+    assert gate.most == 1
+
+
+async def test_concurrency_setting_allows_parallel_runs(aiohttp_client, gate):
+    _, client = await started_client(aiohttp_client, gate, concurrency=2, max_queue=0)
+    requests = [asyncio.ensure_future(client.post("/infer", data=form(n=str(i)))) for i in (1, 2)]
+    await eventually(lambda: gate.running == 2, "two runs at once")
+    refused = await client.post("/infer", data=form(n="3"))
+    assert refused.status == 503
+    gate.release.set()
+    assert [r.status for r in await asyncio.gather(*requests)] == [200, 200]
+    assert gate.most == 2
+
+
+async def test_drain_finishes_running_and_refuses_queued_and_new(aiohttp_client, gate):
+    server, client = await started_client(aiohttp_client, gate, concurrency=1, max_queue=4)
+    running = asyncio.ensure_future(client.post("/infer", data=form(n="1")))
+    await eventually(gate.started.is_set, "the first run to start")
+    queued = asyncio.ensure_future(client.post("/infer", data=form(n="2")))
+    await eventually(lambda: server.runner.admitted == 2, "the second request to queue")
+
+    drained = asyncio.ensure_future(server.runner.drain())
+    assert (await client.get("/ping")).status == 503
+    new = await client.post("/infer", data=form(n="3"))
+    assert new.status == 503
+    assert (await new.json())["error"] == "the server is shutting down"
+    assert not drained.done()
+
+    gate.release.set()
+    await asyncio.wait_for(drained, WAIT)
+    assert (await running).status == 200
+    assert (await queued).status == 503
+
+
+# --- The model's stdout/stderr in the log, tagged with the request ----------------------
+
+
+async def test_model_output_goes_to_the_log_tagged(aiohttp_client, caplog):
+    caplog.set_level(logging.INFO, logger="cog.model")
+
+    class Chatty(cog.Model):
+        def setup(self):
+            print("loading weights")
+
+        @cog.input("word", type=str)
+        def run(self, word):
+            print(f"got {word}")
+            print("to stderr", file=sys.stderr)
+            sys.stdout.write("no newline at the end")
+            return word
+
+    _, client = await started_client(aiohttp_client, Chatty)
+    response = await client.post("/infer", data=form(word="hi"), headers={"X-Request-ID": "req-7"})
+    assert response.status == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "cog.model"]
+    assert "[setup] stdout: loading weights" in lines
+    assert "[req-7] stdout: got hi" in lines
+    assert "[req-7] stderr: to stderr" in lines
+    assert "[req-7] stdout: no newline at the end" in lines
+    records = [r for r in caplog.records if r.name == "cog.model" and "got hi" in r.getMessage()]
+    assert records[0].request_id == "req-7"
+
+
+def test_console_does_not_loop_through_a_handler_on_stderr(caplog):
+    caplog.set_level(logging.INFO, logger="cog.model")
+    console.install()
+    try:
+        handler = logging.StreamHandler(sys.stderr)  # the wrapped stream
+        logging.getLogger("cog.model").addHandler(handler)
+        try:
+            console.call_tagged("t1", print, "a line\rprogress 50%\nafter", file=sys.stderr)
+        finally:
+            logging.getLogger("cog.model").removeHandler(handler)
+        print("untagged lines pass through")
+    finally:
+        console.uninstall()
+    lines = [r.getMessage() for r in caplog.records if r.name == "cog.model"]
+    assert lines == ["[t1] stderr: a line", "[t1] stderr: progress 50%", "[t1] stderr: after"]
+    assert not isinstance(sys.stdout, console.TaggedStream)
+
+
+def test_help_document_is_json(tmp_path):
+    # The signature served by /help is exactly Signature.to_json (checked against a file
+    # model, as the registry compares them).
+    from cog.model import signature_of
+
+    assert json.loads(json.dumps(signature_of(Echo).to_json()))["arguments"]["mode"]["options"] == [
+        "a",
+        "b",
+    ]

@@ -1,0 +1,195 @@
+"""``python -m cog.server`` as a real process: the port, cog.yaml, and SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import aiohttp
+import pytest
+
+WAIT = 15.0  # a bound for the test to give up, not a timing assertion
+
+MODEL = textwrap.dedent(
+    '''
+    import os
+    import time
+
+    import cog
+
+
+    class Model(cog.Model):
+        """Waits for a file to appear, so the test controls when the inference ends."""
+
+        @cog.input("marker", type=str)
+        def run(self, marker):
+            print(f"run started for {os.path.basename(marker)}")
+            open(marker + ".started", "w").close()
+            deadline = time.monotonic() + 30
+            while not os.path.exists(marker + ".release") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return "finished"
+    '''
+)
+
+
+class ServerProcess:
+    def __init__(self, directory, *args):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cog.server", "--host", "127.0.0.1", "--port", "0", *args],
+            cwd=directory,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self._found = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                self._found.set()
+        self._found.set()
+
+    def url(self, path):
+        if not self._found.wait(WAIT) or self.port is None:
+            pytest.fail("the server did not start:\n" + "\n".join(self.lines))
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(WAIT)
+        self._reader.join(WAIT)
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def package(tmp_path):
+    (tmp_path / "cog.yaml").write_text('model: "infer.py:Model"\n')
+    (tmp_path / "infer.py").write_text(MODEL)
+    return tmp_path
+
+
+@pytest.fixture
+def server_process(package):
+    servers = []
+
+    def start(*args):
+        server = ServerProcess(package, *args)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+async def wait_ready(session, server):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while loop.time() < deadline:
+        async with session.get(server.url("/ping")) as response:
+            if response.status == 200:
+                return
+        await asyncio.sleep(0.02)
+    pytest.fail("the server never became ready:\n" + "\n".join(server.lines))
+
+
+async def wait_for_file(path):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while not os.path.exists(path):
+        if loop.time() > deadline:
+            pytest.fail(f"{path} never appeared")
+        await asyncio.sleep(0.01)
+
+
+async def test_sigterm_finishes_the_running_inference_and_refuses_new_ones(package, server_process):
+    server = server_process()
+    marker = str(package / "job")
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, server)
+        running = asyncio.ensure_future(
+            session.post(
+                server.url("/infer"), data={"marker": marker}, headers={"X-Request-ID": "long"}
+            )
+        )
+        await wait_for_file(marker + ".started")
+
+        server.process.send_signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT
+        while True:  # until the signal has been handled
+            async with session.get(server.url("/ping")) as response:
+                status = await response.json()
+            if status["status"] == "stopping":
+                break
+            assert loop.time() < deadline, status
+            await asyncio.sleep(0.01)
+        assert response.status == 503
+
+        async with session.post(server.url("/infer"), data={"marker": marker + "2"}) as refused:
+            assert refused.status == 503
+            assert (await refused.json())["error"] == "the server is shutting down"
+        assert server.process.poll() is None  # still finishing the running inference
+
+        open(marker + ".release", "w").close()
+        response = await asyncio.wait_for(running, WAIT)
+        assert response.status == 200
+        assert await response.text() == "finished"
+        response.release()
+
+    assert server.process.wait(WAIT) == 0
+    server._reader.join(WAIT)
+    log = "\n".join(server.lines)
+    assert "[long] stdout: run started for job" in log
+    assert "shutting down: finishing 1 admitted request(s)" in log
+    assert not os.path.exists(marker + "2.started")
+
+
+async def test_port_from_the_environment_and_a_missing_model(tmp_path):
+    (tmp_path / "cog.yaml").write_text('model: "nothere.py:Model"\n')
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cog.server", "--host", "127.0.0.1"],
+        cwd=tmp_path,
+        env={**os.environ, "PORT": str(port)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + WAIT
+            while True:
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/ping") as response:
+                        status = await response.json()
+                    if status["status"] != "starting":
+                        break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert loop.time() < deadline, "the server did not answer"
+                await asyncio.sleep(0.02)
+        assert response.status == 503
+        assert status == {"status": "failed", "error": "model file nothere.py not found in ."}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(WAIT) == 0
