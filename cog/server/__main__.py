@@ -3,7 +3,8 @@
 Options (each also from the environment): ``--port`` ($PORT, default 5000), ``--host``
 ($COG_HOST, default 0.0.0.0), ``--concurrency`` ($COG_CONCURRENCY, default 1: inferences
 at once), ``--max-queue`` ($COG_MAX_QUEUE, default 64: requests that may wait for one),
-``--dir`` (the package directory, default the working directory).
+``--dir`` (the package directory, default the working directory), ``--log-level``
+($COG_LOG_LEVEL, default info; debug adds a line per inference).
 
 The port is open at once: the model is imported and set up in the background while
 ``/ping`` answers 503 ``starting``. On SIGTERM (or SIGINT) the server refuses new
@@ -56,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="requests that may wait for a free inference slot; more get 503",
     )
     parser.add_argument("--dir", default=".", help="the package directory (with cog.yaml)")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("COG_LOG_LEVEL", "info").lower(),
+        choices=["debug", "info", "warning", "error"],
+        help="debug adds a line per inference (status and time)",
+    )
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error("--concurrency must be 1 or more")
@@ -64,12 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def configure_logging() -> None:
+def configure_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)  # the real stderr, before it is wrapped
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root.setLevel(level.upper())
 
 
 async def serve(server: InferenceServer, host: str, port: int) -> int:
@@ -109,7 +116,7 @@ async def serve(server: InferenceServer, host: str, port: int) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    configure_logging()
+    configure_logging(args.log_level)
     server = InferenceServer(
         # Read cog.yaml in the setup thread too: any failure is reported by /ping.
         lambda: ModelRef.from_directory(args.dir).load(),

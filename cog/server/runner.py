@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import enum
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import attrs
@@ -54,6 +54,16 @@ class Busy(Exception):
     """Every inference slot and queue place is taken."""
 
 
+@attrs.define
+class _Job:
+    future: asyncio.Future[Outcome | None]
+    inputs: dict[str, Any]
+    tag: str
+    on_abandon: Callable[[], None] | None
+    #: the request was cancelled: skip it if not started; call on_abandon when done
+    abandoned: bool = False
+
+
 @attrs.frozen
 class Outcome:
     """What one run() did: a value, or the exception it raised; and how long it took."""
@@ -88,12 +98,12 @@ class ModelRunner:
         self.setup_time: float | None = None
         self._load = load
         self._model: Model | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._jobs: queue.SimpleQueue[_Job | None] | None = None
         self._setup: asyncio.Future[Any] | None = None
         self._idle: asyncio.Event | None = None
         self._admitted = 0
-        self._running = 0
+        #: jobs queued or running in a worker thread
+        self._pending = 0
 
     @property
     def admitted(self) -> int:
@@ -103,10 +113,15 @@ class ModelRunner:
     async def start(self) -> None:
         """Begin loading and setup in the background; /ping tells when it is done."""
         loop = asyncio.get_running_loop()
-        # Created here, on the running loop (Python 3.8 binds them at creation).
-        self._slots = asyncio.Semaphore(self.concurrency)
-        self._idle = asyncio.Event()
-        self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="cog-run")
+        self._idle = asyncio.Event()  # created on the running loop (3.8 binds it then)
+        self._jobs = queue.SimpleQueue()
+        for n in range(self.concurrency):
+            # Daemon threads: a run() that never returns must not keep the process alive
+            # after shutdown has given up on it.
+            worker = threading.Thread(
+                target=self._work, args=(loop,), name=f"cog-run-{n}", daemon=True
+            )
+            worker.start()
         self._setup = _in_daemon_thread(loop, call_tagged, "setup", self._load_and_setup)
         self._setup.add_done_callback(self._setup_finished)
 
@@ -162,35 +177,45 @@ class ModelRunner:
     async def run(
         self, inputs: dict[str, Any], tag: str, on_abandon: Callable[[], None] | None = None
     ) -> Outcome:
-        """Run the model on ``inputs`` in a worker thread once a slot is free.
+        """Run the model on ``inputs`` in a worker thread, after the runs queued before it.
 
-        If the request is cancelled, ``on_abandon`` is called once run() no longer needs
-        the inputs (at once if it had not started, else when its thread is done).
+        Raises NotReady if shutdown began before it started. If the request is cancelled,
+        ``on_abandon`` is called once run() no longer needs the inputs.
         """
-        assert self._slots is not None and self._executor is not None
-        try:
-            await self._slots.acquire()
-        except asyncio.CancelledError:
-            if on_abandon is not None:
-                on_abandon()
-            raise
+        assert self._jobs is not None
         if self.state is State.STOPPING:
-            self._slots.release()
-            self._check_idle()
             raise NotReady(self.state)
-        self._running += 1
-        future = asyncio.get_running_loop().run_in_executor(
-            self._executor, call_tagged, tag, self._timed_run, inputs
-        )
-        # The slot is freed when the thread is done, not when this request is: a
-        # cancelled request's run() goes on, and must still count.
-        future.add_done_callback(self._run_finished)
+        job = _Job(asyncio.get_running_loop().create_future(), inputs, tag, on_abandon)
+        self._pending += 1
+        self._jobs.put(job)
         try:
-            return await asyncio.shield(future)
+            outcome = await job.future
         except asyncio.CancelledError:
-            if on_abandon is not None:
-                future.add_done_callback(lambda _: on_abandon())
+            job.abandoned = True  # a queued job is skipped; _finish calls on_abandon
             raise
+        if outcome is None:
+            raise NotReady(State.STOPPING)
+        return outcome
+
+    def _work(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A worker thread: take jobs in order, run them, hand the outcome to the loop.
+
+        The queue is here, not on the loop, so one run follows another without waiting
+        for the event loop in between.
+        """
+        assert self._jobs is not None
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            outcome = None
+            # Reads of flags the loop sets: at worst a job starts that was just abandoned.
+            if not job.abandoned and self.state is not State.STOPPING:
+                outcome = call_tagged(job.tag, self._timed_run, job.inputs)
+            try:
+                loop.call_soon_threadsafe(self._finish, job, outcome)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                return
 
     def _timed_run(self, inputs: dict[str, Any]) -> Outcome:
         assert self._model is not None
@@ -201,12 +226,13 @@ class ModelRunner:
             return Outcome(None, e, time.perf_counter() - started)
         return Outcome(value, None, time.perf_counter() - started)
 
-    def _run_finished(self, future: asyncio.Future[Any]) -> None:
-        assert self._slots is not None
-        self._running -= 1
-        self._slots.release()
-        if not future.cancelled():
-            future.exception()  # retrieved, so an abandoned request logs no warning
+    def _finish(self, job: _Job, outcome: Outcome | None) -> None:
+        self._pending -= 1
+        if job.abandoned:
+            if job.on_abandon is not None:
+                job.on_abandon()
+        elif not job.future.done():
+            job.future.set_result(outcome)
         self._check_idle()
 
     async def drain(self) -> None:
@@ -218,13 +244,14 @@ class ModelRunner:
         await self._idle.wait()
 
     def _check_idle(self) -> None:
-        idle = self._admitted == 0 and self._running == 0
+        idle = self._admitted == 0 and self._pending == 0
         if self.state is State.STOPPING and self._idle is not None and idle:
             self._idle.set()
 
     async def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
+        if self._jobs is not None:
+            for _ in range(self.concurrency):
+                self._jobs.put(None)
 
 
 def _in_daemon_thread(
