@@ -307,6 +307,40 @@ async def test_400_lists_every_problem(aiohttp_client, temp_root):
     assert problems == {("image", "required file missing"), ("mask", "required file missing")}
 
 
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b"no boundary"),
+        ("multipart/form-data; boundary=xyz", b"no starting boundary"),
+        (
+            "multipart/form-data; boundary=xyz",
+            b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+            b"truncated in the middle of the file",
+        ),
+    ],
+)
+async def test_a_malformed_form_is_400_and_leaves_nothing(
+    aiohttp_client, temp_root, content_type, body
+):
+    _, client = await started_client(aiohttp_client, Files)
+    response = await client.post("/infer", data=body, headers={"Content-Type": content_type})
+    assert response.status == 400
+    assert (await response.json())["error"].startswith("malformed multipart body: ")
+    assert list(temp_root.iterdir()) == []
+
+
+async def test_a_field_without_a_name_is_a_problem(aiohttp_client):
+    _, client = await started_client(aiohttp_client, Echo)
+    body = (
+        b'--xyz\r\nContent-Disposition: form-data; name="text"\r\n\r\nhi\r\n'
+        b"--xyz\r\nContent-Disposition: form-data\r\n\r\nanonymous\r\n--xyz--\r\n"
+    )
+    headers = {"Content-Type": "multipart/form-data; boundary=xyz"}
+    response = await client.post("/infer", data=body, headers=headers)
+    assert response.status == 400
+    assert (await response.json())["error"] == "invalid input: a form field without a name"
+
+
 async def test_a_body_that_is_not_a_form_is_415(aiohttp_client):
     _, client = await started_client(aiohttp_client, Echo)
     response = await client.post("/infer", json={"text": "x"})

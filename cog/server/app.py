@@ -7,8 +7,9 @@
 - ``POST /infer``: a multipart form (or urlencoded, for text only) of the inputs. The
   response is the output (see :mod:`cog.server.outputs`) with ``X-Setup-Time`` and
   ``X-Run-Time`` (seconds) and ``X-Request-ID``. Errors are JSON ``{"error": message}``:
-  400 (with ``problems``, every one), 415, 500 (run() raised; the traceback is only in
-  the log), 503 (not ready, busy, or shutting down; with ``Retry-After`` when busy).
+  400 (with ``problems``, every one; or a malformed body), 415 (not a form), 500 (run()
+  raised; the traceback is only in the log), 503 (not ready, busy, or shutting down; with
+  ``Retry-After`` when busy).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ class InferenceServer:
         except InvalidInput as e:
             return web.json_response(e.to_json(), status=400, headers=headers)
         except BadBody as e:
-            return _error(415, str(e), headers)
+            return _error(e.status, str(e), headers)
         owned = True
         try:
             try:

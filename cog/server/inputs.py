@@ -36,7 +36,9 @@ class InvalidInput(Exception):
 
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
-        super().__init__("; ".join(f"{p.input}: {p.message}" for p in problems))
+        super().__init__(
+            "; ".join(f"{p.input}: {p.message}" if p.input else p.message for p in problems)
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -46,7 +48,11 @@ class InvalidInput(Exception):
 
 
 class BadBody(Exception):
-    """The body is not a form at all (or a malformed one)."""
+    """The body is not a form (status 415) or a malformed one (400)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        self.status = status
+        super().__init__(message)
 
 
 class RequestInputs:
@@ -94,12 +100,17 @@ async def read_inputs(request: web.Request, arguments: Mapping[str, Argument]) -
     given: set[str] = set()
     try:
         if request.content_type == "multipart/form-data":
-            await _read_multipart(request, arguments, inputs, problems, given)
+            try:
+                await _read_multipart(request, arguments, inputs, problems, given)
+            except (ValueError, AssertionError) as e:  # aiohttp's word for a broken body
+                raise BadBody(f"malformed multipart body: {e}") from None
         elif request.content_type == "application/x-www-form-urlencoded":
             for name, value in (await request.post()).items():
                 _take_text(name, str(value), arguments, inputs, problems, given)
         elif request.body_exists:
-            raise BadBody(f"send the inputs as multipart/form-data, not {request.content_type}")
+            raise BadBody(
+                f"send the inputs as multipart/form-data, not {request.content_type}", 415
+            )
         for name, argument in arguments.items():
             if name in given:
                 continue
@@ -123,15 +134,9 @@ async def _read_multipart(
     problems: list[Problem],
     given: set[str],
 ) -> None:
-    try:
-        reader = await request.multipart()
-    except (ValueError, AssertionError) as e:
-        raise BadBody(f"malformed multipart body: {e}") from None
+    reader = await request.multipart()
     while True:
-        try:
-            part = await reader.next()
-        except ValueError as e:
-            raise BadBody(f"malformed multipart body: {e}") from None
+        part = await reader.next()
         if part is None:
             return
         if not isinstance(part, BodyPartReader):  # a nested multipart
