@@ -259,6 +259,22 @@ async def test_files_go_to_a_per_request_directory_and_are_removed(aiohttp_clien
     assert list(temp_root.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("é" * 300 + ".png", "é" * 98 + ".png"),
+        ("x." + "é" * 300, "x." + "é" * 99),
+        ("..", "image"),
+        ("dir\\sub\\name.txt", "name.txt"),
+    ],
+)
+async def test_unusable_filenames_are_made_safe(aiohttp_client, temp_root, sent, stored):
+    _, client = await started_client(aiohttp_client, Files)
+    response = await client.post("/infer", data=form(image=(sent, b"1"), mask=("mask.png", b"2")))
+    assert response.status == 200, await response.text()
+    assert (await response.json())["names"][0] == stored
+
+
 async def test_400_lists_every_problem(aiohttp_client, temp_root):
     class Strict(cog.Model):
         @cog.input("text", type=str)

@@ -136,10 +136,9 @@ class InferenceServer:
         self, request: web.Request, tag: str, headers: dict[str, str]
     ) -> web.StreamResponse:
         runner = self.runner
-        assert runner.signature is not None and runner.setup_time is not None
-        arguments = {argument.name: argument for argument in runner.signature.arguments}
+        assert runner.setup_time is not None
         try:
-            inputs = await read_inputs(request, arguments)
+            inputs = await read_inputs(request, runner.arguments)
         except InvalidInput as e:
             return web.json_response(e.to_json(), status=400, headers=headers)
         except BadBody as e:

@@ -84,9 +84,12 @@ def _safe_filename(filename: str, fallback: str) -> str:
     name = filename.replace("\\", "/").rsplit("/", 1)[-1].replace("\0", "")
     if name in ("", ".", ".."):
         name = fallback
-    while len(name.encode("utf-8")) > 200:  # keep the extension, stay under NAME_MAX
+    if len(name.encode("utf-8")) > 200:  # stay under NAME_MAX, keeping a short extension
         stem, ext = os.path.splitext(name)
-        name = stem[: max(1, len(stem) - 16)] + ext if len(stem) > 1 else name[:200]
+        if len(ext.encode("utf-8")) > 32:
+            stem, ext = name, ""
+        room = 200 - len(ext.encode("utf-8"))
+        name = stem.encode("utf-8")[:room].decode("utf-8", "ignore") + ext
     return name
 
 

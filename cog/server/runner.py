@@ -22,7 +22,7 @@ import attrs
 from cog.model import Model, signature_of
 from cog.server.console import call_tagged
 from cog.server.model_ref import ModelLoadError
-from cog.signature import Signature, SignatureError
+from cog.signature import Argument, Signature, SignatureError
 
 logger = logging.getLogger("cog.server")
 
@@ -94,6 +94,8 @@ class ModelRunner:
         self.error: str | None = None
         self.model_class: type[Model] | None = None
         self.signature: Signature | None = None
+        #: the signature's arguments by name
+        self.arguments: dict[str, Argument] = {}
         #: seconds that creating the model and its setup() took
         self.setup_time: float | None = None
         self._load = load
@@ -156,6 +158,7 @@ class ModelRunner:
             return
         self.model_class, self._model, self.setup_time = future.result()
         self.signature = signature_of(self.model_class)
+        self.arguments = {argument.name: argument for argument in self.signature.arguments}
         logger.info("setup() done in %.3fs; ready", self.setup_time)
         if self.state is State.STARTING:
             self.state = State.READY
