@@ -1,0 +1,205 @@
+"""The Docker builder: builds through a Docker Engine's API and pushes with it (aiodocker).
+
+The Engine address comes from ``--docker-host``, else ``DOCKER_HOST``, else the local
+socket, as the docker CLI does. The build context is streamed to ``POST /build`` as a tar
+made on the fly from the package zip (:mod:`cog.builders.context`); the engine's output
+and the push progress come back line by line as :class:`~cog.builders.BuildLog` events.
+Closing the event iterator closes the connection, which makes the engine stop the build
+(intermediate containers are always removed: ``forcerm``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator
+
+import aiodocker
+import aiohttp
+
+from cog.builders import (
+    Builder,
+    BuildError,
+    BuilderSettings,
+    BuilderUnavailable,
+    BuildEvent,
+    BuildLog,
+    BuildRequest,
+    BuiltImage,
+)
+from cog.builders.context import build_context, runtime_wheel_name
+from cog.builders.dockerfile import dockerfile_for
+
+TAIL = 20
+_STEP = re.compile(r"^Step \d+/\d+ : ")
+_UNREACHABLE = re.compile(
+    r"connection refused|no such host|dial tcp|i/o timeout|server gave HTTP response|"
+    r"network is unreachable|no route to host|TLS handshake",
+    re.IGNORECASE,
+)
+
+
+def split_image(image: str) -> tuple[str, str]:
+    """'host:5000/a/b:tag' -> ('host:5000/a/b', 'tag')."""
+    name, sep, tag = image.rpartition(":")
+    if not sep or "/" in tag:
+        return image, "latest"
+    return name, tag
+
+
+def engine(docker_host: str | None) -> aiodocker.Docker:
+    """A client of the Docker Engine at docker_host (None: DOCKER_HOST or the socket)."""
+    try:
+        return aiodocker.Docker(url=docker_host)
+    except (ValueError, OSError) as exc:
+        raise BuilderUnavailable(f"no usable Docker Engine address: {exc}") from None
+
+
+def unreachable(docker: aiodocker.Docker, exc: BaseException) -> BuilderUnavailable:
+    return BuilderUnavailable(f"the Docker Engine at {docker.docker_host} is not reachable: {exc}")
+
+
+async def push_image(docker: aiodocker.Docker, image: str) -> AsyncIterator[BuildEvent]:
+    """Push image (repository:tag) through the engine: compact progress, then BuiltImage."""
+    repository, tag = split_image(image)
+    digest = ""
+    last_status: dict[str, str] = {}
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL)
+    try:
+        async for item in docker.images.push(repository, tag=tag, stream=True):
+            if "aux" in item and isinstance(item["aux"], dict):
+                digest = item["aux"].get("Digest", digest)
+                continue
+            status = item.get("status", "")
+            layer = item.get("id", "")
+            if status in ("Pushing", "Waiting", "Preparing") and layer:
+                continue  # byte-progress ticks; the layer's final state is shown
+            if layer:
+                if last_status.get(layer) == status:
+                    continue
+                last_status[layer] = status
+                line = f"{layer}: {status}"
+            else:
+                line = status
+            if line:
+                tail.append(line)
+                yield BuildLog(stage="push", line=line)
+    except aiodocker.DockerError as exc:
+        message = str(exc.message if hasattr(exc, "message") else exc)
+        kind = BuilderUnavailable if _UNREACHABLE.search(message) else BuildError
+        raise kind(f"pushing {image} failed: {message}", step="push", output=tuple(tail)) from None
+    except aiohttp.ClientError as exc:
+        raise unreachable(docker, exc) from None
+    if not digest:
+        raise BuildError(f"pushing {image} reported no digest", step="push", output=tuple(tail))
+    yield BuiltImage(image=image, digest=digest)
+
+
+async def json_lines(response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+    """The engine's JSON-lines progress stream, object by object, lines of any length."""
+    buffer = b""
+    async for chunk in response.content.iter_any():
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield json.loads(line)
+    if buffer.strip():
+        yield json.loads(buffer)
+
+
+class DockerBuilder(Builder):
+    name = "docker"
+
+    def __init__(self, settings: BuilderSettings):
+        self.settings = settings
+        self._docker: aiodocker.Docker | None = None
+
+    @classmethod
+    def from_settings(cls, settings: BuilderSettings) -> DockerBuilder:
+        return cls(settings)
+
+    async def open(self) -> None:
+        self._docker = engine(self.settings.docker_host)
+
+    async def close(self) -> None:
+        if self._docker is not None:
+            await self._docker.close()
+            self._docker = None
+
+    def dockerfile(self, request: BuildRequest) -> str:
+        return dockerfile_for(
+            request.config,
+            request.target,
+            self.settings,
+            package_id=request.package_id,
+            runtime_wheel=runtime_wheel_name(),
+            signature_json=request.signature_json,
+        )
+
+    async def build(self, request: BuildRequest) -> AsyncIterator[BuildEvent]:
+        if self._docker is None:
+            await self.open()
+        docker = self._docker
+        assert docker is not None
+        async for line in self._engine_build(docker, request):
+            yield line
+        async for event in push_image(docker, request.image):
+            yield event
+
+    async def _engine_build(
+        self, docker: aiodocker.Docker, request: BuildRequest
+    ) -> AsyncIterator[BuildLog]:
+        params = {"t": request.image, "rm": "1", "forcerm": "1", "pull": "0"}
+        context = build_context(request.package_zip, self.dockerfile(request))
+        tail: collections.deque[str] = collections.deque(maxlen=TAIL)
+        step: str | None = None
+        try:
+            # aiodocker's public build() wants a blocking file object; its chunked-post
+            # helper lets the tar stream from an async generator instead.
+            async with docker._query_chunked_post(
+                "build", params=params, data=context, headers={"Content-Type": "application/x-tar"}
+            ) as response:
+                pending = ""
+                async for item in json_lines(response):
+                    if "errorDetail" in item or "error" in item:
+                        detail = item.get("errorDetail") or {}
+                        message = detail.get("message") or item.get("error") or "build failed"
+                        raise BuildError(
+                            f"docker build failed: {message.strip()}",
+                            step=step,
+                            output=tuple(tail),
+                        )
+                    text = pending + item.get("stream", "")
+                    *lines, pending = text.split("\n")
+                    for line in lines:
+                        line = line.rstrip("\r")
+                        if not line.strip():
+                            continue
+                        if _STEP.match(line):
+                            step = line
+                            tail.clear()
+                        tail.append(line)
+                        yield BuildLog(stage="build", line=line)
+                if pending.strip():
+                    yield BuildLog(stage="build", line=pending)
+        except aiodocker.DockerError as exc:
+            raise BuildError(f"docker build failed: {exc.message}", step=step) from None
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, OSError) as exc:
+            raise unreachable(docker, exc) from None
+        finally:
+            await context.aclose()
+
+
+__all__ = ["DockerBuilder", "engine", "push_image", "split_image"]
+
+
+@contextlib.asynccontextmanager
+async def opened_engine(docker_host: str | None) -> AsyncIterator[aiodocker.Docker]:
+    docker = engine(docker_host)
+    try:
+        yield docker
+    finally:
+        await docker.close()

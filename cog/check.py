@@ -1,0 +1,143 @@
+"""The check after a build: boot the image, compare its inputs, run the package's examples.
+
+A failure raises :class:`~cog.builders.BuildError` naming the step (setup, /help, example N)
+with the model's error and the last lines it printed. The container is always removed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import aiodocker
+import aiohttp
+
+from cog.builders import BuildError, BuilderUnavailable, BuildLog
+from cog.builders.docker import engine
+from cog.config import Config, Example
+from cog.container import ContainerError, ModelContainer, ensure_image
+
+
+def _log(line: str) -> BuildLog:
+    return BuildLog(stage="test", line=line)
+
+
+def _member(zip_path: Path, name: str) -> bytes:
+    """A small example file from the package (examples are checked at upload to exist)."""
+    with zipfile.ZipFile(zip_path) as archive:
+        return archive.read(str(PurePosixPath(name)))
+
+
+def example_form(example: Example, zip_path: Path) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    for name, value in example.input.items():
+        if value.startswith("@"):
+            path = value[1:]
+            form.add_field(name, _member(zip_path, path), filename=PurePosixPath(path).name)
+        else:
+            form.add_field(name, value)
+    return form
+
+
+def output_matches(expected: str, body: bytes, content_type: str, zip_path: Path) -> bool:
+    if expected.startswith("@"):
+        return body == _member(zip_path, expected[1:])
+    if content_type == "application/json":
+        try:
+            return json.loads(body) == json.loads(expected)
+        except ValueError:
+            return False
+    return body.decode(errors="replace").strip() == expected.strip()
+
+
+def _describe(body: bytes, content_type: str) -> str:
+    if content_type.startswith(("text/", "application/json")):
+        text = body.decode(errors="replace").strip()
+        return repr(text[:200] + ("..." if len(text) > 200 else ""))
+    return f"{len(body)} bytes of {content_type}"
+
+
+async def check_image(
+    image: str,
+    archive_path: Path,
+    config: Config,
+    signature: dict[str, Any] | None,
+    *,
+    docker_host: str | None = None,
+    timeout: float = 300.0,
+) -> AsyncIterator[BuildLog]:
+    docker = engine(docker_host)
+    try:
+        async for line in _check(docker, image, archive_path, config, signature, timeout):
+            yield line
+    except (aiohttp.ClientConnectorError, aiodocker.DockerError) as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        raise BuilderUnavailable(
+            f"could not run {image} on the Docker Engine: {message}", step="test"
+        ) from None
+    finally:
+        await docker.close()
+
+
+async def _check(
+    docker: aiodocker.Docker,
+    image: str,
+    zip_path: Path,
+    config: Config,
+    signature: dict[str, Any] | None,
+    timeout: float,
+) -> AsyncIterator[BuildLog]:
+    await ensure_image(docker, image)
+    yield _log(f"Starting {image}")
+    started = time.monotonic()
+    async with ModelContainer(docker, image, role="check") as model:
+        try:
+            async for line in model.wait_ready(timeout):
+                yield _log(f"model: {line}")
+        except ContainerError as exc:
+            raise BuildError(str(exc), step="test: setup", output=exc.logs) from None
+        yield _log(f"Model ready after {time.monotonic() - started:.1f}s")
+
+        served = await model.help()
+        if signature is not None and served != signature:
+            raise BuildError(
+                "the running model's inputs differ from those read from its source: "
+                f"served {json.dumps(served)}, expected {json.dumps(signature)}",
+                step="test: /help",
+            )
+        yield _log(f"Inputs: {', '.join(served.get('arguments', {})) or '(none)'}")
+
+        for number, example in enumerate(config.examples, start=1):
+            step = f"test: example {number}"
+            began = time.monotonic()
+            async with model.infer(example_form(example, zip_path)) as response:
+                body = await response.read()
+                content_type = response.content_type
+            for line in model.new_log_lines():
+                yield _log(f"model: {line}")
+            if response.status != 200:
+                try:
+                    error = json.loads(body).get("error") or body.decode()
+                except (ValueError, AttributeError):
+                    error = body.decode(errors="replace")
+                raise BuildError(
+                    f"example {number} failed (HTTP {response.status}): {error}",
+                    step=step,
+                    output=model.log_tail(),
+                )
+            if example.output is not None and not output_matches(
+                example.output, body, content_type, zip_path
+            ):
+                raise BuildError(
+                    f"example {number}: expected {example.output!r}, "
+                    f"got {_describe(body, content_type)}",
+                    step=step,
+                    output=model.log_tail(),
+                )
+            yield _log(f"Example {number}: ok ({time.monotonic() - began:.2f}s)")
+        if not config.examples:
+            yield _log("No examples in cog.yaml: checked that the model boots and serves /help")
