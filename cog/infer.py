@@ -1,0 +1,172 @@
+"""``cog infer``: run one inference on a package's image on the local Docker Engine.
+
+Pull the image (unless present), start it, wait until the model is ready, send the
+inputs, return the text or save the file it answered, and remove the container, also on
+Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+import attrs
+
+from cog.builders.docker import engine
+from cog.container import ContainerError, ModelContainer, ensure_image
+
+BARE_INPUT = "input"
+
+
+class InferenceError(Exception):
+    """A one-line, user-facing reason the inference could not run."""
+
+
+@attrs.frozen
+class RawInput:
+    #: None for a bare `-i value` / `-i @file`
+    name: str | None
+    value: str
+
+
+@attrs.frozen
+class Output:
+    content_type: str
+    #: text or JSON output, as text
+    text: str | None = None
+    #: where a file output was written
+    path: Path | None = None
+
+
+def parse_inputs(values: list[str]) -> list[RawInput]:
+    parsed = []
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if sep and name.isidentifier():
+            parsed.append(RawInput(name, rest))
+        else:
+            parsed.append(RawInput(None, value))
+    return parsed
+
+
+def resolve_names(inputs: list[RawInput], arguments: dict[str, Any]) -> list[tuple[str, str]]:
+    """Give bare inputs their name: `input` if the model has one, else its only required
+    input (or its only input)."""
+    names = ", ".join(arguments) or "none"
+    resolved = []
+    for item in inputs:
+        name = item.name
+        if name is None:
+            required = [n for n, spec in arguments.items() if "default" not in spec]
+            if BARE_INPUT in arguments:
+                name = BARE_INPUT
+            elif len(required) == 1:
+                name = required[0]
+            elif len(arguments) == 1:
+                name = next(iter(arguments))
+            else:
+                raise InferenceError(
+                    f"cannot tell which input {item.value!r} is for; name it with "
+                    f"-i NAME=VALUE (inputs: {names})"
+                )
+        if name not in arguments:
+            raise InferenceError(f"the model has no input {name!r} (inputs: {names})")
+        resolved.append((name, item.value))
+    return resolved
+
+
+def _form(inputs: list[tuple[str, str]], stack: list) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    for name, value in inputs:
+        if value.startswith("@"):
+            path = Path(value[1:]).expanduser()
+            if not path.is_file():
+                raise InferenceError(f"input {name}: no such file: {path}")
+            file = path.open("rb")  # streamed by aiohttp, closed by the caller
+            stack.append(file)
+            form.add_field(name, file, filename=path.name)
+        else:
+            form.add_field(name, value)
+    return form
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace").strip()
+    problems = doc.get("problems") if isinstance(doc, dict) else None
+    if problems:
+        return "; ".join(
+            f"{p['input']}: {p['message']}" if isinstance(p, dict) else str(p) for p in problems
+        )
+    return str(doc.get("error", doc)) if isinstance(doc, dict) else str(doc)
+
+
+async def run_inference(
+    image: str,
+    inputs: list[str],
+    *,
+    output_path: Path | None = None,
+    docker_host: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    timeout: float = 600.0,
+) -> Output:
+    docker = engine(docker_host)
+    opened: list = []
+    try:
+        await ensure_image(docker, image, progress)
+        async with ModelContainer(docker, image, role="infer") as model:
+            if progress:
+                progress("Waiting for the model to be ready")
+            try:
+                async for _ in model.wait_ready(timeout):
+                    pass
+            except ContainerError as exc:
+                tail = "\n".join(exc.logs[-10:])
+                raise InferenceError(f"{exc}\n{tail}".strip()) from None
+            arguments = (await model.help()).get("arguments", {})
+            form = _form(resolve_names(parse_inputs(inputs), arguments), opened)
+            async with model.infer(form) as response:
+                if response.status != 200:
+                    raise InferenceError(
+                        f"the model answered HTTP {response.status}: "
+                        f"{_error_text(await response.read())}"
+                    )
+                content_type = response.content_type
+                if content_type.startswith("text/") or content_type == "application/json":
+                    return Output(content_type, text=await response.text())
+                return Output(content_type, path=await _save(response, output_path))
+    except aiodocker.DockerError as exc:
+        raise InferenceError(f"Docker: {exc.message}") from None
+    except aiohttp.ClientConnectorError as exc:
+        raise InferenceError(f"the Docker Engine is not reachable: {exc}") from None
+    finally:
+        for file in opened:
+            file.close()
+        await docker.close()
+
+
+async def _save(response: aiohttp.ClientResponse, output_path: Path | None) -> Path:
+    if output_path is None:
+        name = response.content_disposition.filename if response.content_disposition else None
+        ext = Path(name).suffix if name else mimetypes.guess_extension(response.content_type)
+        output_path = Path(f"output{ext or '.bin'}")
+    output_path = output_path.resolve()
+    fd, tmp = tempfile.mkstemp(prefix=".cog-output-", dir=output_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            async for chunk in response.content.iter_chunked(1024 * 1024):
+                file.write(chunk)
+        os.replace(tmp, output_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return output_path
