@@ -172,7 +172,17 @@ class _SourceFile:
 
 def package_files(root: Path) -> list[str]:
     """The sorted relative paths that :func:`write_package` would put in the package."""
-    return [f.name for f in _collect(Path(root), PackageIgnore.from_root(Path(root)), set())]
+    root = _check_root(root)
+    return [f.name for f in _collect(root, PackageIgnore.from_root(root), set())]
+
+
+def _check_root(root: Path) -> Path:
+    root = Path(root)
+    if not root.exists():
+        raise PackageError(f"{root} does not exist")
+    if not root.is_dir():
+        raise PackageError(f"{root} is not a directory")
+    return root
 
 
 def _collect(root: Path, ignore: PackageIgnore, skip: set[tuple[int, int]]) -> list[_SourceFile]:
@@ -181,8 +191,6 @@ def _collect(root: Path, ignore: PackageIgnore, skip: set[tuple[int, int]]) -> l
     ``skip`` holds (st_dev, st_ino) of files never to include (the zip being written).
     """
     real_root = os.path.realpath(root)
-    if not os.path.isdir(real_root):
-        raise PackageError(f"{root} is not a directory")
     files: list[_SourceFile] = []
 
     def visit(directory: str, prefix: str) -> None:
@@ -340,7 +348,7 @@ def write_package(
     tool), and a file that changes between the reads is an error. On PackageError, ``out``
     holds a partial zip the caller must discard.
     """
-    root = Path(root)
+    root = _check_root(root)
     skip: set[tuple[int, int]] = set()
     try:
         st = os.fstat(out.fileno())
