@@ -624,7 +624,7 @@ class PackageArchive:
         info = self._info(name)
         try:
             raw = self._zip.open(info)
-        except (zipfile.BadZipFile, EOFError, zlib.error, struct.error) as exc:
+        except (zipfile.BadZipFile, EOFError, zlib.error, struct.error, UnicodeDecodeError) as exc:
             raise InvalidPackage(f"{info.filename} is corrupt in the package: {exc}") from None
         except NotImplementedError as exc:
             raise InvalidPackage(f"{info.filename} cannot be read: {exc}") from None
@@ -696,7 +696,9 @@ class _MemberReader(io.RawIOBase):
         except (zipfile.BadZipFile, EOFError, zlib.error, struct.error) as exc:
             raise InvalidPackage(f"{self._name} is corrupt in the package: {exc}") from None
         if len(data) > self._left:
-            raise InvalidPackage(f"{self._name} holds more data than its header declares")
+            raise InvalidPackage(f"{self._name} is corrupt: more data than its header declares")
+        if not data and self._left and len(view):
+            raise InvalidPackage(f"{self._name} is corrupt: less data than its header declares")
         self._left -= len(data)
         view[: len(data)] = data
         return len(data)
@@ -804,6 +806,8 @@ def _check_entries(
                 raise InvalidPackage(f"{name} appears twice in the package")
             directories.add(path)
             continue
+        if not 0 <= info.header_offset <= archive_size - _LOCAL.size - info.compress_size:
+            raise InvalidPackage(f"{name} is corrupt: its data lies outside the zip")
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise InvalidPackage(
                 f"{name} uses an unsupported compression method ({info.compress_type}); "
