@@ -19,6 +19,7 @@ from cog.package import (
     PackageArchive,
     PackageError,
     PackageIgnore,
+    PackageLimits,
     check_prefix,
     is_package_id,
     package_files,
@@ -40,6 +41,7 @@ def make_tree(root: Path) -> Path:
     (root / "empty.txt").write_bytes(b"")
     (root / "weights" / "model.bin").write_bytes(bytes(range(256)) * 64)
     (root / "weights" / "naïve ☃.txt").write_text("unicode names\n")
+    (root / "weights.txt").write_text("sorts before weights/ by full path ('.' < '/')\n")
     return root
 
 
@@ -120,6 +122,7 @@ def test_the_zip_is_plain_sorted_stored_and_carries_no_timestamps_or_owners(tmp_
             "empty.txt",
             "infer.py",
             "run.sh",
+            "weights.txt",
             "weights/model.bin",
             "weights/naïve ☃.txt",
         ]
@@ -176,7 +179,7 @@ def test_the_format_has_not_changed(tmp_path):
     assert id_of(make_tree(tmp_path / "m")) == GOLDEN_ID
 
 
-GOLDEN_ID = "a635a0e9634ac887ec7fc8940fd27af22c047e4f62eaa9afc19faa153551e627"
+GOLDEN_ID = "57f22125403603abc525331fef82ad6b48d4f8994408c019cab7345d4a1b6ecb"
 
 
 # -- determinism ------------------------------------------------------------------------
@@ -561,3 +564,33 @@ def test_short_writes_are_completed(tmp_path):
     sink = ShortWrites()
     assert write_package(root, sink) == expected_id
     assert bytes(sink.data) == expected
+
+
+@pytest.mark.slow
+def test_a_member_over_4_gib_round_trips(tmp_path):
+    # The real ZIP64 case: a sparse 4 GiB + 1 byte file (no disk used for the source).
+    root = make_tree(tmp_path / "m")
+    huge = root / "weights" / "huge.bin"
+    size = 4 * 1024**3 + 1
+    with open(huge, "wb") as f:
+        f.seek(size - 1)
+        f.write(b"!")
+    zip_path = tmp_path / "pkg.zip"
+    try:
+        with open(zip_path, "wb") as out:
+            package_id = write_package(root, out)
+        # open() decompresses and CRC-checks every member, the huge one included
+        with PackageArchive.open(zip_path, PackageLimits(max_ratio=1e9)) as archive:
+            members = {m.name: m.size for m in archive.iter_members()}
+            assert members["weights/huge.bin"] == size
+            assert members["weights/model.bin"] == 256 * 64  # its offset is over 4 GiB
+        if shutil.which("unzip"):
+            result = subprocess.run(["unzip", "-t", str(zip_path)], capture_output=True)
+            assert result.returncode == 0, result.stdout + result.stderr
+        digest = hashlib.sha256()
+        with open(zip_path, "rb") as f:
+            while block := f.read(8 * 1024 * 1024):
+                digest.update(block)
+        assert digest.hexdigest() == package_id
+    finally:
+        zip_path.unlink(missing_ok=True)  # do not leave 4 GiB behind in pytest's tmp dirs
