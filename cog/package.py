@@ -202,7 +202,6 @@ def _collect(root: Path, ignore: PackageIgnore, skip: set[tuple[int, int]]) -> l
             name = prefix + entry.name
             if entry.is_dir(follow_symlinks=False):
                 if not ignore.ignores(name, is_dir=True):
-                    _check_name(name)
                     visit(entry.path, name + "/")
             elif entry.is_file(follow_symlinks=False):
                 if ignore.ignores(name):
@@ -581,6 +580,8 @@ class PackageArchive:
         except NotImplementedError as exc:
             raise InvalidPackage(f"the package uses unsupported zip features: {exc}") from None
         try:
+            if len(zf.infolist()) > limits.max_members:  # counted above; zipfile agrees
+                raise _too_many(limits, len(zf.infolist()))
             archive = cls(zf, _check_entries(zf.infolist(), size, limits), limits)
             if verify:
                 archive._verify()
@@ -720,15 +721,21 @@ def _member_mode(info: zipfile.ZipInfo) -> int:
 
 
 def _check_member_count(f: typing.BinaryIO, size: int, limits: PackageLimits) -> None:
-    """Refuse too many entries by reading the central directory's fixed headers only.
+    """Refuse too many entries, or too big a directory, reading fixed headers only.
 
-    zipfile builds an object per entry before we could count them; a hostile central
-    directory of millions of tiny entries must be refused before that.
+    zipfile reads the whole central directory and builds an object per entry before we
+    could count them; a hostile directory of millions of tiny entries, or of a few with
+    huge extra fields, must be refused before that. The records are found the way
+    zipfile finds them, so that both see the same directory.
     """
     tail_size = min(size, _END.size + 0xFFFF)
     f.seek(size - tail_size)
     tail = f.read(tail_size)
-    at = tail.rfind(struct.pack("<I", _SIG_END))
+    signature = struct.pack("<I", _SIG_END)
+    if tail[-_END.size :].startswith(signature) and tail[-2:] == b"\0\0":
+        at = len(tail) - _END.size  # no archive comment: zipfile looks here first
+    else:
+        at = tail.rfind(signature)
     if at < 0 or at + _END.size > len(tail):
         raise InvalidPackage(
             "the package is not a zip file (no end-of-archive record: not a zip, or truncated)"
@@ -750,6 +757,12 @@ def _check_member_count(f: typing.BinaryIO, size: int, limits: PackageLimits) ->
             *_, count, cd_size, _ = _END64.unpack(record)
     if count > limits.max_members:
         raise _too_many(limits, count)
+    # Names of a few hundred bytes and small extra fields: 1 KiB a member is plenty.
+    if cd_size > limits.max_members * KiB:
+        raise InvalidPackage(
+            f"the zip's central directory is {_size(cd_size)}, over the limit of "
+            f"{_size(limits.max_members * KiB)} (1 KiB for each of {limits.max_members:,} files)"
+        )
     start = directory_end - cd_size
     if start < 0:
         raise InvalidPackage("the package is not a valid zip file: truncated central directory")

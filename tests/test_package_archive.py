@@ -98,6 +98,13 @@ def lying_count(data: bytes, count: int) -> bytes:
     return set_u16(set_u16(data, at + 8, count), at + 10, count)
 
 
+def padded(name: str, extra_bytes: int) -> zipfile.ZipInfo:
+    """A member whose extra field (an unknown, well-formed record) is ``extra_bytes`` long."""
+    info = zipfile.ZipInfo(name)
+    info.extra = struct.pack("<HH", 0xCAFE, extra_bytes - 4) + bytes(extra_bytes - 4)
+    return info
+
+
 def zeros_zip(size: int, *extra) -> bytes:
     """A deflated zip holding ``size`` zero bytes, written in chunks."""
     out = io.BytesIO()
@@ -341,6 +348,10 @@ BAD = {
             lying_count(zip_bytes(valid_members(*((f"{i}", b"") for i in range(10_000)))), 2)
         ),
         "more than 10,000",
+    ),
+    "a central directory of huge extra fields": (
+        _constant(zip_bytes(valid_members(*((padded(f"{i}", 60_000), b"") for i in range(200))))),
+        "central directory is 11.5 MiB, over the limit of 9.8 MiB",
     ),
     "zip bomb: ratio": (_constant(zeros_zip(100 * MiB)), "ratio"),
     "zip bomb: declared size over the limit": (
