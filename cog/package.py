@@ -200,25 +200,28 @@ def _collect(root: Path, ignore: PackageIgnore, skip: set[tuple[int, int]]) -> l
             raise PackageError(f"cannot read directory {prefix or '.'}: {_reason(exc)}") from None
         for entry in entries:
             name = prefix + entry.name
-            if entry.is_dir(follow_symlinks=False):
-                if not ignore.ignores(name, is_dir=True):
-                    visit(entry.path, name + "/")
-            elif entry.is_file(follow_symlinks=False):
-                if ignore.ignores(name):
-                    continue
-                st = entry.stat(follow_symlinks=False)
-                if (st.st_dev, st.st_ino) not in skip:
-                    _check_name(name)
-                    files.append(_SourceFile(name, entry.path))
-            elif entry.is_symlink():
-                source = _follow_link(real_root, entry, name, ignore, skip)
-                if source is not None:
-                    files.append(source)
-            elif not ignore.ignores(name):
-                raise PackageError(
-                    f"{name} is not a regular file (a socket, fifo or device): "
-                    f"list it in {IGNORE_FILE}"
-                )
+            try:
+                add(entry, name)
+            except OSError as exc:  # e.g. removed while we walk
+                raise PackageError(f"cannot read {name}: {_reason(exc)}") from None
+
+    def add(entry: os.DirEntry, name: str) -> None:
+        if entry.is_dir(follow_symlinks=False):
+            if not ignore.ignores(name, is_dir=True):
+                visit(entry.path, name + "/")
+        elif entry.is_file(follow_symlinks=False):
+            st = entry.stat(follow_symlinks=False)
+            if not ignore.ignores(name) and (st.st_dev, st.st_ino) not in skip:
+                _check_name(name)
+                files.append(_SourceFile(name, entry.path))
+        elif entry.is_symlink():
+            source = _follow_link(real_root, entry, name, ignore, skip)
+            if source is not None:
+                files.append(source)
+        elif not ignore.ignores(name):
+            raise PackageError(
+                f"{name} is not a regular file (a socket, fifo or device): list it in {IGNORE_FILE}"
+            )
 
     visit(real_root, "")
     files.sort(key=lambda f: f.name)
@@ -325,13 +328,16 @@ class _HashingWriter:
         view = memoryview(data)
         self.sha256.update(view)
         self.offset += len(view)
-        while view:
-            n = self._out.write(view)
-            # Raw (unbuffered) files may write less than asked; buffered ones return None
-            # or everything.
-            if n is None or n >= len(view):
-                break
-            view = view[n:]
+        try:
+            while view:
+                n = self._out.write(view)
+                # Raw (unbuffered) files may write less than asked; buffered ones return
+                # None or everything.
+                if n is None or n >= len(view):
+                    break
+                view = view[n:]
+        except OSError as exc:
+            raise PackageError(f"cannot write the package: {_reason(exc)}") from None
 
 
 def write_package(
@@ -462,22 +468,23 @@ def _write_central_directory(writer: _HashingWriter, written: list[_Written]) ->
                 _DOS_TIME,
                 _DOS_DATE,
                 w.crc,
-                min(w.size, 0xFFFFFFFF),
-                min(w.size, 0xFFFFFFFF),
+                0xFFFFFFFF if w.size >= _ZIP64_LIMIT else w.size,
+                0xFFFFFFFF if w.size >= _ZIP64_LIMIT else w.size,
                 len(w.name),
                 len(extra),
                 0,  # comment length
                 0,  # disk number
                 0,  # internal attributes
                 (stat.S_IFREG | w.mode) << 16,
-                min(w.offset, 0xFFFFFFFF),
+                0xFFFFFFFF if w.offset >= _ZIP64_LIMIT else w.offset,
             )
         )
         writer.write(w.name)
         writer.write(extra)
     size = writer.offset - start
     count = len(written)
-    if count >= _ZIP64_COUNT_LIMIT or size >= _ZIP64_LIMIT or start >= _ZIP64_LIMIT:
+    many = count >= _ZIP64_COUNT_LIMIT
+    if many or size >= _ZIP64_LIMIT or start >= _ZIP64_LIMIT:
         end64 = writer.offset
         writer.write(
             _END64.pack(
@@ -499,10 +506,10 @@ def _write_central_directory(writer: _HashingWriter, written: list[_Written]) ->
             _SIG_END,
             0,
             0,
-            min(count, 0xFFFF),
-            min(count, 0xFFFF),
-            min(size, 0xFFFFFFFF),
-            min(start, 0xFFFFFFFF),
+            0xFFFF if many else count,
+            0xFFFF if many else count,
+            0xFFFFFFFF if size >= _ZIP64_LIMIT else size,
+            0xFFFFFFFF if start >= _ZIP64_LIMIT else start,
             0,
         )
     )

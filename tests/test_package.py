@@ -165,6 +165,12 @@ def test_zip64_records_are_written_when_sizes_or_counts_need_them(tmp_path, monk
             assert zf.read(info) == (root / info.filename).read_bytes()
         big = zf.getinfo("weights/model.bin")
         assert big.file_size == 256 * 64 and big.extract_version == 45
+    # ...and zipfile got those sizes from the ZIP64 records, not from the plain fields.
+    data = zip_path.read_bytes()
+    central = data.index(b"PK\x01\x02" + bytes([45, 3]))
+    assert data[central + 20 : central + 28] == b"\xff" * 8  # both sizes: see ZIP64 extra
+    end = data.rindex(b"PK\x05\x06")
+    assert data[end + 8 : end + 12] == b"\xff" * 4  # both counts: see ZIP64 end record
     with PackageArchive.open(zip_path) as archive:
         assert archive.names == package_files(root)
     if shutil.which("unzip"):
@@ -538,6 +544,17 @@ def test_a_file_truncated_while_packaging_is_an_error(tmp_path):
 
     with pytest.raises(PackageError, match=r"big\.bin changed"):
         write_package(root, io.BytesIO(), truncate)
+
+
+def test_a_full_disk_is_a_clear_error(tmp_path):
+    root = make_tree(tmp_path / "m")
+
+    def package_to_a_full_disk():
+        with open("/dev/full", "wb", buffering=0) as full:  # a real device, always full
+            write_package(root, full)
+
+    with pytest.raises(PackageError, match="cannot write the package: No space left"):
+        package_to_a_full_disk()
 
 
 class ShortWrites(io.RawIOBase):
