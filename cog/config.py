@@ -1,11 +1,33 @@
 """cog.yaml: the schema, and the three pure steps load -> validate -> complete.
 
-(Skeleton: data classes only; the load/validate/complete functions are being written.)
+- :func:`load_config` parses YAML and structures it into frozen attrs classes; syntax
+  errors carry line and column, schema errors (unknown keys, wrong types, missing
+  ``model``) carry their field path, all reported at once.
+- :func:`validate_config` checks the config against the package's files and lists every
+  problem (unpinned packages, missing files, unknown architectures, ...).
+- :func:`complete_config` fills in what the author left out, notably the CUDA/cuDNN pair
+  for GPU images from the pinned torch/tensorflow (see :mod:`cog.compat`).
+
+:func:`config_to_json` / :func:`config_from_json` are the wire format: the original Cog's
+Go-style document (``Name``, ``Environment`` {``PythonVersion``...}, ``Model``), empty
+lists as ``null`` like Go's nil slices.
 """
 
 from __future__ import annotations
 
+import ast
+import re
+import typing
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
 import attrs
+import cattrs
+import yaml
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+from cog import compat
 
 ARCHITECTURES = ("cpu", "gpu")
 DEFAULT_PYTHON_VERSION = "3.11"
@@ -36,3 +58,383 @@ class Config:
     name: str = ""
     environment: Environment = attrs.field(factory=Environment)
     examples: tuple[Example, ...] = ()
+
+
+class ConfigError(Exception):
+    """A cog.yaml we cannot use; ``problems`` lists each one as ``field.path: message``."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = tuple(problems)
+        super().__init__("\n".join(f"  - {p}" for p in self.problems))
+
+
+class PackageFiles(typing.Protocol):
+    """What validate/complete need to know about a package's files (zip or directory)."""
+
+    def exists(self, path: str) -> bool: ...
+
+    def read_text(self, path: str) -> str: ...
+
+
+class DirectoryFiles:
+    """PackageFiles over a model directory on disk."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+
+    def _path(self, path: str) -> Path | None:
+        candidate = (self.root / path).resolve()
+        return candidate if candidate.is_relative_to(self.root) else None
+
+    def exists(self, path: str) -> bool:
+        resolved = self._path(path)
+        return resolved is not None and resolved.is_file()
+
+    def read_text(self, path: str) -> str:
+        resolved = self._path(path)
+        if resolved is None:
+            raise FileNotFoundError(path)
+        return resolved.read_text(encoding="utf-8")
+
+
+# -- load -------------------------------------------------------------------------------
+
+_loader = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+
+def _strict_str(value: Any, _: type) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        raise TypeError(
+            f"expected a string, got the number {value}; write versions in quotes, "
+            'e.g. "3.10" (unquoted, YAML reads 3.10 as 3.1)'
+        )
+    raise TypeError(f"expected a string, got {_yaml_type(value)}")
+
+
+def _string_list(value: Any, _: type) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list of strings, got {_yaml_type(value)}")
+    problems = [
+        f"item {i + 1}: expected a string, got {_yaml_type(v)}"
+        for i, v in enumerate(value)
+        if not isinstance(v, str)
+    ]
+    if problems:
+        raise TypeError("; ".join(problems))
+    return tuple(value)
+
+
+def _yaml_type(value: Any) -> str:
+    return {
+        type(None): "nothing (null)",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
+
+
+_loader.register_structure_hook(str, _strict_str)
+_loader.register_structure_hook_func(lambda t: t == tuple[str, ...], _string_list)
+
+
+def _scalar_text(value: Any) -> Any:
+    """Example values may be written as YAML numbers or booleans; they are sent as text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
+def _normalize_examples(doc: dict[str, Any]) -> None:
+    examples = doc.get("examples")
+    if not isinstance(examples, list):
+        return
+    for example in examples:
+        if isinstance(example, dict):
+            if isinstance(example.get("input"), dict):
+                example["input"] = {k: _scalar_text(v) for k, v in example["input"].items()}
+            if "output" in example:
+                example["output"] = _scalar_text(example["output"])
+
+
+def _format_error(exc: BaseException, _type: Any) -> str:
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        keys = ", ".join(sorted(exc.extra_fields))
+        return f"unknown key{'s' if len(exc.extra_fields) > 1 else ''}: {keys}"
+    if isinstance(exc, KeyError):
+        return "is required"
+    if isinstance(exc, TypeError):
+        return str(exc)
+    if isinstance(exc, (AttributeError, ValueError)):
+        return "has the wrong shape (expected a mapping)" if "items" in str(exc) else str(exc)
+    return str(exc)
+
+
+def _path(path: str) -> str:
+    """cattrs' '$.environment.python_packages[1]' -> 'environment.python_packages[1]'."""
+    path = path.removeprefix("$").removeprefix(".")
+    return re.sub(r"\['([^']*)'\]", r".\1", path) or "cog.yaml"
+
+
+def load_config(text: str | bytes, source: str = "cog.yaml") -> Config:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{source}: {where}invalid YAML: {problem}"]) from None
+    if doc is None:
+        raise ConfigError([f"{source} is empty; it needs at least `model: file.py:ClassName`"])
+    if not isinstance(doc, dict):
+        raise ConfigError([f"{source}: expected a mapping of keys, got {_yaml_type(doc)}"])
+    _normalize_examples(doc)
+    try:
+        return _loader.structure(doc, Config)
+    except cattrs.BaseValidationError as exc:
+        problems = []
+        for message in cattrs.transform_error(exc, format_exception=_format_error):
+            text, _, path = message.rpartition(" @ ")
+            problems.append(f"{_path(path)}: {text}")
+        raise ConfigError(problems) from None
+
+
+# -- validate ---------------------------------------------------------------------------
+
+_NAME = re.compile(
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+)
+_MODEL = re.compile(r"(?P<file>[\w./-]+\.py):(?P<cls>[A-Za-z_]\w*)")
+_PIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:\[[A-Za-z0-9._,-]+\])?==[A-Za-z0-9.*+!_-]+")
+_VCS = re.compile(r"git\+(?:https?|ssh)://[A-Za-z0-9._~:/@%+#=&?-]+")
+_DEB = re.compile(r"[a-z0-9][a-z0-9+.-]+(?:=[A-Za-z0-9.+~:-]+)?")
+
+
+def _relative_file(path: str) -> bool:
+    posix = PurePosixPath(path)
+    return bool(path) and not posix.is_absolute() and ".." not in posix.parts
+
+
+def _model_problems(config: Config, files: PackageFiles) -> list[str]:
+    match = _MODEL.fullmatch(config.model)
+    if not match or not _relative_file(match["file"]):
+        return [f"model: {config.model!r} must be 'file.py:ClassName', e.g. 'infer.py:Model'"]
+    module, class_name = match["file"], match["cls"]
+    if not files.exists(module):
+        return [f"model: {module} is not in the package"]
+    try:
+        tree = ast.parse(files.read_text(module), filename=module)
+    except SyntaxError as exc:
+        return [f"model: {module} line {exc.lineno}: syntax error: {exc.msg}"]
+    except (UnicodeDecodeError, ValueError) as exc:
+        return [f"model: {module} cannot be read as UTF-8 Python: {exc}"]
+    classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    if class_name not in classes:
+        found = f" (it defines {', '.join(sorted(classes))})" if classes else ""
+        return [f"model: {module} defines no class {class_name}{found}"]
+    return []
+
+
+def validate_config(config: Config, files: PackageFiles) -> None:
+    """Raise ConfigError listing every problem of config for a package with these files."""
+    env = config.environment
+    problems: list[str] = []
+    if config.name and not _NAME.fullmatch(config.name):
+        problems.append(
+            f"name: {config.name!r} is not a valid image name (lowercase letters, digits, "
+            "'.', '_', '-' and '/' between parts, e.g. 'acme/colorizer')"
+        )
+    problems += _model_problems(config, files)
+    if not re.fullmatch(r"3\.\d+", env.python_version):
+        problems.append(f'environment.python_version: {env.python_version!r} must look like "3.11"')
+    if env.python_requirements:
+        if not _relative_file(env.python_requirements):
+            problems.append(
+                "environment.python_requirements: must be a path inside the package, "
+                f"not {env.python_requirements!r}"
+            )
+        elif not files.exists(env.python_requirements):
+            problems.append(
+                f"environment.python_requirements: {env.python_requirements} is not in the package"
+            )
+    for i, spec in enumerate(env.python_packages):
+        if not (_PIN.fullmatch(spec) or _VCS.fullmatch(spec)):
+            problems.append(
+                f"environment.python_packages[{i}]: {spec!r} is not pinned; "
+                "use name==version (or a git+https:// URL)"
+            )
+    for i, package in enumerate(env.system_packages):
+        if not _DEB.fullmatch(package):
+            problems.append(
+                f"environment.system_packages[{i}]: {package!r} is not a Debian package name"
+            )
+    if not env.architectures:
+        problems.append("environment.architectures: must name at least one of cpu, gpu")
+    for i, arch in enumerate(env.architectures):
+        if arch not in ARCHITECTURES:
+            problems.append(
+                f"environment.architectures[{i}]: unknown architecture {arch!r} (use cpu or gpu)"
+            )
+    if len(set(env.architectures)) != len(env.architectures):
+        problems.append("environment.architectures: lists an architecture twice")
+    for field, value, pattern in (
+        ("cuda", env.cuda, r"\d+\.\d+"),
+        ("cudnn", env.cudnn, r"\d+(\.\d+)*"),
+    ):
+        if value and "gpu" not in env.architectures:
+            problems.append(f"environment.{field}: set, but architectures has no gpu")
+        elif value and not re.fullmatch(pattern, value):
+            problems.append(f'environment.{field}: {value!r} is not a version like "11.8"')
+    for i, example in enumerate(config.examples):
+        for name, value in example.input.items():
+            if not name.isidentifier():
+                problems.append(f"examples[{i}].input: {name!r} is not an input name")
+            if value.startswith("@") and not files.exists(value[1:]):
+                problems.append(f"examples[{i}].input.{name}: {value[1:]} is not in the package")
+        if (
+            example.output is not None
+            and example.output.startswith("@")
+            and not files.exists(example.output[1:])
+        ):
+            problems.append(f"examples[{i}].output: {example.output[1:]} is not in the package")
+    if problems:
+        raise ConfigError(problems)
+
+
+# -- complete ---------------------------------------------------------------------------
+
+
+def pinned_versions(config: Config, files: PackageFiles) -> dict[str, str]:
+    """name (lowercase, '-' for '_') -> version, from python_packages and requirements."""
+    specs = list(config.environment.python_packages)
+    requirements = config.environment.python_requirements
+    if requirements and files.exists(requirements):
+        for line in files.read_text(requirements).splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line and not line.startswith("-"):
+                specs.append(line.split(";", 1)[0].strip())
+    pins = {}
+    for spec in specs:
+        name, sep, version = spec.partition("==")
+        if sep:
+            pins[re.sub(r"\[.*\]", "", name).strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def _same(a: compat.CudaPair, b: compat.CudaPair) -> bool:
+    return a.cuda == b.cuda and a.cudnn.split(".")[0] == b.cudnn.split(".")[0]
+
+
+def _pairs(pairs: Sequence[compat.CudaPair]) -> str:
+    return ", ".join(str(p) for p in pairs)
+
+
+def complete_config(config: Config, files: PackageFiles) -> Config:
+    """Defaults filled in; for GPU images the CUDA/cuDNN pair. Raises ConfigError."""
+    env = config.environment
+    if "gpu" not in env.architectures:
+        return config
+    pins = pinned_versions(config, files)
+    candidates: list[compat.CudaPair] | None = None
+    reasons: list[str] = []
+    tf_name = next((n for n in ("tensorflow", "tensorflow-gpu") if n in pins), None)
+    if tf_name:
+        pair = compat.tensorflow_pair(pins[tf_name])
+        if pair is None:
+            raise ConfigError(
+                [
+                    f"environment: {tf_name}=={pins[tf_name]} is not in cog's CUDA table "
+                    f"(known releases: {', '.join(compat.known_tensorflow())})"
+                ]
+            )
+        candidates = [pair]
+        reasons.append(f"{tf_name}=={pins[tf_name]} needs {pair}")
+    if "torch" in pins:
+        torch_pairs = compat.torch_pairs(pins["torch"])
+        if not torch_pairs:
+            raise ConfigError(
+                [
+                    f"environment: torch=={pins['torch']} is not in cog's CUDA table "
+                    f"(known releases: {', '.join(compat.known_torch())})"
+                ]
+            )
+        reasons.append(f"torch=={pins['torch']} has wheels for {_pairs(torch_pairs)}")
+        if candidates is None:
+            candidates = torch_pairs
+        else:
+            candidates = [p for p in torch_pairs if any(_same(p, c) for c in candidates)]
+            if not candidates:
+                raise ConfigError([f"environment: no CUDA fits both: {'; '.join(reasons)}"])
+    if env.cuda:
+        if candidates is not None:
+            fitting = [
+                p
+                for p in candidates
+                if p.cuda == env.cuda
+                and (not env.cudnn or p.cudnn.split(".")[0] == env.cudnn.split(".")[0])
+            ]
+            if not fitting:
+                asked = f"CUDA {env.cuda}" + (f" / cuDNN {env.cudnn}" if env.cudnn else "")
+                raise ConfigError([f"environment.cuda: {asked} does not fit: {'; '.join(reasons)}"])
+            chosen = fitting[0]
+        else:
+            chosen = compat.CudaPair(env.cuda, env.cudnn or compat.default_gpu().cudnn)
+    elif candidates:
+        chosen = candidates[0]
+    else:
+        chosen = compat.default_gpu()
+    return attrs.evolve(
+        config,
+        environment=attrs.evolve(env, cuda=chosen.cuda, cudnn=env.cudnn or chosen.cudnn),
+    )
+
+
+# -- wire format ------------------------------------------------------------------------
+
+_wire = cattrs.Converter()
+_GO_KEYS = {
+    Environment: {
+        "python_version": "PythonVersion",
+        "python_requirements": "PythonRequirements",
+        "python_packages": "PythonPackages",
+        "system_packages": "SystemPackages",
+        "architectures": "Architectures",
+        "cuda": "CUDA",
+        "cudnn": "CuDNN",
+    },
+    Example: {"input": "Input", "output": "Output"},
+    Config: {
+        "name": "Name",
+        "environment": "Environment",
+        "model": "Model",
+        "examples": "Examples",
+    },
+}
+# Go's nil slices: empty lists travel as null, and null reads back as empty.
+_STRINGS, _EXAMPLES = tuple[str, ...], tuple[Example, ...]
+_wire.register_unstructure_hook_func(lambda t: t == _STRINGS, lambda v: list(v) or None)
+_wire.register_unstructure_hook_func(
+    lambda t: t == _EXAMPLES, lambda v: [_wire.unstructure(e, Example) for e in v] or None
+)
+_wire.register_structure_hook_func(lambda t: t == _STRINGS, lambda v, _: tuple(v or ()))
+_wire.register_structure_hook_func(
+    lambda t: t == _EXAMPLES, lambda v, _: tuple(_wire.structure(e, Example) for e in v or ())
+)
+for _cls, _keys in _GO_KEYS.items():
+    _overrides = {field: override(rename=key) for field, key in _keys.items()}
+    _wire.register_unstructure_hook(_cls, make_dict_unstructure_fn(_cls, _wire, **_overrides))
+    _wire.register_structure_hook(_cls, make_dict_structure_fn(_cls, _wire, **_overrides))
+
+
+def config_to_json(config: Config) -> dict[str, Any]:
+    return _wire.unstructure(config)
+
+
+def config_from_json(doc: dict[str, Any]) -> Config:
+    return _wire.structure(doc, Config)

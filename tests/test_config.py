@@ -1,0 +1,260 @@
+"""cog.yaml: load, validate, complete, and the wire format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cog import compat
+from cog.config import (
+    Config,
+    ConfigError,
+    DirectoryFiles,
+    Environment,
+    complete_config,
+    config_from_json,
+    config_to_json,
+    load_config,
+    validate_config,
+)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+MODEL = "import cog\n\nclass Model(cog.Model):\n    def run(self):\n        return 1\n"
+
+
+class Files:
+    """PackageFiles over a dict, for validate/complete without touching the disk."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files = files
+
+    def exists(self, path: str) -> bool:
+        return path in self.files
+
+    def read_text(self, path: str) -> str:
+        return self.files[path]
+
+
+def problems_of(text: str, files: dict[str, str] | None = None) -> list[str]:
+    files = {"infer.py": MODEL, **(files or {})}
+    with pytest.raises(ConfigError) as caught:
+        config = load_config(text)
+        validate_config(config, Files(files))
+        complete_config(config, Files(files))
+    return list(caught.value.problems)
+
+
+@pytest.mark.parametrize("name", ["hello", "thumbnail", "sentiment"])
+def test_examples_are_valid_and_round_trip(name):
+    root = EXAMPLES / name
+    files = DirectoryFiles(root)
+    config = load_config((root / "cog.yaml").read_text())
+    validate_config(config, files)
+    config = complete_config(config, files)
+    assert config.name == f"examples/{name}"
+    assert config_from_json(config_to_json(config)) == config
+
+
+def test_wire_format_is_the_seeds():
+    config = load_config("name: a/b\nmodel: infer.py:Model\n")
+    assert config_to_json(config) == {
+        "Name": "a/b",
+        "Environment": {
+            "PythonVersion": "3.11",
+            "PythonRequirements": "",
+            "PythonPackages": None,
+            "SystemPackages": None,
+            "Architectures": ["cpu"],
+            "CUDA": "",
+            "CuDNN": "",
+        },
+        "Model": "infer.py:Model",
+        "Examples": None,
+    }
+
+
+def test_defaults():
+    config = load_config("model: infer.py:Model\n")
+    assert config == Config(model="infer.py:Model", environment=Environment())
+    assert config.environment.python_version == "3.11"
+    assert config.environment.architectures == ("cpu",)
+
+
+def test_example_values_become_text():
+    config = load_config(
+        "model: infer.py:Model\nexamples:\n  - input: {n: 3, x: 1.5, flag: true}\n    output: 4\n"
+    )
+    assert config.examples[0].input == {"n": "3", "x": "1.5", "flag": "true"}
+    assert config.examples[0].output == "4"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("model: [unclosed\n", "line 2, column 1"),
+        ("", "empty"),
+        ("- just\n- a list\n", "expected a mapping"),
+        ("name: x\n", "model: is required"),
+        ("model: infer.py:Model\nbogus: 1\n", "cog.yaml: unknown key: bogus"),
+        ("model: infer.py:Model\nenvironment:\n  pyhton_version: '3.8'\n", "pyhton_version"),
+        ("model: infer.py:Model\nenvironment:\n  python_version: 3.10\n", "quotes"),
+        ("model: infer.py:Model\nenvironment:\n  python_packages: numpy\n", "list of strings"),
+        ("model: infer.py:Model\nenvironment: [1]\n", "environment"),
+        ("model: 7\n", "model: expected a string"),
+    ],
+)
+def test_load_errors(text, expected):
+    problems = problems_of(text)
+    assert any(expected in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("env", "files", "expected"),
+    [
+        ("python_packages: [numpy]", {}, "python_packages[0]: 'numpy' is not pinned"),
+        ("python_packages: ['numpy>=1.0']", {}, "not pinned"),
+        ("python_packages: ['numpy==1; rm -rf /']", {}, "not pinned"),
+        ("python_requirements: requirements.txt", {}, "requirements.txt is not in the package"),
+        ("python_requirements: ../x.txt", {}, "inside the package"),
+        ("architectures: [tpu]", {}, "unknown architecture 'tpu'"),
+        ("architectures: []", {}, "at least one"),
+        ("architectures: [cpu, cpu]", {}, "twice"),
+        ("cuda: '11.8'", {}, "cuda: set, but architectures has no gpu"),
+        ("cudnn: '8'", {}, "cudnn: set, but architectures has no gpu"),
+        ("python_version: '3'", {}, "python_version"),
+        ("system_packages: ['ffmpeg; curl evil']", {}, "not a Debian package name"),
+    ],
+)
+def test_validation_problems(env, files, expected):
+    problems = problems_of(f"model: infer.py:Model\nenvironment:\n  {env}\n", files)
+    assert any(expected in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("spec", "ok"),
+    [
+        ("torch==1.7.1", True),
+        ("Pillow==11.3.0", True),
+        ("uvicorn[standard]==0.30.0", True),
+        ("git+https://github.com/org/repo.git@v1#egg=repo", True),
+        ("torch", False),
+        ("torch~=1.7", False),
+    ],
+)
+def test_pinning(spec, ok):
+    text = f"model: infer.py:Model\nenvironment:\n  python_packages: ['{spec}']\n"
+    config = load_config(text)
+    if ok:
+        validate_config(config, Files({"infer.py": MODEL}))
+    else:
+        with pytest.raises(ConfigError):
+            validate_config(config, Files({"infer.py": MODEL}))
+
+
+@pytest.mark.parametrize(
+    ("model", "files", "expected"),
+    [
+        ("infer.py", {"infer.py": MODEL}, "must be 'file.py:ClassName'"),
+        ("missing.py:Model", {}, "missing.py is not in the package"),
+        ("infer.py:Other", {"infer.py": MODEL}, "defines no class Other (it defines Model)"),
+        ("infer.py:Model", {"infer.py": "class Model(:\n"}, "line 1: syntax error"),
+        ("/abs.py:Model", {}, "must be"),
+    ],
+)
+def test_model_problems(model, files, expected):
+    config = load_config(f"model: '{model}'\n")
+    with pytest.raises(ConfigError) as caught:
+        validate_config(config, Files(files))
+    assert any(expected in p for p in caught.value.problems), caught.value.problems
+
+
+def test_every_problem_is_listed_at_once():
+    text = (
+        "name: Not Valid\nmodel: missing.py:M\nenvironment:\n"
+        "  python_packages: [numpy, scipy]\n  architectures: [tpu]\n  cuda: '11.8'\n"
+        "examples:\n  - input: {image: '@nope.png'}\n    output: '@out.png'\n"
+    )
+    problems = problems_of(text)
+    assert len(problems) == 8, problems
+    joined = "\n".join(problems)
+    for words in ("name:", "missing.py", "numpy", "scipy", "tpu", "cuda", "nope.png", "out.png"):
+        assert words in joined
+    assert "  - " in str(ConfigError(problems))
+
+
+def gpu(packages: list[str], extra: str = "", files: dict[str, str] | None = None) -> Environment:
+    text = (
+        f"model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        f"  python_packages: {packages!r}\n{extra}"
+    )
+    files = {"infer.py": MODEL, **(files or {})}
+    config = load_config(text)
+    validate_config(config, Files(files))
+    return complete_config(config, Files(files)).environment
+
+
+def test_tensorflow_pins_one_pair():
+    env = gpu(["tensorflow==2.4.0"])
+    assert (env.cuda, env.cudnn) == ("11.0", "8")
+    env = gpu(["tensorflow==1.15.0"])
+    assert (env.cuda, env.cudnn) == ("10.0", "7")
+
+
+def test_torch_picks_its_newest_cuda():
+    env = gpu(["torch==1.7.1"])
+    assert (env.cuda, env.cudnn) == ("11.0", "8")
+    env = gpu(["torch==2.1.0"])
+    assert env.cuda == "12.1"
+
+
+def test_torch_and_tensorflow_must_agree():
+    env = gpu(["torch==1.7.1", "tensorflow==2.4.0"])
+    assert env.cuda == "11.0"
+    env = gpu(["torch==1.7.1", "tensorflow==2.3.0"])
+    assert env.cuda == "10.1"
+    with pytest.raises(ConfigError) as caught:
+        gpu(["torch==1.9.0", "tensorflow==2.4.0"])
+    message = str(caught.value)
+    assert "torch==1.9.0" in message and "tensorflow==2.4.0" in message
+
+
+def test_explicit_cuda_must_fit():
+    env = gpu(["torch==1.7.1"], "  cuda: '10.2'\n")
+    assert (env.cuda, env.cudnn) == ("10.2", "7")
+    with pytest.raises(ConfigError, match=r"CUDA 11.2 does not fit.*torch==1.7.1"):
+        gpu(["torch==1.7.1"], "  cuda: '11.2'\n")
+    with pytest.raises(ConfigError, match="cuDNN 7"):
+        gpu(["tensorflow==2.4.0"], "  cuda: '11.0'\n  cudnn: '7'\n")
+
+
+def test_unknown_framework_version_is_an_error():
+    with pytest.raises(ConfigError, match=r"torch==0.4.1 is not in cog's CUDA table"):
+        gpu(["torch==0.4.1"])
+
+
+def test_pins_in_the_requirements_file_count():
+    env = gpu(
+        [],
+        "  python_requirements: requirements.txt\n",
+        files={"requirements.txt": "# deps\ntensorflow==2.12.0  # gpu\n-i https://x\n"},
+    )
+    assert env.cuda == "11.8"
+
+
+def test_gpu_without_framework_gets_the_default_pair():
+    env = gpu([])
+    default = compat.default_gpu()
+    assert (env.cuda, env.cudnn) == (default.cuda, default.cudnn)
+
+
+def test_compat_table_covers_the_promised_range():
+    for version in ("1.4", "1.8", "1.13", "2.0", "2.5", "2.8"):
+        assert compat.torch_pairs(f"{version}.0"), version
+    for version in ("1.0", "1.15", "2.0", "2.10", "2.19"):
+        assert compat.tensorflow_pair(f"{version}.0"), version
+    assert compat.torch_cuda_suffix("1.7.1", "11.0") == "cu110"
+    assert compat.torch_cuda_suffix("1.7.1", "12.1") is None
+    assert compat.tensorflow_gpu_package("1.15.0") == "tensorflow_gpu"
+    assert compat.tensorflow_gpu_package("2.4.0") == "tensorflow"
+    assert compat.torchvision_for("1.7.1") == "0.8"
