@@ -63,8 +63,10 @@ class Config:
 class ConfigError(Exception):
     """A cog.yaml we cannot use; ``problems`` lists each one as ``field.path: message``."""
 
-    def __init__(self, problems: Sequence[str]):
+    def __init__(self, problems: Sequence[str], config: Config | None = None):
         self.problems = tuple(problems)
+        #: what could still be read despite the problems (unknown keys ignored), if anything
+        self.config = config
         super().__init__("\n".join(f"  - {p}" for p in self.problems))
 
 
@@ -138,8 +140,10 @@ def _yaml_type(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-_loader.register_structure_hook(str, _strict_str)
-_loader.register_structure_hook_func(lambda t: t == tuple[str, ...], _string_list)
+_lenient = cattrs.Converter(forbid_extra_keys=False)
+for _converter in (_loader, _lenient):
+    _converter.register_structure_hook(str, _strict_str)
+    _converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _string_list)
 
 
 def _scalar_text(value: Any) -> Any:
@@ -202,7 +206,11 @@ def load_config(text: str | bytes, source: str = "cog.yaml") -> Config:
         for message in cattrs.transform_error(exc, format_exception=_format_error):
             text, _, path = message.rpartition(" @ ")
             problems.append(f"{_path(path)}: {text}")
-        raise ConfigError(problems) from None
+        try:
+            partial = _lenient.structure(doc, Config)
+        except (cattrs.BaseValidationError, TypeError, ValueError, KeyError):
+            partial = None
+        raise ConfigError(problems, partial) from None
 
 
 # -- validate ---------------------------------------------------------------------------
@@ -305,6 +313,23 @@ def validate_config(config: Config, files: PackageFiles) -> None:
             problems.append(f"examples[{i}].output: {example.output[1:]} is not in the package")
     if problems:
         raise ConfigError(problems)
+
+
+def check_config(text: str | bytes, files: PackageFiles, source: str = "cog.yaml") -> Config:
+    """load -> validate -> complete, reporting the problems of all three steps at once."""
+    try:
+        config = load_config(text, source)
+    except ConfigError as exc:
+        if exc.config is None:
+            raise
+        problems = list(exc.problems)
+        try:
+            validate_config(exc.config, files)
+        except ConfigError as more:
+            problems += more.problems
+        raise ConfigError(problems) from None
+    validate_config(config, files)
+    return complete_config(config, files)
 
 
 # -- complete ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from cog.config import (
     ConfigError,
     DirectoryFiles,
     Environment,
+    check_config,
     complete_config,
     config_from_json,
     config_to_json,
@@ -39,9 +40,7 @@ class Files:
 def problems_of(text: str, files: dict[str, str] | None = None) -> list[str]:
     files = {"infer.py": MODEL, **(files or {})}
     with pytest.raises(ConfigError) as caught:
-        config = load_config(text)
-        validate_config(config, Files(files))
-        complete_config(config, Files(files))
+        check_config(text, Files(files))
     return list(caught.value.problems)
 
 
@@ -181,6 +180,12 @@ def test_every_problem_is_listed_at_once():
     for words in ("name:", "missing.py", "numpy", "scipy", "tpu", "cuda", "nope.png", "out.png"):
         assert words in joined
     assert "  - " in str(ConfigError(problems))
+
+
+def test_unknown_keys_and_validation_problems_together():
+    problems = problems_of("model: infer.py:Nope\nbogus: 1\nenvironment:\n  python_packages: [x]\n")
+    joined = "\n".join(problems)
+    assert "unknown key: bogus" in joined and "'x' is not pinned" in joined and "Nope" in joined
 
 
 def gpu(packages: list[str], extra: str = "", files: dict[str, str] | None = None) -> Environment:

@@ -1,0 +1,197 @@
+"""HTTP client for the registry API (used by the CLI; other programs may use it too).
+
+Uploads stream from a file, downloads stream to a file and build events are read line by
+line as they arrive: nothing here holds a package or a build log in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from cog import events
+from cog.cli.output import CLIError
+
+CHUNK = 1024 * 1024
+Progress = Callable[[int], None]
+
+
+class RegistryClient:
+    def __init__(self, base_url: str, *, connect_timeout: float = 10.0):
+        self.base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> RegistryClient:
+        self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._session is not None
+        await self._session.close()
+
+    def _url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        assert self._session is not None, "use `async with RegistryClient(...)`"
+        try:
+            response = await self._session.request(method, self._url(path), **kwargs)
+        except aiohttp.ClientConnectorError as exc:
+            raise CLIError(
+                f"cannot reach the cog server at {self.base_url} ({exc.os_error or exc}); "
+                "is it running? (set it with `cog remote set URL`)"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise CLIError(f"request to {self.base_url} failed: {exc}") from None
+        if response.status >= 400:
+            raise CLIError(await _error_message(response))
+        return response
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        async with await self._request(method, path, **kwargs) as response:
+            try:
+                return await response.json()
+            except (aiohttp.ContentTypeError, ValueError):
+                raise CLIError(
+                    f"{self.base_url} answered {path} with something that is not JSON; "
+                    "is it a cog server?"
+                ) from None
+
+    # -- API ---------------------------------------------------------------------------
+
+    async def ping(self) -> dict[str, Any]:
+        return await self._json("GET", "/ping")
+
+    async def list(self) -> list[dict[str, Any]]:
+        return await self._json("GET", "/v1/packages/")
+
+    async def show(self, ref: str) -> dict[str, Any]:
+        return await self._json("GET", f"/v1/packages/{ref}")
+
+    async def delete(self, ref: str) -> dict[str, Any]:
+        return await self._json("DELETE", f"/v1/packages/{ref}")
+
+    async def upload(
+        self, zip_path: Path, progress: Progress | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Upload a package zip; the server's build events as they happen."""
+        with aiohttp.MultipartWriter("form-data") as form:
+            part = form.append(
+                _file_chunks(zip_path, progress), {"Content-Type": "application/zip"}
+            )
+            part.set_content_disposition("form-data", name="file", filename="package.zip")
+            headers = {"Accept": events.NDJSON}
+            async with await self._request(
+                "POST", "/v1/packages/upload", data=form, headers=headers
+            ) as response:
+                async for event in _events(response):
+                    yield event
+
+    async def rebuild(self, ref: str) -> AsyncIterator[dict[str, Any]]:
+        headers = {"Accept": events.NDJSON}
+        async with await self._request(
+            "POST", f"/v1/packages/{ref}/build", headers=headers
+        ) as response:
+            async for event in _events(response):
+                yield event
+
+    async def log(self, ref: str) -> AsyncIterator[dict[str, Any]]:
+        async with await self._request("GET", f"/v1/packages/{ref}/log") as response:
+            async for event in _events(response):
+                yield event
+
+    async def download(
+        self,
+        ref: str,
+        dest: Path | None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[Path, str]:
+        """Save the package zip (atomically; verified against its ID). Path and ID."""
+        package_id = (await self.show(ref))["ID"]
+        async with await self._request("GET", f"/v1/packages/{package_id}.zip") as response:
+            total = response.content_length or 0
+            if dest is None:
+                dest = Path(response.content_disposition.filename or f"{package_id[:12]}.zip")
+            dest = dest.resolve()
+            fd, tmp_name = tempfile.mkstemp(prefix=".cog-download-", dir=dest.parent)
+            digest = hashlib.sha256()
+            done = 0
+            try:
+                with os.fdopen(fd, "wb") as file:
+                    async for chunk in response.content.iter_chunked(CHUNK):
+                        digest.update(chunk)
+                        await asyncio.to_thread(file.write, chunk)
+                        done += len(chunk)
+                        if progress:
+                            progress(done, total)
+                if digest.hexdigest() != package_id:
+                    raise CLIError(
+                        "the downloaded bytes do not match the package ID "
+                        f"(got sha256 {digest.hexdigest()[:12]}); nothing was saved"
+                    )
+                os.replace(tmp_name, dest)
+            except BaseException:
+                Path(tmp_name).unlink(missing_ok=True)
+                raise
+        return dest, package_id
+
+
+async def _file_chunks(path: Path, progress: Progress | None) -> AsyncIterator[bytes]:
+    done = 0
+    with open(path, "rb") as file:
+        while chunk := await asyncio.to_thread(file.read, CHUNK):
+            done += len(chunk)
+            if progress:
+                progress(done)
+            yield chunk
+
+
+async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """Events of an NDJSON response, or the one result of a plain JSON one."""
+    if not response.content_type.endswith("ndjson"):
+        yield events.package(await response.json())
+        return
+    pending = b""
+    try:
+        async for chunk in response.content.iter_any():
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    yield _decode(line)
+    except aiohttp.ClientPayloadError:
+        raise CLIError(
+            "the connection to the server broke before the build ended; "
+            "see `cog logs ID` for what happened"
+        ) from None
+    if pending.strip():
+        yield _decode(pending)
+
+
+def _decode(line: bytes) -> dict[str, Any]:
+    try:
+        return events.decode(line)
+    except ValueError:
+        raise CLIError(
+            f"the server sent something that is not a build event: {line[:100]!r}"
+        ) from None
+
+
+async def _error_message(response: aiohttp.ClientResponse) -> str:
+    try:
+        body = await response.json(content_type=None)
+        message = body.get("error") if isinstance(body, dict) else None
+    except (ValueError, aiohttp.ClientError):
+        message = None
+    if not message:
+        text = (await response.text(errors="replace")).strip()
+        message = text[:300] or response.reason or "no details"
+    return f"{message} (HTTP {response.status})" if "\n" not in message else message

@@ -1,0 +1,351 @@
+"""The `cog` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import cog
+from cog.cli import server
+from cog.cli.output import (
+    CLIError,
+    Progress,
+    human_size,
+    parse_time,
+    style,
+    table,
+    time_ago,
+)
+from cog.cli.remote import current_remote, save_remote
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except CLIError as exc:
+        print(f"cog: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cog: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `cog list | head`
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cog", description="Package machine learning models and run them anywhere."
+    )
+    parser.add_argument("--version", action="version", version=f"cog {cog.__version__}")
+    parser.add_argument(
+        "--remote", help="cog server URL for this command (default: $COG_REMOTE or saved)"
+    )
+    sub = parser.add_subparsers(metavar="COMMAND")
+    server.add_parser(sub)
+
+    remote = sub.add_parser("remote", help="set or show which cog server to use")
+    remote_sub = remote.add_subparsers(metavar="ACTION")
+    p = remote_sub.add_parser("set", help="save the server URL")
+    p.add_argument("url")
+    p.set_defaults(func=remote_set)
+    p = remote_sub.add_parser("show", help="print the server URL in use")
+    p.set_defaults(func=remote_show)
+    remote.set_defaults(func=remote_show)
+
+    p = sub.add_parser("build", help="package a directory, upload it, build its images")
+    p.add_argument("dir", nargs="?", default=".", help="model directory (default: .)")
+    p.add_argument("--json", action="store_true", help="print the package document at the end")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the result")
+    p.set_defaults(func=lambda a: run(build(a)))
+
+    p = sub.add_parser("rebuild", help="build a stored package's images again")
+    p.add_argument("id", help="package ID or unique prefix (7+ characters)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=lambda a: run(rebuild(a)))
+
+    p = sub.add_parser("list", help="list packages, newest first")
+    p.add_argument("--json", action="store_true", help="the API document")
+    p.set_defaults(func=lambda a: run(list_packages(a)))
+
+    p = sub.add_parser("show", help="show a package")
+    p.add_argument("id", help="package ID or unique prefix (7+ characters)")
+    p.add_argument("--json", action="store_true", help="the API document")
+    p.set_defaults(func=lambda a: run(show(a)))
+
+    p = sub.add_parser("download", help="download a package zip (the exact stored bytes)")
+    p.add_argument("id")
+    p.add_argument("-o", "--output", type=Path, help="file to write (default: NAME-ID.zip)")
+    p.set_defaults(func=lambda a: run(download(a)))
+
+    p = sub.add_parser("delete", help="delete a package (its images stay in the registry)")
+    p.add_argument("id")
+    p.set_defaults(func=lambda a: run(delete(a)))
+
+    p = sub.add_parser("logs", help="print a package's build log (follows a running build)")
+    p.add_argument("id")
+    p.set_defaults(func=lambda a: run(logs(a)))
+
+    p = sub.add_parser("infer", help="run an inference on a package's image, locally")
+    p.add_argument("id")
+    p.add_argument(
+        "-i",
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an input: name=value, name=@file, or a bare value/@file for the main input",
+    )
+    p.add_argument("-o", "--output", type=Path, help="where to write a file output")
+    p.add_argument("--docker-host", help="Docker Engine to run on (default: $DOCKER_HOST)")
+    p.set_defaults(func=lambda a: run(infer(a)))
+    return parser
+
+
+def run(coro: Coroutine[Any, Any, int | None]) -> int:
+    return asyncio.run(coro) or 0
+
+
+def client(args: argparse.Namespace):
+    from cog.cli.client import RegistryClient
+
+    return RegistryClient(current_remote(args.remote)[0])
+
+
+# -- remote ---------------------------------------------------------------------------
+
+
+def remote_set(args: argparse.Namespace) -> int:
+    url = save_remote(args.url)
+    print(f"Remote set to {url}")
+    return 0
+
+
+def remote_show(args: argparse.Namespace) -> int:
+    url, source = current_remote(args.remote)
+    print(url if source != "default" else f"{url} (default; set one with `cog remote set URL`)")
+    return 0
+
+
+# -- build ----------------------------------------------------------------------------
+
+
+async def build(args: argparse.Namespace) -> int:
+    from cog.package import PackageError, write_package
+
+    root = Path(args.dir).resolve()
+    if not (root / "cog.yaml").is_file():
+        raise CLIError(f"no cog.yaml in {root}")
+    with tempfile.TemporaryDirectory(prefix="cog-build-") as tmp:
+        zip_path = Path(tmp) / "package.zip"
+        bar = Progress("Packaging", 1)
+        try:
+            with open(zip_path, "wb") as out:
+                await asyncio.to_thread(write_package, root, out, bar.update)
+        except PackageError as exc:
+            raise CLIError(str(exc)) from None
+        finally:
+            bar.close()
+        size = zip_path.stat().st_size
+        async with client(args) as registry:
+            bar = Progress("Uploading", size)
+            stream = registry.upload(zip_path, bar.update)
+            return await render_build(stream, args, on_first_event=bar.close)
+
+
+async def rebuild(args: argparse.Namespace) -> int:
+    async with client(args) as registry:
+        return await render_build(registry.rebuild(args.id), args)
+
+
+async def render_build(
+    stream: AsyncIterator[dict[str, Any]],
+    args: argparse.Namespace,
+    on_first_event: Callable[[], None] | None = None,
+) -> int:
+    """Print build events as they arrive; the exit code from the final event."""
+    final: dict[str, Any] | None = None
+    async for event in stream:
+        if on_first_event:
+            on_first_event()
+            on_first_event = None
+        kind = event["type"]
+        if kind in ("package", "error"):
+            final = event
+        elif not args.quiet:
+            print_event(event)
+    if on_first_event:
+        on_first_event()
+    if final is None:
+        raise CLIError("the server ended the build without a result; see `cog logs ID`")
+    if final["type"] == "error":
+        raise CLIError(final["message"])
+    document = final["package"]
+    if args.json:
+        print(json.dumps(document, indent=2))
+    elif document.get("Artifacts"):
+        print(style(f"--> Built and pushed {document['ID']}", "bold", "green"))
+    else:
+        print(style(f"--> Built {document['ID']}", "bold", "green"))
+    return 0
+
+
+def print_event(event: dict[str, Any]) -> None:
+    if event["type"] == "status":
+        print(style(f"--> {event['message']}", "bold"), flush=True)
+    elif event["type"] == "log":
+        where = "/".join(p for p in (event.get("target"), event.get("stage")) if p)
+        colour = ("red",) if event.get("stage") == "error" else ("dim",)
+        print(f"{style(f'[{where}]', *colour)} {event['line']}", flush=True)
+
+
+async def logs(args: argparse.Namespace) -> int:
+    async with client(args) as registry:
+        async for event in registry.log(args.id):
+            if event["type"] in ("status", "log"):
+                print_event(event)
+            elif event["type"] == "error":
+                print(style(f"--> Failed: {event['message']}", "bold", "red"))
+            elif event["type"] == "package":
+                print(style(f"--> Built {event['package']['ID']}", "bold", "green"))
+    return 0
+
+
+# -- packages -------------------------------------------------------------------------
+
+
+async def list_packages(args: argparse.Namespace) -> int:
+    async with client(args) as registry:
+        packages = await registry.list()
+    if args.json:
+        print(json.dumps(packages, indent=2))
+        return 0
+    rows = [
+        (p["ID"][:12], p["Name"], p.get("Status", ""), time_ago(parse_time(p["Created"])))
+        for p in packages
+    ]
+    print(table(rows, ("ID", "NAME", "STATUS", "CREATED")))
+    return 0
+
+
+async def show(args: argparse.Namespace) -> int:
+    async with client(args) as registry:
+        package = await registry.show(args.id)
+    if args.json:
+        print(json.dumps(package, indent=2))
+        return 0
+    print(describe(package))
+    return 0
+
+
+def describe(package: dict[str, Any]) -> str:
+    config = package.get("Config") or {}
+    env = config.get("Environment") or {}
+    lines = [
+        f"{style('ID:', 'bold')}       {package['ID']}",
+        f"{style('Name:', 'bold')}     {package['Name']}",
+        f"{style('Status:', 'bold')}   {package.get('Status', '')}"
+        + (f" ({package['Error']})" if package.get("Error") else ""),
+        f"{style('Created:', 'bold')}  {package['Created']} "
+        f"({time_ago(parse_time(package['Created']))})",
+        f"{style('Size:', 'bold')}     {human_size(package.get('Size') or 0)}",
+        f"{style('Model:', 'bold')}    {config.get('Model', '')}",
+        f"{style('Python:', 'bold')}   {env.get('PythonVersion', '')}",
+        f"{style('Arch:', 'bold')}     {', '.join(env.get('Architectures') or [])}"
+        + (f" (CUDA {env['CUDA']}, cuDNN {env['CuDNN']})" if env.get("CUDA") else ""),
+    ]
+    for label, key in (
+        ("Packages", "PythonPackages"),
+        ("Requires", "PythonRequirements"),
+        ("System", "SystemPackages"),
+    ):
+        value = env.get(key)
+        if value:
+            text = value if isinstance(value, str) else ", ".join(value)
+            lines.append(f"{style(label + ':', 'bold')} {text}")
+    artifacts = package.get("Artifacts") or []
+    if artifacts:
+        lines.append(style("Images:", "bold"))
+        lines += [f"  {a['Target']:<11} {a['URI']}" for a in artifacts]
+    arguments = (package.get("Signature") or {}).get("arguments") or {}
+    if arguments:
+        lines.append(style("Inputs:", "bold"))
+        for name, spec in arguments.items():
+            extras = [
+                f"{key}={spec[key]!r}"
+                for key in ("default", "min", "max", "options")
+                if spec.get(key) is not None
+            ]
+            kind = ", ".join([str(spec.get("type")), *extras])
+            help_text = f"  {spec['help']}" if spec.get("help") else ""
+            lines.append(f"  {name} ({kind}){help_text}")
+    return "\n".join(lines)
+
+
+async def download(args: argparse.Namespace) -> int:
+    async with client(args) as registry:
+        bar = Progress("Downloading", 1)
+        try:
+            path, package_id = await registry.download(args.id, args.output, bar.update)
+        finally:
+            bar.close()
+    print(f"Downloaded {package_id[:12]} to {path}")
+    return 0
+
+
+async def delete(args: argparse.Namespace) -> int:
+    async with client(args) as registry:
+        result = await registry.delete(args.id)
+    print(f"Deleted {result['ID']}")
+    return 0
+
+
+async def infer(args: argparse.Namespace) -> int:
+    from cog.cli.output import is_tty
+    from cog.infer import InferenceError, run_inference
+
+    async with client(args) as registry:
+        package = await registry.show(args.id)
+    artifacts = {a["Target"]: a["URI"] for a in package.get("Artifacts") or []}
+    image = artifacts.get("docker-cpu") or artifacts.get("docker-gpu")
+    if image is None:
+        raise CLIError(
+            f"package {package['ID'][:12]} has no image (status: {package.get('Status')}"
+            f"{'; ' + package['Error'] if package.get('Error') else ''})"
+        )
+
+    def progress(line: str) -> None:
+        if is_tty(sys.stderr):
+            print(style(line, "dim", stream=sys.stderr), file=sys.stderr, flush=True)
+
+    progress(f"Running {image}")
+    try:
+        output = await run_inference(
+            image,
+            args.input,
+            output_path=args.output,
+            docker_host=args.docker_host,
+            progress=progress,
+        )
+    except InferenceError as exc:
+        raise CLIError(str(exc)) from None
+    if output.text is not None:
+        if args.output:
+            args.output.write_text(output.text)
+            print(f"Written to {args.output}", file=sys.stderr)
+        else:
+            print(output.text.rstrip("\n"))
+    else:
+        print(f"Written to {output.path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,187 @@
+"""`cog server`: run the registry server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+from cog.cli.output import CLIError
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'4G', '500MiB', '1048576' -> bytes."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4G, 500MiB, 1048576)")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    binary = "i" in unit
+    unit = unit.rstrip("b").rstrip("i")
+    factor = 1024 ** " kmgt".index(unit or " ") if binary else _UNITS[unit]
+    return int(number * factor)
+
+
+def key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def default_storage() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return f"file://{Path(base) / 'cog'}"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "server",
+        help="run a cog server",
+        description="Run the registry server: stores packages, builds and pushes images.",
+    )
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
+    p.add_argument(
+        "--storage",
+        default=os.environ.get("COG_STORAGE") or default_storage(),
+        help="where packages and records live: file:///path, s3://bucket/prefix?endpoint=URL, "
+        "or a plugin's scheme (default: $COG_STORAGE or %(default)s)",
+    )
+    p.add_argument(
+        "--docker-registry",
+        default=os.environ.get("COG_DOCKER_REGISTRY", "127.0.0.1:5000"),
+        help="registry the images are pushed to, host[:port][/path] (default: %(default)s)",
+    )
+    p.add_argument(
+        "--builder",
+        default="docker",
+        help="image builder: docker, buildkit, a plugin's name, or none to only store "
+        "packages (default: %(default)s)",
+    )
+    p.add_argument(
+        "--builder-opt",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="builder-specific option (repeatable)",
+    )
+    p.add_argument(
+        "--buildkit-addr",
+        help="BuildKit address for --builder buildkit: tcp://host:1234, unix:///path, "
+        "docker-grpc:///var/run/docker.sock",
+    )
+    p.add_argument("--buildkit-tls-ca", help="CA certificate for a tcp:// BuildKit")
+    p.add_argument("--buildkit-tls-cert", help="client certificate for a tcp:// BuildKit")
+    p.add_argument("--buildkit-tls-key", help="client key for a tcp:// BuildKit")
+    p.add_argument(
+        "--base-image",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="TARGET=IMAGE",
+        help="base image template per target (cpu, gpu), with {python_version}, {cuda}, "
+        "{cudnn} placeholders, e.g. cpu=registry.local/python:{python_version}-slim",
+    )
+    p.add_argument(
+        "--gpu-strategy",
+        choices=["wheels", "image"],
+        default="wheels",
+        help="GPU images: CUDA from NVIDIA's pip wheels on the CPU base (wheels), or an "
+        "NVIDIA CUDA base image (image) (default: %(default)s)",
+    )
+    p.add_argument("--docker-host", help="Docker Engine address (default: $DOCKER_HOST or socket)")
+    p.add_argument("--max-upload-size", type=parse_size, default="4G", help="default: %(default)s")
+    p.add_argument("--max-builds", type=int, default=1, help="builds at once (default: 1)")
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="do not boot built images and run their examples before calling them ready",
+    )
+    p.add_argument("--check-timeout", type=float, default=300.0, help="seconds (default: 300)")
+    p.add_argument(
+        "--cache-ttl",
+        type=float,
+        default=2.0,
+        help="seconds between refreshes of the package index from storage; how soon "
+        "packages stored by other servers appear in listings (default: 2)",
+    )
+    p.add_argument("--tmp-dir", type=Path, help="where uploads are spooled")
+    p.add_argument(
+        "--log-format", choices=["auto", "json", "console"], default="auto", help="server log"
+    )
+    p.set_defaults(func=run_server)
+
+
+def settings_from_args(args: argparse.Namespace):
+    from cog.builders import DEFAULT_BASE_IMAGES, BuilderSettings
+    from cog.registry.app import ServerSettings
+    from cog.registry.builds import BuildOptions
+
+    base_images = dict(DEFAULT_BASE_IMAGES)
+    for target, image in args.base_image:
+        if target not in base_images:
+            raise CLIError(f"--base-image: unknown target {target!r} (use cpu or gpu)")
+        base_images[target] = image
+    options = dict(args.builder_opt)
+    for option in ("addr", "tls_ca", "tls_cert", "tls_key"):
+        value = getattr(args, f"buildkit_{option}")
+        if value:
+            options[option] = value
+    builder = None if args.builder in ("none", "") else args.builder
+    return ServerSettings(
+        storage_url=args.storage,
+        builder=builder,
+        builder_settings=BuilderSettings(
+            registry=args.docker_registry,
+            base_images=base_images,
+            gpu_strategy=args.gpu_strategy,
+            docker_host=args.docker_host,
+            options=options,
+        ),
+        build=BuildOptions(
+            registry=args.docker_registry,
+            check_images=not args.no_check,
+            check_timeout=args.check_timeout,
+            docker_host=args.docker_host,
+            max_concurrent_builds=args.max_builds,
+        ),
+        tmp_dir=args.tmp_dir,
+        max_upload_bytes=args.max_upload_size,
+        cache_ttl=args.cache_ttl,
+    )
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from cog.builders import BuilderConfigError
+    from cog.logs import configure_logging
+    from cog.registry.app import make_app
+    from cog.storage import StorageConfigError, StorageError
+
+    configure_logging(args.log_format)
+    settings = settings_from_args(args)
+    app = make_app(settings)
+    try:
+        web.run_app(
+            app,
+            host=args.host,
+            port=args.port,
+            # A client that goes away cancels its build (and the build in the backend).
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=10,
+            print=lambda _: print(f"cog server listening on http://{args.host}:{args.port}"),
+        )
+    except (StorageConfigError, BuilderConfigError) as exc:
+        raise CLIError(str(exc)) from None
+    except StorageError as exc:
+        raise CLIError(f"storage {settings.storage_url} is not usable: {exc}") from None
+    except OSError as exc:
+        raise CLIError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    return 0

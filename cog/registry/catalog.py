@@ -1,0 +1,207 @@
+"""The catalog: package records kept in Storage, with an in-memory index over them.
+
+Storage is the only source of truth (several servers may share one bucket). The index
+makes listing and prefix lookups cheap; it is refreshed in the background every
+``ttl`` seconds and on any lookup that misses, so a package written by another server
+is visible here within ``ttl`` seconds (and at once when asked for by ID). A refresh
+lists ``records/`` and reloads only the records whose storage version changed.
+
+Keys in Storage::
+
+    packages/<id>.zip   the package, exactly the uploaded bytes
+    records/<id>.json   its record (the package document)
+    logs/<id>.log       the log of its last build
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Iterable
+
+import structlog
+
+from cog.package import MIN_PREFIX_LENGTH, check_prefix, is_package_id
+from cog.registry.records import PackageRecord, decode_record, encode_record, record_to_json
+from cog.storage import NotFound, Storage
+
+log = structlog.get_logger(__name__)
+
+RECORDS = "records/"
+
+
+def package_key(package_id: str) -> str:
+    return f"packages/{package_id}.zip"
+
+
+def record_key(package_id: str) -> str:
+    return f"{RECORDS}{package_id}.json"
+
+
+def log_key(package_id: str) -> str:
+    return f"logs/{package_id}.log"
+
+
+class PackageNotFound(LookupError):
+    def __init__(self, ref: str):
+        super().__init__(f"no package matches {ref!r}")
+
+
+class AmbiguousPrefix(LookupError):
+    def __init__(self, prefix: str, matches: Iterable[str]):
+        self.matches = sorted(matches)
+        shown = ", ".join(m[:12] for m in self.matches[:10])
+        more = f" and {len(self.matches) - 10} more" if len(self.matches) > 10 else ""
+        super().__init__(
+            f"package ID prefix {prefix!r} is ambiguous: it matches {shown}{more}; "
+            "give more characters"
+        )
+
+
+class Catalog:
+    """Records in Storage plus an index of them; see the module docstring."""
+
+    def __init__(self, storage: Storage, ttl: float = 2.0, concurrency: int = 32):
+        self.storage = storage
+        self.ttl = ttl
+        self._concurrency = concurrency
+        self._records: dict[str, PackageRecord] = {}
+        self._versions: dict[str, str] = {}
+        self._refreshed_at = float("-inf")
+        self._lock = asyncio.Lock()
+        self._listing: bytes | None = None
+
+    # -- index maintenance -------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Bring the index in line with Storage (one refresh at a time)."""
+        async with self._lock:
+            started = time.monotonic()
+            seen: dict[str, str] = {}
+            async for info in self.storage.list(RECORDS):
+                package_id = info.key[len(RECORDS) :].removesuffix(".json")
+                if is_package_id(package_id):
+                    seen[package_id] = info.version
+            stale = [pid for pid, version in seen.items() if self._versions.get(pid) != version]
+            gone = [pid for pid in self._records if pid not in seen]
+            semaphore = asyncio.Semaphore(self._concurrency)
+
+            async def load(package_id: str) -> None:
+                async with semaphore:
+                    record = await self._read(package_id)
+                if record is not None:
+                    self._remember(record, seen[package_id])
+
+            await asyncio.gather(*(load(pid) for pid in stale))
+            for package_id in gone:
+                self._forget(package_id)
+            self._refreshed_at = time.monotonic()
+            if stale or gone:
+                log.debug(
+                    "catalog refreshed",
+                    loaded=len(stale),
+                    removed=len(gone),
+                    total=len(self._records),
+                    seconds=round(self._refreshed_at - started, 3),
+                )
+
+    async def run_refresher(self) -> None:
+        """Refresh every ttl seconds, forever (a background task of the app)."""
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # a storage hiccup must not kill the refresher
+                log.exception("catalog refresh failed")
+            await asyncio.sleep(self.ttl)
+
+    def _remember(self, record: PackageRecord, version: str) -> None:
+        self._records[record.id] = record
+        self._versions[record.id] = version
+        self._listing = None
+
+    def _forget(self, package_id: str) -> None:
+        self._records.pop(package_id, None)
+        self._versions.pop(package_id, None)
+        self._listing = None
+
+    async def _read(self, package_id: str) -> PackageRecord | None:
+        try:
+            data = await self.storage.read_bytes(record_key(package_id))
+        except NotFound:
+            return None
+        try:
+            return decode_record(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("unreadable package record skipped", package_id=package_id, error=str(exc))
+            return None
+
+    # -- queries -----------------------------------------------------------------------
+
+    async def get(self, package_id: str) -> PackageRecord:
+        """The record of a full ID, read from Storage (authoritative)."""
+        record = await self._read(package_id)
+        if record is None:
+            self._forget(package_id)
+            raise PackageNotFound(package_id)
+        return record
+
+    async def resolve(self, ref: str) -> PackageRecord:
+        """A full ID or a unique prefix of at least MIN_PREFIX_LENGTH hex characters."""
+        ref = check_prefix(ref.lower())
+        if is_package_id(ref):
+            return await self.get(ref)
+        matches = self._matching(ref)
+        if len(matches) != 1:
+            await self.refresh()
+            matches = self._matching(ref)
+        if not matches:
+            raise PackageNotFound(ref)
+        if len(matches) > 1:
+            raise AmbiguousPrefix(ref, matches)
+        return await self.get(matches[0])
+
+    def _matching(self, prefix: str) -> list[str]:
+        return [pid for pid in self._records if pid.startswith(prefix)]
+
+    async def newest_first(self) -> list[PackageRecord]:
+        if self._refreshed_at == float("-inf"):
+            await self.refresh()
+        return sorted(self._records.values(), key=lambda r: (r.created, r.id), reverse=True)
+
+    async def listing_json(self) -> bytes:
+        """The rendered `GET /v1/packages/` body, cached until the index changes."""
+        if self._listing is None or self._refreshed_at == float("-inf"):
+            records = await self.newest_first()
+            self._listing = json.dumps([record_to_json(r) for r in records]).encode()
+        return self._listing
+
+    # -- changes -----------------------------------------------------------------------
+
+    async def put(self, record: PackageRecord) -> None:
+        info = await self.storage.write_bytes(record_key(record.id), encode_record(record))
+        self._remember(record, info.version)
+
+    async def delete(self, package_id: str) -> None:
+        """Record first, so no reader finds a record whose blob is already gone."""
+        try:
+            await self.storage.delete(record_key(package_id))
+        except NotFound:
+            raise PackageNotFound(package_id) from None
+        finally:
+            self._forget(package_id)
+        for key in (package_key(package_id), log_key(package_id)):
+            with contextlib.suppress(NotFound):
+                await self.storage.delete(key)
+
+
+__all__ = [
+    "MIN_PREFIX_LENGTH",
+    "AmbiguousPrefix",
+    "Catalog",
+    "PackageNotFound",
+    "log_key",
+    "package_key",
+    "record_key",
+]

@@ -1,0 +1,113 @@
+"""The package record: what the registry knows about one package, and its JSON document.
+
+The document keeps the seed's keys exactly (``ID``, ``Name``, ``Artifacts`` with
+``Target``/``URI``, ``Config`` with ``Environment``/``Model``) and adds ``Created``,
+``Updated``, ``Status``, ``Size``, ``Examples``, ``Signature`` and ``Error``. Records are
+stored as these documents, so what a server writes is exactly what every API client reads.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+from typing import Any
+
+import attrs
+
+from cog.config import Config, config_from_json, config_to_json
+
+
+class Status(str, enum.Enum):
+    #: stored, images being built and checked
+    BUILDING = "building"
+    #: images built, pushed and checked (or no builder configured: stored only)
+    READY = "ready"
+    #: a build or check failed; the package is kept, its log explains why
+    FAILED = "failed"
+
+
+@attrs.frozen
+class Artifact:
+    #: docker-cpu or docker-gpu
+    target: str
+    #: repository:tag as pushed
+    uri: str
+    #: registry manifest digest (sha256:...)
+    digest: str = ""
+
+
+@attrs.frozen
+class PackageRecord:
+    id: str
+    name: str
+    config: Config
+    created: dt.datetime
+    updated: dt.datetime
+    status: Status
+    size: int
+    artifacts: tuple[Artifact, ...] = ()
+    #: the model's input signature ({"arguments": {...}}) once known
+    signature: dict[str, Any] | None = None
+    #: why the last build failed
+    error: str = ""
+
+    def evolve(self, **changes: Any) -> PackageRecord:
+        return attrs.evolve(self, updated=now(), **changes)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+def _timestamp(value: dt.datetime) -> str:
+    return value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _parse_timestamp(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def record_to_json(record: PackageRecord) -> dict[str, Any]:
+    config = config_to_json(record.config)
+    return {
+        "ID": record.id,
+        "Name": record.name,
+        "Status": record.status.value,
+        "Created": _timestamp(record.created),
+        "Updated": _timestamp(record.updated),
+        "Size": record.size,
+        "Artifacts": [
+            {"Target": a.target, "URI": a.uri, "Digest": a.digest} for a in record.artifacts
+        ],
+        "Config": config,
+        "Examples": config.get("Examples"),
+        "Signature": record.signature,
+        "Error": record.error,
+    }
+
+
+def record_from_json(doc: dict[str, Any]) -> PackageRecord:
+    return PackageRecord(
+        id=doc["ID"],
+        name=doc["Name"],
+        config=config_from_json(doc["Config"]),
+        created=_parse_timestamp(doc["Created"]),
+        updated=_parse_timestamp(doc.get("Updated") or doc["Created"]),
+        status=Status(doc["Status"]),
+        size=int(doc["Size"]),
+        artifacts=tuple(
+            Artifact(target=a["Target"], uri=a["URI"], digest=a.get("Digest", ""))
+            for a in doc.get("Artifacts") or ()
+        ),
+        signature=doc.get("Signature"),
+        error=doc.get("Error") or "",
+    )
+
+
+def encode_record(record: PackageRecord) -> bytes:
+    return json.dumps(record_to_json(record), indent=1, sort_keys=False).encode()
+
+
+def decode_record(data: bytes) -> PackageRecord:
+    return record_from_json(json.loads(data))

@@ -1,0 +1,402 @@
+"""The registry API over real local storage, no builder (store-only mode).
+
+The builder path is covered by tests/test_registry_build.py against a real Docker engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from cog.events import NDJSON
+from cog.registry.app import STORAGE, ServerSettings, make_app
+from cog.registry.catalog import record_key
+from cog.registry.records import encode_record
+from tests.registry_helpers import form, make_model_dir, package_bytes, raw_zip, stored_keys
+
+SEED_KEYS = {"ID", "Name", "Artifacts", "Config"}
+ENV_KEYS = {
+    "PythonVersion",
+    "PythonRequirements",
+    "PythonPackages",
+    "SystemPackages",
+    "Architectures",
+    "CUDA",
+    "CuDNN",
+}
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, spool: Path) -> ServerSettings:
+    return ServerSettings(
+        storage_url=f"file://{tmp_path / 'store'}",
+        builder=None,
+        tmp_dir=spool,
+        max_upload_bytes=2 * 1024 * 1024,
+        cache_ttl=0.2,
+    )
+
+
+@pytest.fixture
+async def client(aiohttp_client, settings):
+    return await aiohttp_client(make_app(settings))
+
+
+@pytest.fixture
+def hello(tmp_path: Path) -> tuple[bytes, str]:
+    return package_bytes(make_model_dir(tmp_path / "hello"))
+
+
+async def upload(client, data: bytes, **kwargs):
+    return await client.post("/v1/packages/upload", data=form(data), **kwargs)
+
+
+async def test_upload_returns_the_seed_document(client, hello):
+    data, package_id = hello
+    response = await upload(client, data)
+    assert response.status == 200, await response.text()
+    doc = await response.json()
+    assert doc.keys() >= SEED_KEYS
+    assert doc["ID"] == package_id == hashlib.sha256(data).hexdigest()
+    assert doc["Name"] == "test/hello"
+    assert doc["Artifacts"] == []
+    assert doc["Status"] == "ready"
+    assert doc["Size"] == len(data)
+    assert set(doc["Config"]["Environment"]) == ENV_KEYS
+    assert doc["Config"]["Model"] == "infer.py:Model"
+    assert doc["Config"]["Environment"]["PythonVersion"] == "3.11"
+    assert doc["Signature"]["arguments"]["text"]["type"] == "str"
+    assert doc["Created"].endswith("Z")
+
+
+async def test_ndjson_stream_is_events_then_result(client, hello):
+    data, package_id = hello
+    response = await upload(client, data, headers={"Accept": NDJSON})
+    assert response.status == 200
+    assert response.content_type == NDJSON
+    lines = (await response.read()).decode().splitlines()
+    events = [json.loads(line) for line in lines]
+    assert events[0]["type"] == "status"
+    assert events[0]["message"].startswith(f"Received package {package_id[:12]} (")
+    assert [e["type"] for e in events[:-1]] == ["status"] * (len(events) - 1)
+    assert events[-1]["type"] == "package"
+    assert events[-1]["package"]["ID"] == package_id
+
+
+async def test_same_package_twice_is_stored_once(client, hello):
+    data, package_id = hello
+    first = await (await upload(client, data)).json()
+    second_response = await upload(client, data, headers={"Accept": NDJSON})
+    events = [json.loads(line) for line in (await second_response.read()).splitlines()]
+    assert any("already stored" in e.get("message", "") for e in events)
+    assert events[-1]["package"]["Created"] == first["Created"]
+    keys = await stored_keys(client.app[STORAGE])
+    assert keys == [f"packages/{package_id}.zip", record_key(package_id)]
+
+
+async def test_show_by_id_and_prefix_and_list(client, tmp_path):
+    ids = []
+    for i in range(3):
+        data, package_id = package_bytes(
+            make_model_dir(tmp_path / f"m{i}", name=f"test/m{i}", extra=f"# {i}\n")
+        )
+        assert (await upload(client, data)).status == 200
+        ids.append(package_id)
+        await asyncio.sleep(1.01)  # Created has one-second resolution
+    listing = await (await client.get("/v1/packages/")).json()
+    assert [p["ID"] for p in listing] == ids[::-1]  # newest first
+    for ref in (ids[1], ids[1][:7], ids[1][:20].upper()):
+        response = await client.get(f"/v1/packages/{ref}")
+        assert response.status == 200, ref
+        assert (await response.json())["ID"] == ids[1]
+
+
+async def test_download_is_the_exact_bytes_with_etag(client, hello):
+    data, package_id = hello
+    await upload(client, data)
+    response = await client.get(f"/v1/packages/{package_id[:10]}.zip")
+    assert response.status == 200
+    assert await response.read() == data
+    assert response.headers["Content-Length"] == str(len(data))
+    assert response.headers["ETag"] == f'"{package_id}"'
+    assert response.content_type == "application/zip"
+    cached = await client.get(
+        f"/v1/packages/{package_id}.zip", headers={"If-None-Match": f'"{package_id}"'}
+    )
+    assert cached.status == 304
+    with zipfile.ZipFile(io.BytesIO(await response.read())) as zf:
+        assert "cog.yaml" in zf.namelist()
+
+
+async def test_delete_removes_everything(client, hello):
+    data, package_id = hello
+    await upload(client, data)
+    response = await client.delete(f"/v1/packages/{package_id[:8]}")
+    assert response.status == 200
+    assert (await response.json()) == {"ID": package_id, "Deleted": True}
+    assert (await client.get(f"/v1/packages/{package_id}")).status == 404
+    assert (await client.get(f"/v1/packages/{package_id}.zip")).status == 404
+    assert await stored_keys(client.app[STORAGE]) == []
+    assert (await (await client.get("/v1/packages/")).json()) == []
+
+
+async def test_unknown_short_and_ambiguous_references(client, hello):
+    data, _package_id = hello
+    doc = await (await upload(client, data)).json()
+    # Two more records that share a 7-character prefix. Real uploads cannot be made to
+    # collide on purpose (SHA-256), so the records are written straight into storage.
+    storage = client.app[STORAGE]
+    from cog.registry.records import record_from_json
+
+    twins = ["abcdef1" + c * 57 for c in "01"]
+    for twin in twins:
+        record = record_from_json({**doc, "ID": twin})
+        await storage.write_bytes(record_key(twin), encode_record(record))
+
+    response = await client.get("/v1/packages/abcdef1")
+    assert response.status == 409
+    body = await response.json()
+    assert "ambiguous" in body["error"]
+    assert body["matches"] == twins
+
+    response = await client.get("/v1/packages/abcdef10")
+    assert response.status == 200  # unique once one more character is given
+
+    response = await client.get("/v1/packages/0000000")
+    assert response.status == 404
+    assert "no package" in (await response.json())["error"]
+
+    response = await client.get("/v1/packages/abc")
+    assert response.status == 400
+    assert "7" in (await response.json())["error"]
+
+    response = await client.get("/v1/packages/not-hex-at-all")
+    assert response.status == 400
+
+
+def _symlink_zip() -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("cog.yaml", "model: infer.py:Model\n")
+        zf.writestr("infer.py", "class Model: pass\n")
+        link = zipfile.ZipInfo("evil")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "/etc/passwd")
+    return out.getvalue()
+
+
+def _bomb() -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("cog.yaml", "model: infer.py:Model\n")
+        zf.writestr("infer.py", "class Model: pass\n")
+        zf.writestr("zeros.bin", b"\0" * (64 * 1024 * 1024))
+    return out.getvalue()
+
+
+VALID_MODEL = "import cog\nclass Model(cog.Model):\n    def run(self):\n        return 1\n"
+BAD_UPLOADS = {
+    "not a zip": (b"this is not a zip file at all", 400, "zip"),
+    "empty file": (b"", 400, "empty"),
+    "no cog.yaml": (raw_zip({"infer.py": VALID_MODEL}), 400, "cog.yaml"),
+    "cog.yaml in a subdirectory": (
+        raw_zip({"sub/cog.yaml": "model: infer.py:Model\n", "sub/infer.py": VALID_MODEL}),
+        400,
+        "cog.yaml",
+    ),
+    "invalid yaml": (
+        raw_zip({"cog.yaml": "model: [unclosed\n", "infer.py": VALID_MODEL}),
+        400,
+        "line",
+    ),
+    "invalid config": (
+        raw_zip(
+            {
+                "cog.yaml": "model: missing.py:Nope\nbogus_key: 1\n"
+                "environment:\n  python_packages: [numpy]\n  architectures: [tpu]\n",
+                "infer.py": VALID_MODEL,
+            }
+        ),
+        400,
+        "bogus_key",
+    ),
+    "absolute member": (
+        raw_zip({"cog.yaml": "model: infer.py:Model\n", "/etc/evil": "x"}),
+        400,
+        "",
+    ),
+    "dotdot member": (
+        raw_zip({"cog.yaml": "model: infer.py:Model\n", "../evil": "x"}),
+        400,
+        "",
+    ),
+    "symlink member": (_symlink_zip(), 400, "link"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+@pytest.mark.parametrize("accept", ["application/json", NDJSON])
+async def test_bad_uploads_are_refused_and_leave_nothing(client, spool, case, accept):
+    data, status, words = BAD_UPLOADS[case]
+    response = await upload(client, data, headers={"Accept": accept})
+    assert response.status == status, await response.text()
+    body = await response.json()
+    assert words.lower() in body["error"].lower()
+    assert "Traceback" not in body["error"]
+    assert await stored_keys(client.app[STORAGE]) == []
+    assert list(spool.iterdir()) == []
+    assert (await client.get("/ping")).status == 200  # still serving
+
+
+async def test_invalid_config_lists_every_problem(client):
+    data = BAD_UPLOADS["invalid config"][0]
+    body = await (await upload(client, data)).json()
+    problems = " ".join(body["problems"])
+    for expected in ("bogus_key", "numpy", "tpu", "missing.py"):
+        assert expected in problems, problems
+    assert len(body["problems"]) >= 4
+
+
+async def test_zip_bomb_is_refused(aiohttp_client, settings, spool):
+    from cog.package import PackageLimits
+
+    small = ServerSettings(
+        storage_url=settings.storage_url,
+        builder=None,
+        tmp_dir=spool,
+        package_limits=PackageLimits(max_uncompressed_bytes=16 * 1024 * 1024),
+    )
+    client = await aiohttp_client(make_app(small))
+    response = await upload(client, _bomb())
+    assert response.status == 400
+    assert (
+        "uncompressed" in (await response.json())["error"]
+        or "ratio" in (await response.json())["error"]
+    )
+    assert await stored_keys(client.app[STORAGE]) == []
+    assert list(spool.iterdir()) == []
+
+
+async def test_upload_over_the_limit_is_413_while_streaming(client, spool):
+    # Chunked, so no Content-Length tells the server up front: it must count.
+    big = b"x" * (3 * 1024 * 1024)
+
+    async def body():
+        for i in range(0, len(big), 64 * 1024):
+            yield big[i : i + 64 * 1024]
+
+    import aiohttp
+
+    payload = aiohttp.FormData()
+    payload.add_field("file", body(), filename="package.zip")
+    response = await client.post("/v1/packages/upload", data=payload)
+    assert response.status == 413
+    assert "limit" in (await response.json())["error"]
+    assert list(spool.iterdir()) == []
+    assert await stored_keys(client.app[STORAGE]) == []
+
+
+async def test_declared_size_over_the_limit_is_refused_at_once(client):
+    response = await client.post(
+        "/v1/packages/upload",
+        data=io.BytesIO(b"x" * (3 * 1024 * 1024)),
+        headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+    )
+    assert response.status == 413
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"data": form(b"zip", field="other")}, "'file' field"),
+        ({"data": b"raw body", "headers": {"Content-Type": "application/zip"}}, "multipart"),
+        ({"json": {"file": "x"}}, "multipart"),
+    ],
+)
+async def test_malformed_requests(client, spool, kwargs, words):
+    response = await client.post("/v1/packages/upload", **kwargs)
+    assert response.status == 400
+    assert words in (await response.json())["error"]
+    assert list(spool.iterdir()) == []
+
+
+async def test_truncated_upload_leaves_nothing(client, spool, hello):
+    """A client that disconnects mid-upload: no temp file, nothing stored, still serving."""
+    data, _ = hello
+    filler = b"\0" * (1024 * 1024)
+    boundary = "cogtestboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        'filename="package.zip"\r\nContent-Type: application/zip\r\n\r\n'
+    ).encode()
+    declared = len(head) + len(data) + len(filler) + 100
+    request = (
+        f"POST /v1/packages/upload HTTP/1.1\r\nHost: test\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    ).encode()
+    server = client.server
+    _reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(request + head + data + filler[: len(filler) // 2])
+    await writer.drain()
+    await asyncio.sleep(0.3)  # let the server spool some of it
+    writer.transport.abort()
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        if not list(spool.iterdir()):
+            break
+    assert list(spool.iterdir()) == []
+    assert await stored_keys(client.app[STORAGE]) == []
+    assert (await client.get("/ping")).status == 200
+
+
+async def test_errors_are_json_everywhere(client):
+    response = await client.get("/no/such/route")
+    assert response.status == 404
+    assert "error" in await response.json()
+    response = await client.put("/v1/packages/upload")
+    assert response.status == 405
+    assert "error" in await response.json()
+
+
+async def test_one_log_line_per_request(client, hello):
+    data, package_id = hello
+    with capture_logs() as logs:
+        await upload(client, data)
+        await client.get(f"/v1/packages/{package_id[:9]}")
+    requests = [entry for entry in logs if entry["event"] == "request"]
+    assert [(r["method"], r["path"], r["status"]) for r in requests] == [
+        ("POST", "/v1/packages/upload", 200),
+        ("GET", f"/v1/packages/{package_id[:9]}", 200),
+    ]
+    assert all(r["package_id"] == package_id for r in requests)
+    assert all(isinstance(r["ms"], float) for r in requests)
+
+
+async def test_package_from_another_server_appears_within_ttl(aiohttp_client, settings, hello):
+    """Two apps on one storage: what one stores, the other lists (index refresh)."""
+    data, package_id = hello
+    one = await aiohttp_client(make_app(settings))
+    two = await aiohttp_client(make_app(settings))
+    assert (await (await two.get("/v1/packages/")).json()) == []
+    await upload(one, data)
+    assert (await two.get(f"/v1/packages/{package_id[:7]}")).status == 200  # miss -> refresh
+    for _ in range(20):
+        await asyncio.sleep(settings.cache_ttl)
+        listing = await (await two.get("/v1/packages/")).json()
+        if listing:
+            break
+    assert [p["ID"] for p in listing] == [package_id]
