@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,9 @@ async def test_hello_builds_pushes_and_answers(builder, registry, workdir, no_le
 
     output = await run_inference(request.image, ["name=pytest", "times=2"])
     assert output.text == "Hello, pytest. Hello, pytest."
-    bare = await run_inference(request.image, [f"@{EXAMPLES / 'hello' / 'name.txt'}"])
-    assert bare.text.startswith("Hello, ")
+    # hello has no required input, so a bare value names no input: a clear error.
+    with pytest.raises(InferenceError, match="cannot tell which input"):
+        await run_inference(request.image, [f"@{EXAMPLES / 'hello' / 'name.txt'}"])
 
 
 async def test_code_only_change_reuses_dependency_layers(
@@ -78,7 +80,9 @@ async def test_code_only_change_reuses_dependency_layers(
     model = copy_example("thumbnail", tmp_path)
     first = package_request(model, tmp_path / "one.zip", registry)
     await collect(builder.build(first))
-    (model / "infer.py").write_text((model / "infer.py").read_text() + "\n# code change\n")
+    # Unique per run, so an earlier run's layers cannot make the COPY step look cached.
+    change = f"\n# code change {uuid.uuid4()}\n"
+    (model / "infer.py").write_text((model / "infer.py").read_text() + change)
     second = package_request(model, tmp_path / "two.zip", registry)
     assert second.package_id != first.package_id
     logs, built = await collect(builder.build(second))
@@ -90,9 +94,8 @@ async def test_code_only_change_reuses_dependency_layers(
     assert built and built[0].image == second.image
 
     output_file = tmp_path / "thumb.png"
-    result = await run_inference(
-        second.image, [f"image=@{model / 'input.png'}"], output_path=output_file
-    )
+    # A bare @file goes to the only required input (image).
+    result = await run_inference(second.image, [f"@{model / 'input.png'}"], output_path=output_file)
     assert result.path == output_file.resolve()
     assert output_file.read_bytes() == (model / "expected-default.png").read_bytes()
 

@@ -33,6 +33,8 @@ from cog.builders.context import build_context, runtime_wheel_name
 from cog.builders.dockerfile import dockerfile_for
 
 TAIL = 20
+#: aiodocker's status for "could not connect to the engine at all"
+CONNECTION_FAILED = 900
 _STEP = re.compile(r"^Step \d+/\d+ : ")
 _UNREACHABLE = re.compile(
     r"connection refused|no such host|dial tcp|i/o timeout|server gave HTTP response|"
@@ -57,7 +59,7 @@ def engine(docker_host: str | None) -> aiodocker.Docker:
         raise BuilderUnavailable(f"no usable Docker Engine address: {exc}") from None
 
 
-def unreachable(docker: aiodocker.Docker, exc: BaseException) -> BuilderUnavailable:
+def unreachable(docker: aiodocker.Docker, exc: object) -> BuilderUnavailable:
     return BuilderUnavailable(f"the Docker Engine at {docker.docker_host} is not reachable: {exc}")
 
 
@@ -87,6 +89,8 @@ async def push_image(docker: aiodocker.Docker, image: str) -> AsyncIterator[Buil
                 tail.append(line)
                 yield BuildLog(stage="push", line=line)
     except aiodocker.DockerError as exc:
+        if exc.status == CONNECTION_FAILED:
+            raise unreachable(docker, exc.message) from None
         message = str(exc.message if hasattr(exc, "message") else exc)
         kind = BuilderUnavailable if _UNREACHABLE.search(message) else BuildError
         raise kind(f"pushing {image} failed: {message}", step="push", output=tuple(tail)) from None
@@ -186,6 +190,8 @@ class DockerBuilder(Builder):
                 if pending.strip():
                     yield BuildLog(stage="build", line=pending)
         except aiodocker.DockerError as exc:
+            if exc.status == CONNECTION_FAILED:
+                raise unreachable(docker, exc.message) from None
             raise BuildError(f"docker build failed: {exc.message}", step=step) from None
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, OSError) as exc:
             raise unreachable(docker, exc) from None
