@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import aiodocker
 import aiohttp
 
+from cog.builders.docker import engine_stream, json_lines, split_image, stream_error
+
 MODEL_PORT = "5000/tcp"
 LABEL = "org.cog-models.role"
 
@@ -47,12 +49,25 @@ async def ensure_image(
     except aiodocker.DockerError as exc:
         if exc.status != 404:
             raise
+    repository, tag = split_image(image)
     last: dict[str, str] = {}
-    async for item in docker.images.pull(image, stream=True):
-        status, layer = item.get("status", ""), item.get("id", "")
-        if progress and status and last.get(layer) != status and status != "Downloading":
-            last[layer] = status
-            progress(f"{layer}: {status}" if layer else status)
+    async with engine_stream(
+        docker,
+        "POST",
+        "images/create",
+        params={"fromImage": repository, "tag": tag},
+        headers={"X-Registry-Auth": "e30="},
+    ) as response:
+        async for item in json_lines(response):
+            error = stream_error(item)
+            if error:
+                raise aiodocker.DockerError(
+                    404 if "not found" in error else 500, {"message": error}
+                )
+            status, layer = item.get("status", ""), item.get("id", "")
+            if progress and status and last.get(layer) != status and status != "Downloading":
+                last[layer] = status
+                progress(f"{layer}: {status}" if layer else status)
 
 
 class ModelContainer:
@@ -116,13 +131,30 @@ class ModelContainer:
                 raise
 
     async def _follow_logs(self) -> None:
+        """Collect the model's output lines (stdout and stderr) as they come."""
         pending = ""
+        frames = b""
         try:
-            async for text in self.container.log(stdout=True, stderr=True, follow=True):
-                *lines, pending = (pending + text).split("\n")
-                for line in lines:
-                    self._logs.append(line)
-                    self._log_queue.put_nowait(line)
+            async with engine_stream(
+                self.docker,
+                "GET",
+                f"containers/{self.container.id}/logs",
+                params={"follow": "1", "stdout": "1", "stderr": "1"},
+            ) as response:
+                async for chunk in response.content.iter_any():
+                    # No TTY: the engine multiplexes stdout/stderr in frames of
+                    # [stream, 0, 0, 0, size (4 bytes, big-endian)] + payload.
+                    frames += chunk
+                    while len(frames) >= 8:
+                        size = int.from_bytes(frames[4:8], "big")
+                        if len(frames) < 8 + size:
+                            break
+                        text = frames[8 : 8 + size].decode(errors="replace")
+                        frames = frames[8 + size :]
+                        *lines, pending = (pending + text).split("\n")
+                        for line in lines:
+                            self._logs.append(line)
+                            self._log_queue.put_nowait(line)
         except (aiodocker.DockerError, aiohttp.ClientError):
             pass  # the container went away: its last lines are kept already
 

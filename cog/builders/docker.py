@@ -43,6 +43,32 @@ _UNREACHABLE = re.compile(
 )
 
 
+@contextlib.asynccontextmanager
+async def engine_stream(
+    docker: aiodocker.Docker, method: str, path: str, **kwargs
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """A streaming Engine API request (build, push, pull, logs).
+
+    aiodocker leaves closing the response to the caller, and its stream helpers do not when
+    the consumer stops early: here it is always closed, so a cancelled build drops its
+    connection (which also tells the engine to stop). No timeout: a build takes as long as
+    it takes; cancellation is the caller's.
+    """
+    async with docker._query(path, method, timeout=None, **kwargs) as response:
+        try:
+            yield response
+        finally:
+            response.close()
+
+
+def stream_error(item: dict) -> str | None:
+    """The error an engine progress line reports, if any."""
+    if "errorDetail" in item or "error" in item:
+        detail = item.get("errorDetail") or {}
+        return (detail.get("message") or item.get("error") or "unknown error").strip()
+    return None
+
+
 def split_image(image: str) -> tuple[str, str]:
     """'host:5000/a/b:tag' -> ('host:5000/a/b', 'tag')."""
     name, sep, tag = image.rpartition(":")
@@ -70,24 +96,34 @@ async def push_image(docker: aiodocker.Docker, image: str) -> AsyncIterator[Buil
     last_status: dict[str, str] = {}
     tail: collections.deque[str] = collections.deque(maxlen=TAIL)
     try:
-        async for item in docker.images.push(repository, tag=tag, stream=True):
-            if "aux" in item and isinstance(item["aux"], dict):
-                digest = item["aux"].get("Digest", digest)
-                continue
-            status = item.get("status", "")
-            layer = item.get("id", "")
-            if status in ("Pushing", "Waiting", "Preparing") and layer:
-                continue  # byte-progress ticks; the layer's final state is shown
-            if layer:
-                if last_status.get(layer) == status:
+        async with engine_stream(
+            docker,
+            "POST",
+            f"images/{repository}/push",
+            params={"tag": tag},
+            headers={"X-Registry-Auth": "e30="},  # "{}": anonymous push
+        ) as response:
+            async for item in json_lines(response):
+                error = stream_error(item)
+                if error:
+                    raise aiodocker.DockerError(500, {"message": error})
+                if "aux" in item and isinstance(item["aux"], dict):
+                    digest = item["aux"].get("Digest", digest)
                     continue
-                last_status[layer] = status
-                line = f"{layer}: {status}"
-            else:
-                line = status
-            if line:
-                tail.append(line)
-                yield BuildLog(stage="push", line=line)
+                status = item.get("status", "")
+                layer = item.get("id", "")
+                if status in ("Pushing", "Waiting", "Preparing") and layer:
+                    continue  # byte-progress ticks; the layer's final state is shown
+                if layer:
+                    if last_status.get(layer) == status:
+                        continue
+                    last_status[layer] = status
+                    line = f"{layer}: {status}"
+                else:
+                    line = status
+                if line:
+                    tail.append(line)
+                    yield BuildLog(stage="push", line=line)
     except aiodocker.DockerError as exc:
         if exc.status == CONNECTION_FAILED:
             raise unreachable(docker, exc.message) from None
@@ -148,10 +184,10 @@ class DockerBuilder(Builder):
             await self.open()
         docker = self._docker
         assert docker is not None
-        async for line in self._engine_build(docker, request):
-            yield line
-        async for event in push_image(docker, request.image):
-            yield event
+        for stage in (self._engine_build(docker, request), push_image(docker, request.image)):
+            async with contextlib.aclosing(stage):
+                async for event in stage:
+                    yield event
 
     async def _engine_build(
         self, docker: aiodocker.Docker, request: BuildRequest
@@ -161,18 +197,22 @@ class DockerBuilder(Builder):
         tail: collections.deque[str] = collections.deque(maxlen=TAIL)
         step: str | None = None
         try:
-            # aiodocker's public build() wants a blocking file object; its chunked-post
-            # helper lets the tar stream from an async generator instead.
-            async with docker._query_chunked_post(
-                "build", params=params, data=context, headers={"Content-Type": "application/x-tar"}
+            # aiodocker's public build() wants a blocking file object; the raw request
+            # lets the tar stream from an async generator instead.
+            async with engine_stream(
+                docker,
+                "POST",
+                "build",
+                params=params,
+                data=context,
+                headers={"Content-Type": "application/x-tar"},
             ) as response:
                 pending = ""
                 async for item in json_lines(response):
-                    if "errorDetail" in item or "error" in item:
-                        detail = item.get("errorDetail") or {}
-                        message = detail.get("message") or item.get("error") or "build failed"
+                    error = stream_error(item)
+                    if error:
                         raise BuildError(
-                            f"docker build failed: {message.strip()}",
+                            f"docker build failed: {error}",
                             step=step,
                             output=tuple(tail),
                         )
