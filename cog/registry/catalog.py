@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Iterable
 
 import structlog
 
 from cog.package import MIN_PREFIX_LENGTH, check_prefix, is_package_id
-from cog.registry.records import PackageRecord, decode_record, encode_record, record_to_json
+from cog.registry.records import PackageRecord, decode_record, encode_record
 from cog.storage import NotFound, Storage
 
 log = structlog.get_logger(__name__)
@@ -68,6 +67,8 @@ class Catalog:
         self.ttl = ttl
         self._concurrency = concurrency
         self._records: dict[str, PackageRecord] = {}
+        #: each record's stored JSON document, as stored: the listing joins these
+        self._documents: dict[str, bytes] = {}
         self._versions: dict[str, str] = {}
         self._refreshed_at = float("-inf")
         self._lock = asyncio.Lock()
@@ -90,9 +91,9 @@ class Catalog:
 
             async def load(package_id: str) -> None:
                 async with semaphore:
-                    record = await self._read(package_id)
-                if record is not None:
-                    self._remember(record, seen[package_id])
+                    loaded = await self._read(package_id)
+                if loaded is not None:
+                    self._remember(*loaded, seen[package_id])
 
             await asyncio.gather(*(load(pid) for pid in stale))
             for package_id in gone:
@@ -116,23 +117,25 @@ class Catalog:
                 log.exception("catalog refresh failed")
             await asyncio.sleep(self.ttl)
 
-    def _remember(self, record: PackageRecord, version: str) -> None:
+    def _remember(self, record: PackageRecord, document: bytes, version: str) -> None:
         self._records[record.id] = record
+        self._documents[record.id] = document
         self._versions[record.id] = version
         self._listing = None
 
     def _forget(self, package_id: str) -> None:
         self._records.pop(package_id, None)
+        self._documents.pop(package_id, None)
         self._versions.pop(package_id, None)
         self._listing = None
 
-    async def _read(self, package_id: str) -> PackageRecord | None:
+    async def _read(self, package_id: str) -> tuple[PackageRecord, bytes] | None:
         try:
             data = await self.storage.read_bytes(record_key(package_id))
         except NotFound:
             return None
         try:
-            return decode_record(data)
+            return decode_record(data), data
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("unreadable package record skipped", package_id=package_id, error=str(exc))
             return None
@@ -141,11 +144,11 @@ class Catalog:
 
     async def get(self, package_id: str) -> PackageRecord:
         """The record of a full ID, read from Storage (authoritative)."""
-        record = await self._read(package_id)
-        if record is None:
+        loaded = await self._read(package_id)
+        if loaded is None:
             self._forget(package_id)
             raise PackageNotFound(package_id)
-        return record
+        return loaded[0]
 
     async def resolve(self, ref: str) -> PackageRecord:
         """A full ID or a unique prefix of at least MIN_PREFIX_LENGTH hex characters."""
@@ -173,15 +176,17 @@ class Catalog:
     async def listing_json(self) -> bytes:
         """The rendered `GET /v1/packages/` body, cached until the index changes."""
         if self._listing is None or self._refreshed_at == float("-inf"):
+            # The stored documents joined as they are: no re-encoding of every record.
             records = await self.newest_first()
-            self._listing = json.dumps([record_to_json(r) for r in records]).encode()
+            self._listing = b"[" + b",".join(self._documents[r.id] for r in records) + b"]"
         return self._listing
 
     # -- changes -----------------------------------------------------------------------
 
     async def put(self, record: PackageRecord) -> None:
-        info = await self.storage.write_bytes(record_key(record.id), encode_record(record))
-        self._remember(record, info.version)
+        document = encode_record(record)
+        info = await self.storage.write_bytes(record_key(record.id), document)
+        self._remember(record, document, info.version)
 
     async def delete(self, package_id: str) -> None:
         """Record first, so no reader finds a record whose blob is already gone."""

@@ -106,7 +106,7 @@ def record_from_json(doc: dict[str, Any]) -> PackageRecord:
 
 
 def encode_record(record: PackageRecord) -> bytes:
-    return json.dumps(record_to_json(record), indent=1, sort_keys=False).encode()
+    return json.dumps(record_to_json(record), separators=(",", ":")).encode()
 
 
 def decode_record(data: bytes) -> PackageRecord:
