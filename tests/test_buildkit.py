@@ -1,0 +1,301 @@
+"""The BuildKit builder's parts that need no BuildKit: addresses, options, exporter choice,
+progress rendering of real Status messages, and the context server (a real HTTP server)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from cog.builders import BuilderConfigError, BuilderSettings, load_builder
+from cog.builders.buildkit import (
+    Address,
+    BuildKitBuilder,
+    ContextServer,
+    Progress,
+    choose_exporter,
+    parse_address,
+)
+from cog.builders.buildkit_pb import messages as pb
+
+
+def settings(**options: str) -> BuilderSettings:
+    return BuilderSettings(registry="127.0.0.1:5000", options=options)
+
+
+# ---- addresses and options -----------------------------------------------------------
+
+
+def test_addresses():
+    assert parse_address("tcp://buildkitd:1234") == Address(
+        "tcp://buildkitd:1234", "tcp", target="buildkitd:1234", host="buildkitd"
+    )
+    assert parse_address("tcp://[::1]:1234").target == "[::1]:1234"
+    assert parse_address("unix:///run/buildkit/buildkitd.sock").target == (
+        "unix:///run/buildkit/buildkitd.sock"
+    )
+    assert parse_address("docker-grpc:///var/run/docker.sock").engine == (
+        "unix:///var/run/docker.sock"
+    )
+    assert parse_address("docker-grpc://10.0.0.5:2375").engine == "tcp://10.0.0.5:2375"
+    assert parse_address("docker-grpc://", "unix:///d.sock").engine == "unix:///d.sock"
+
+
+def test_default_address_follows_docker_host(monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", "unix:///from/env.sock")
+    assert parse_address("docker-grpc://").engine == "unix:///from/env.sock"
+    builder = BuildKitBuilder.from_settings(settings())
+    assert builder.address.engine == "unix:///from/env.sock"
+
+
+@pytest.mark.parametrize(
+    "address, message",
+    [
+        ("tcp://buildkitd", "tcp://HOST:PORT"),
+        ("unix://relative.sock", "ABSOLUTE"),
+        ("http://buildkitd:1234", "use tcp://"),
+        ("docker-grpc://npipe", "tcp://HOST:PORT"),
+    ],
+)
+def test_bad_addresses(address, message):
+    with pytest.raises(BuilderConfigError, match=message):
+        parse_address(address)
+
+
+def test_local_and_remote():
+    assert parse_address("tcp://127.0.0.1:1234").is_local
+    assert parse_address("tcp://localhost:1234").is_local
+    assert parse_address("unix:///x.sock").is_local
+    assert not parse_address("tcp://buildkitd:1234").is_local
+    assert not parse_address("docker-grpc://10.0.0.5:2375").is_local
+
+
+def test_entry_point_loads_the_builder():
+    builder = load_builder("buildkit", settings(addr="tcp://127.0.0.1:1234"))
+    assert isinstance(builder, BuildKitBuilder)
+    assert builder.label == "buildkit at tcp://127.0.0.1:1234"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"adr": "tcp://x:1"}, "unknown buildkit option"),
+        ({"addr": "tcp://buildkitd:1234"}, "context_host"),
+        ({"addr": "unix:///x.sock", "tls_ca": "/etc/hosts"}, "need a tcp://"),
+        ({"addr": "tcp://127.0.0.1:1", "tls_ca": "/nonexistent/ca.pem"}, "tls_ca"),
+        ({"addr": "tcp://127.0.0.1:1", "tls_cert": "/etc/hosts"}, "go together"),
+        ({"exporter": "oci"}, "auto, image or moby"),
+        ({"context_url": "ftp://x"}, "not http"),
+        ({"context_listen": "0.0.0.0:9"}, "needs context_url"),
+        ({"context_url": "http://x:1", "context_listen": "nope"}, "HOST:PORT"),
+        ({"connect_timeout": "soon"}, "could not convert"),
+    ],
+)
+def test_bad_options_fail_at_start(options, message):
+    with pytest.raises(BuilderConfigError, match=message):
+        BuildKitBuilder.from_settings(settings(**options))
+
+
+def test_remote_buildkitd_with_a_context_host():
+    builder = BuildKitBuilder.from_settings(
+        settings(addr="tcp://buildkitd:1234", context_host="10.0.0.7", context_port="8911")
+    )
+    assert (builder._context.listen_host, builder._context.listen_port) == ("10.0.0.7", 8911)
+
+
+# ---- exporter choice and the Solve request -----------------------------------------
+
+
+def _worker(id: str, **labels: str):
+    return pb.WorkerRecord(ID=id, Labels=labels)
+
+
+def test_exporter_choice():
+    grpc_addr = parse_address("docker-grpc://")
+    tcp = parse_address("tcp://127.0.0.1:1234")
+    assert choose_exporter("auto", grpc_addr, [_worker("abc")]) == "moby"
+    assert choose_exporter("auto", tcp, [_worker("moby")]) == "moby"
+    newer_moby = {"org.mobyproject.buildkit.worker.moby.host-gateway-ip": "172.17.0.1"}
+    assert choose_exporter("auto", tcp, [_worker("x", **newer_moby)]) == "moby"
+    executor = {"org.mobyproject.buildkit.worker.executor": "oci"}
+    assert choose_exporter("auto", tcp, [_worker("wk1", **executor)]) == "image"
+    assert choose_exporter("moby", tcp, [_worker("wk1")]) == "moby"
+
+
+def test_solve_request_fills_the_single_exporter_fields():
+    builder = BuildKitBuilder.from_settings(
+        settings(cache_from="r/cache:a, r/cache:b", cache_to="r/cache:a", registry_insecure="true")
+    )
+    request = builder.solve_request("ref1", "http://127.0.0.1:1/context/t", "r/img:1", "image")
+    assert request.Frontend == "dockerfile.v0"
+    assert dict(request.FrontendAttrs) == {
+        "context": "http://127.0.0.1:1/context/t",
+        "filename": "Dockerfile",
+    }
+    assert request.Exporter == "image"
+    assert dict(request.ExporterAttrs) == {
+        "name": "r/img:1",
+        "push": "true",
+        "registry.insecure": "true",
+    }
+    assert [dict(i.Attrs) for i in request.Cache.Imports] == [
+        {"ref": "r/cache:a"},
+        {"ref": "r/cache:b"},
+    ]
+    assert [(e.Type, dict(e.Attrs)) for e in request.Cache.Exports] == [
+        ("registry", {"ref": "r/cache:a", "mode": "max"})
+    ]
+    moby = builder.solve_request("ref2", "http://x/context/t", "r/img:1", "moby")
+    assert (moby.Exporter, dict(moby.ExporterAttrs)) == ("moby", {"name": "r/img:1"})
+
+
+# ---- progress --------------------------------------------------------------------------
+
+
+def ts(seconds: float) -> dict:
+    whole = int(seconds)
+    return {"seconds": whole, "nanos": round((seconds - whole) * 1e9)}
+
+
+def status(vertexes=(), logs=(), statuses=()):
+    return pb.StatusResponse(vertexes=list(vertexes), logs=list(logs), statuses=list(statuses))
+
+
+def vertex(digest, name, started=None, completed=None, **extra):
+    fields = {"digest": digest, "name": name, **extra}
+    if started is not None:
+        fields["started"] = ts(started)
+    if completed is not None:
+        fields["completed"] = ts(completed)
+    return pb.Vertex(**fields)
+
+
+def log(digest, msg: bytes, stream=1):
+    return pb.VertexLog(vertex=digest, msg=msg, stream=stream)
+
+
+def test_progress_reads_like_plain_docker_build_output():
+    progress = Progress()
+    lines = []
+    lines += progress.feed(status([vertex("a", "[1/3] FROM base", 1, 1, cached=True)]))
+    lines += progress.feed(status([vertex("b", "[2/3] RUN pip install x", started=2)]))
+    lines += progress.feed(status(logs=[log("b", b"Collecting x\nDownl"), log("b", b"oading\n")]))
+    lines += progress.feed(status(logs=[log("b", b"10%\r50%\r100%\n", stream=2)]))
+    lines += progress.feed(status([vertex("b", "[2/3] RUN pip install x", 2, 5.25)]))
+    lines += progress.feed(
+        status(
+            [vertex("c", "exporting to image", started=6)],
+            statuses=[
+                pb.VertexStatus(ID="exporting layers", vertex="c", completed=ts(6.5)),
+                pb.VertexStatus(ID="sha256:ab", vertex="c", current=2_500_000, total=5_000_000),
+            ],
+        )
+    )
+    assert lines == [
+        "#1 [1/3] FROM base",
+        "#1 CACHED",
+        "#2 [2/3] RUN pip install x",
+        "#2 Collecting x",
+        "#2 Downloading",
+        "#2 100%",
+        "#2 DONE 3.2s",
+        "#3 exporting to image",
+        "#3 exporting layers done",
+    ]
+    assert progress.failed_step() == (None, ())
+
+
+def test_progress_names_the_failing_step_with_its_last_lines():
+    progress = Progress()
+    progress.feed(status([vertex("a", "[2/4] RUN apt-get install nope", started=1)]))
+    progress.feed(status([vertex("b", "[3/4] RUN pip install y", started=1)]))
+    progress.feed(status(logs=[log("a", b"".join(b"line %d\n" % i for i in range(30)))]))
+    progress.feed(status(logs=[log("a", b"E: Unable to locate package nope")]))  # no newline
+    lines = progress.feed(
+        status(
+            [
+                vertex("b", "[3/4] RUN pip install y", 1, 2, error="context canceled"),
+                vertex("a", "[2/4] RUN apt-get install nope", 1, 2, error="exit code: 100"),
+            ]
+        )
+    )
+    assert lines == [
+        "#2 ERROR: context canceled",
+        "#1 E: Unable to locate package nope",
+        "#1 ERROR: exit code: 100",
+    ]
+    step, output = progress.failed_step()
+    assert step == "[2/4] RUN apt-get install nope"
+    assert output[-1] == "E: Unable to locate package nope"
+    assert len(output) == 20 and output[0] == "line 11"
+
+
+def test_progress_shows_logs_of_a_vertex_seen_only_through_them():
+    progress = Progress()
+    progress.feed(status([vertex("a", "[2/2] RUN echo", started=None)]))
+    assert progress.feed(status(logs=[log("a", b"hi")])) == ["#1 [2/2] RUN echo"]
+    assert progress.flush() == ["#1 hi"]
+
+
+# ---- the context server ---------------------------------------------------------------
+
+
+@pytest.fixture
+def package_zip(tmp_path) -> Path:
+    path = tmp_path / "p.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("cog.yaml", "name: x\n")
+        archive.writestr("infer.py", "print('hi')\n" * 1000)
+    return path
+
+
+async def test_context_server_serves_each_build_once_and_forgets_it(package_zip):
+    server = ContextServer("127.0.0.1", 0, None)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with server.offer(package_zip, "FROM scratch\n") as url:
+                assert url.startswith(f"{server.base_url}/context/")
+                assert len(url.rsplit("/", 1)[1]) >= 43  # 256 random bits
+                async with http.get(url) as response:
+                    assert response.status == 200
+                    assert response.headers["Content-Type"] == "application/x-tar"
+                    body = await response.read()
+                guess = url[:-4] + "AAAA"
+                async with http.get(guess) as response:
+                    assert response.status == 404
+            async with http.get(url) as response:
+                assert response.status == 404  # gone with the build
+    finally:
+        await server.close()
+    with tarfile.open(fileobj=io.BytesIO(body)) as archive:
+        names = archive.getnames()
+        assert archive.extractfile("Dockerfile").read() == b"FROM scratch\n"
+        assert archive.extractfile("package/infer.py").read() == b"print('hi')\n" * 1000
+    assert names[0] == "Dockerfile" and names[1].startswith("cog/cog-")
+
+
+async def test_context_url_is_what_the_operator_set(package_zip):
+    server = ContextServer("127.0.0.1", 0, "https://cog.example:8443/bk/")
+    await server.start()
+    try:
+        async with server.offer(package_zip, "FROM scratch\n") as url:
+            assert url.startswith("https://cog.example:8443/bk/context/")
+    finally:
+        await server.close()
+
+
+async def test_busy_context_port_is_a_config_error(package_zip):
+    first = ContextServer("127.0.0.1", 0, None)
+    await first.start()
+    try:
+        port = int(first.base_url.rsplit(":", 1)[1])
+        second = ContextServer("127.0.0.1", port, None)
+        with pytest.raises(BuilderConfigError, match=f"127.0.0.1:{port}"):
+            await second.start()
+    finally:
+        await first.close()
