@@ -38,10 +38,11 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Sequence
 
 import cog
-from cog.builders import BuilderSettings
+from cog.builders import BuildError, BuilderSettings
 from cog.builders.runtime import RUNTIME_REQUIREMENTS
 from cog.config import Config, config_to_json
 
@@ -64,6 +65,11 @@ def gpu_packages(packages: Sequence[str], cuda: str) -> tuple[list[str], list[st
     """python_packages rewritten for a CUDA build; and the extra pip arguments needed."""
     from cog import compat
 
+    pins = {
+        m.group(1).lower().replace("_", "-"): m.group(3) for m in map(_PIN.match, packages) if m
+    }
+    # torchvision/torchaudio wheels for a CUDA carry the same suffix as their torch's.
+    suffix = compat.torch_cuda_suffix(pins["torch"], cuda) if "torch" in pins else None
     rewritten: list[str] = []
     extra: list[str] = []
     for spec in packages:
@@ -73,14 +79,11 @@ def gpu_packages(packages: Sequence[str], cuda: str) -> tuple[list[str], list[st
             continue
         name, extras, version = match.group(1), match.group(2) or "", match.group(3)
         key = name.lower().replace("_", "-")
-        if key in _TORCH_FAMILY and "+" not in version:
-            torch_version = version if key == "torch" else None
-            suffix = compat.torch_cuda_suffix(torch_version or version, cuda)
-            if suffix:
-                rewritten.append(f"{name}{extras}=={version}+{suffix}")
-                if PYTORCH_WHEELS not in extra:
-                    extra += ["-f", PYTORCH_WHEELS]
-                continue
+        if key in _TORCH_FAMILY and "+" not in version and suffix:
+            rewritten.append(f"{name}{extras}=={version}+{suffix}")
+            if PYTORCH_WHEELS not in extra:
+                extra += ["-f", PYTORCH_WHEELS]
+            continue
         if key == "tensorflow":
             rewritten.append(f"{compat.tensorflow_gpu_package(version)}{extras}=={version}")
             continue
@@ -88,7 +91,19 @@ def gpu_packages(packages: Sequence[str], cuda: str) -> tuple[list[str], list[st
     return rewritten, extra
 
 
+#: NVIDIA publishes CUDA runtime wheels from 11.7 on (cu11: 11.7, 11.8; cu12: 12.x)
+OLDEST_CUDA_WHEELS = (11, 7)
+
+
 def _cuda_wheels(cuda: str, cudnn: str) -> list[str]:
+    version = tuple(int(p) for p in cuda.split(".")[:2])
+    if version < OLDEST_CUDA_WHEELS:
+        raise BuildError(
+            f"this package needs CUDA {cuda}, and NVIDIA publishes pip wheels only for CUDA "
+            "11.7 and newer; run the server with --gpu-strategy image (a CUDA base image) "
+            "for it",
+            step="Dockerfile",
+        )
     major = cuda.split(".")[0]
     minor = ".".join(cuda.split(".")[:2])
     return [
@@ -98,9 +113,8 @@ def _cuda_wheels(cuda: str, cudnn: str) -> list[str]:
 
 
 def _quote(words: Sequence[str]) -> str:
-    return " ".join(
-        w if re.fullmatch(r"[A-Za-z0-9._+=:/@*<>,-]+", w) else json.dumps(w) for w in words
-    )
+    """Words for a RUN line, which /bin/sh reads: `aiohttp>=3.9` must not redirect."""
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def _label(value: str) -> str:
@@ -130,6 +144,15 @@ def dockerfile_for(
         lines.append(
             "RUN apt-get update -qq && apt-get install -y --no-install-recommends "
             f"{_quote(sorted(env.system_packages))} && rm -rf /var/lib/apt/lists/*"
+        )
+    if target == "gpu" and settings.gpu_strategy == "image":
+        # NVIDIA's CUDA runtime images carry no Python: the distribution's is installed
+        # (Ubuntu 22.04: 3.10), so python_version is only honoured by the CPU base.
+        lines.append(
+            "RUN apt-get update -qq && apt-get install -y --no-install-recommends python3 "
+            "python3-pip python3-venv ca-certificates && rm -rf /var/lib/apt/lists/* "
+            "&& ln -sf python3 /usr/bin/python && "
+            "rm -f /usr/lib/python3*/EXTERNALLY-MANAGED"
         )
     if target == "gpu" and settings.gpu_strategy == "wheels":
         lines += [

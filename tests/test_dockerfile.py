@@ -1,0 +1,212 @@
+"""Dockerfile generation: golden files, layer order, GPU rewrites, the context tar.
+
+Golden files live in tests/golden/; after an intended change, regenerate them with
+    COG_UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_dockerfile.py
+and review the diff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+import cog
+from cog.builders import DEFAULT_BASE_IMAGES, BuildError, BuilderSettings
+from cog.builders.context import build_context
+from cog.builders.dockerfile import dockerfile_for, gpu_packages
+from cog.builders.runtime import runtime_wheel
+from cog.config import check_config
+from tests.registry_helpers import raw_zip
+
+GOLDEN = Path(__file__).parent / "golden"
+PACKAGE_ID = "f" * 64
+WHEEL = "cog-0.0.0-py3-none-any.whl"
+MODEL = "import cog\n\nclass Model(cog.Model):\n    def run(self):\n        return 1\n"
+
+
+class Files:
+    def __init__(self, files):
+        self.files = files
+
+    def exists(self, path):
+        return path in self.files
+
+    def read_text(self, path):
+        return self.files[path]
+
+
+def render(yaml: str, target: str, strategy: str = "wheels", files=None) -> str:
+    files = {"infer.py": MODEL, **(files or {})}
+    config = check_config(yaml, Files(files))
+    settings = BuilderSettings(registry="r:5000", gpu_strategy=strategy)
+    text = dockerfile_for(
+        config, target, settings, package_id=PACKAGE_ID, runtime_wheel=WHEEL,
+        signature_json='{"arguments": {}}',
+    )  # fmt: skip
+    # The cog version is stamped in; keep the golden files version-independent.
+    return text.replace(cog.__version__, "VERSION")
+
+
+CASES = {
+    "cpu-minimal": ("model: infer.py:Model\n", "cpu", "wheels", {}),
+    "cpu-packages": (
+        "model: infer.py:Model\nenvironment:\n  python_requirements: requirements.txt\n"
+        "  python_packages: ['pillow==11.3.0', 'numpy==2.1.0']\n"
+        "  system_packages: [ffmpeg, libsndfile1]\n",
+        "cpu",
+        "wheels",
+        {"requirements.txt": "requests==2.32.3\n"},
+    ),
+    "gpu-wheels-torch": (
+        "model: infer.py:Model\nenvironment:\n  architectures: [cpu, gpu]\n"
+        "  python_packages: ['torch==2.1.0', 'torchvision==0.16.0', 'pillow==11.3.0']\n",
+        "gpu",
+        "wheels",
+        {},
+    ),
+    "gpu-image-torch": (
+        "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "  python_packages: ['torch==1.7.1', 'torchvision==0.8.2']\n",
+        "gpu",
+        "image",
+        {},
+    ),
+    "gpu-image-tf1": (
+        "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "  python_packages: ['tensorflow==1.15.0']\n",
+        "gpu",
+        "image",
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_golden(name):
+    yaml, target, strategy, files = CASES[name]
+    text = render(yaml, target, strategy, files)
+    path = GOLDEN / f"{name}.Dockerfile"
+    if os.environ.get("COG_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text(), f"{path} differs; see the module docstring"
+
+
+def layer_index(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines()) if needle in line)
+
+
+def test_layer_order_puts_what_changes_most_last():
+    text = render(*CASES["cpu-packages"][:3], files=CASES["cpu-packages"][3])
+    order = [
+        layer_index(text, "FROM "),
+        layer_index(text, "apt-get install"),
+        layer_index(text, "COPY package/requirements.txt"),
+        layer_index(text, "-r /tmp/cog/requirements.txt"),
+        layer_index(text, "pillow==11.3.0"),
+        layer_index(text, "aiohttp"),
+        layer_index(text, f"COPY cog/{WHEEL}"),
+        layer_index(text, "COPY package/ /src/"),
+        layer_index(text, "LABEL"),
+    ]
+    assert order == sorted(order)
+
+
+def test_model_code_does_not_reach_the_dependency_layers():
+    """Only the package id and model files differ between two packages of a model: every
+    line before the final COPY must be identical, so those layers stay cached."""
+    yaml = CASES["cpu-packages"][0]
+    a = render(yaml, "cpu", files={"requirements.txt": "requests==2.32.3\n"})
+    b = render(yaml, "cpu", files={"requirements.txt": "requests==2.32.3\n"}).replace(
+        PACKAGE_ID, "e" * 64
+    )
+    cut = layer_index(a, "COPY package/ /src/")
+    assert a.splitlines()[1:cut] == b.splitlines()[1:cut]
+
+
+def test_default_bases_and_templates():
+    assert render("model: infer.py:Model\n", "cpu").splitlines()[1] == "FROM python:3.11-slim"
+    gpu = render(CASES["gpu-image-torch"][0], "gpu", "image")
+    assert "FROM nvidia/cuda:11.0-cudnn8-runtime-ubuntu22.04" in gpu
+    assert DEFAULT_BASE_IMAGES["cpu"] == "python:{python_version}-slim"
+    wheels = render(CASES["gpu-wheels-torch"][0], "gpu", "wheels")
+    assert "FROM python:3.11-slim" in wheels and "ldconfig" in wheels
+
+
+def test_wheels_strategy_refuses_cuda_without_wheels():
+    with pytest.raises(BuildError, match=r"CUDA 11.0.*--gpu-strategy image") as caught:
+        render(CASES["gpu-image-torch"][0], "gpu", "wheels")
+    assert caught.value.step == "Dockerfile"
+
+
+def test_gpu_rewrites():
+    packages, extra = gpu_packages(["torch==1.7.1", "torchvision==0.8.2", "pillow==1.0"], "11.0")
+    assert packages == ["torch==1.7.1+cu110", "torchvision==0.8.2+cu110", "pillow==1.0"]
+    assert extra == ["-f", "https://download.pytorch.org/whl/torch_stable.html"]
+    packages, extra = gpu_packages(["tensorflow==1.15.0"], "10.0")
+    assert packages == ["tensorflow_gpu==1.15.0"] and extra == []
+    packages, _ = gpu_packages(["tensorflow==2.4.0"], "11.0")
+    assert packages == ["tensorflow==2.4.0"]
+
+
+def test_run_lines_are_shell_safe():
+    """RUN lines go through /bin/sh: version specifiers must not become redirections."""
+    text = render(CASES["cpu-packages"][0], "cpu", files=CASES["cpu-packages"][3])
+    assert "'aiohttp>=3.9'" in text and " aiohttp>=3.9" not in text
+
+
+def test_labels_carry_id_config_signature_and_version():
+    text = render("model: infer.py:Model\n", "cpu")
+    assert f'org.cog-models.package-id="{PACKAGE_ID}"' in text
+    assert 'org.cog-models.signature="{\\"arguments\\": {}}"' in text
+    assert '"Model\\":\\"infer.py:Model\\"' in text
+    assert 'org.cog-models.cog-version="VERSION"' in text
+
+
+def test_shell_metacharacters_never_reach_a_run_line():
+    with pytest.raises(Exception, match="not a Debian package name"):
+        render("model: infer.py:Model\nenvironment:\n  system_packages: ['x;rm -rf /']\n", "cpu")
+
+
+def test_runtime_wheel_is_deterministic_and_installable_shape():
+    runtime_wheel.cache_clear()
+    first = runtime_wheel()
+    runtime_wheel.cache_clear()
+    assert runtime_wheel() == first
+    name, data = first
+    assert name == f"cog-{cog.__version__}-py3-none-any.whl"
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as wheel:
+        names = wheel.namelist()
+        metadata = wheel.read(f"cog-{cog.__version__}.dist-info/METADATA").decode()
+    assert "cog/server/__main__.py" in names and "cog/model.py" in names
+    assert not any("__pycache__" in n for n in names)
+    assert "Requires-Dist: aiohttp" in metadata and "aiodocker" not in metadata
+
+
+def test_context_tar_is_deterministic_and_complete(tmp_path):
+    zip_path = tmp_path / "p.zip"
+    zip_path.write_bytes(raw_zip({"cog.yaml": "model: infer.py:Model\n", "infer.py": MODEL}))
+
+    async def tar_bytes() -> bytes:
+        return b"".join([chunk async for chunk in build_context(zip_path, "FROM x\n")])
+
+    first, second = asyncio.run(tar_bytes()), asyncio.run(tar_bytes())
+    assert first == second
+    with tarfile.open(fileobj=io.BytesIO(first)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert tar.extractfile("Dockerfile").read() == b"FROM x\n"
+        assert tar.extractfile("package/infer.py").read().decode() == MODEL
+    assert set(members) == {
+        "Dockerfile",
+        f"cog/{runtime_wheel()[0]}",
+        "package/cog.yaml",
+        "package/infer.py",
+    }
+    assert all(m.mtime == 0 and m.uid == 0 for m in members.values())
