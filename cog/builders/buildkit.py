@@ -110,7 +110,7 @@ OPTIONS = frozenset(
         "connect_timeout",
     }
 )
-_TLS_WORDS = ("ssl", "tls", "handshake", "certificate")
+_TLS_WORDS = ("ssl", "tls", "handshake", "certificate", "verification")
 
 
 # ---- addresses ------------------------------------------------------------------------
@@ -244,6 +244,9 @@ class EngineTunnel:
             self.last_error = f"the Docker Engine at {self.engine} broke off the upgrade: {exc!r}"
             writer.close()
             return None
+        except BaseException:
+            writer.close()
+            raise
         status = head.split(b"\r\n", 1)[0].decode("latin-1")
         if " 101 " not in f"{status} ":
             self.last_error = (
@@ -396,6 +399,8 @@ class Progress:
     def __init__(self) -> None:
         self._vertexes: dict[str, _Vertex] = {}
         self._count = 0
+        #: has any Status response arrived?
+        self.seen = False
 
     def _vertex(self, digest: str) -> _Vertex:
         return self._vertexes.setdefault(digest, _Vertex())
@@ -408,6 +413,7 @@ class Progress:
         return [f"#{vertex.number} {vertex.name}"]
 
     def feed(self, response: Any) -> list[str]:
+        self.seen = True
         lines: list[str] = []
         completed = []
         for update in response.vertexes:
@@ -742,6 +748,13 @@ class BuildKitBuilder(Builder):
             details = tunnel.last_error
         if self.tls is not None and any(word in details.lower() for word in _TLS_WORDS):
             return BuilderUnavailable(f"{self.label}: TLS handshake failed: {details}")
+        if self.tls is not None and "socket closed" in details.lower():
+            # What a server that refuses our (missing) client certificate looks like.
+            wants = "a client certificate (tls_cert/tls_key)" if self.tls.cert is None else "TLS"
+            return BuilderUnavailable(
+                f"{self.label}: TLS handshake failed: the server closed the connection "
+                f"(does it want {wants}?): {details}"
+            )
         return BuilderUnavailable(f"{self.label} is not reachable: {details}")
 
     def _solve_error(
@@ -871,9 +884,11 @@ class BuildKitBuilder(Builder):
         try:
             while True:
                 if solving.done():
-                    # Status ends right after Solve, except when the job never started.
+                    # Status ends right after Solve, except when the job never started
+                    # (then BuildKit answers "no such job" only after some seconds).
+                    grace = STATUS_GRACE if progress.seen else 0.5
                     try:
-                        item = await asyncio.wait_for(queue.get(), STATUS_GRACE)
+                        item = await asyncio.wait_for(queue.get(), grace)
                     except asyncio.TimeoutError:
                         break
                 else:

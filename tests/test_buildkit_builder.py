@@ -1,0 +1,448 @@
+"""The BuildKit builder against a real BuildKit: the one embedded in the local Docker Engine,
+reached through its /grpc endpoint (docker-grpc://), and through a real TLS terminator in
+front of it for tcp:// with (mutual) TLS. Real registry, real examples, real check.
+
+Not reachable here (no standalone buildkitd): the `image` exporter with push=true and
+registry caches; see the module docstring of cog.builders.buildkit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import ssl
+import subprocess
+import urllib.request
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cog.builders import BuildError, BuilderSettings, BuilderUnavailable
+from cog.builders.buildkit import (
+    BuildKitBuilder,
+    BuildKitConnection,
+    EngineTunnel,
+    parse_address,
+)
+from cog.builders.docker import split_image
+from cog.check import check_image
+from tests.builder_helpers import EXAMPLES, collect, copy_example, lines, package_request
+
+pytestmark = pytest.mark.integration
+
+
+# ---- fixtures -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def engine_addr(docker_engine) -> str:
+    """docker-grpc:// address of the test engine's embedded BuildKit."""
+    if not docker_engine.startswith("unix://"):
+        pytest.skip(f"these tests reach the engine through its socket, not {docker_engine}")
+    return "docker-grpc://" + docker_engine.removeprefix("unix://")
+
+
+@pytest.fixture
+def settings(registry, base_images, engine_addr) -> BuilderSettings:
+    return BuilderSettings(registry=registry, options={"addr": engine_addr})
+
+
+@contextlib.asynccontextmanager
+async def opened(builder: BuildKitBuilder):
+    await builder.open()
+    try:
+        yield builder
+    finally:
+        await builder.close()
+
+
+@pytest.fixture
+async def builder(settings):
+    async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+        yield builder
+
+
+def registry_digest(registry: str, image: str) -> str:
+    repository, tag = split_image(image)
+    name = repository.removeprefix(f"{registry}/")
+    request = urllib.request.Request(
+        f"http://{registry}/v2/{name}/manifests/{tag}",
+        method="HEAD",
+        headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.headers["Docker-Content-Digest"]
+
+
+def model_dir(tmp_path: Path, *, yaml_extra: str = "") -> Path:
+    root = tmp_path / "model"
+    root.mkdir()
+    (root / "cog.yaml").write_text(
+        "name: test/bk\nmodel: infer.py:Model\nenvironment:\n  python_version: '3.11'\n"
+        + yaml_extra
+    )
+    (root / "infer.py").write_text(
+        "import cog\n\nclass Model(cog.Model):\n    def setup(self):\n        pass\n\n"
+        '    @cog.input("text", type=str, default="x")\n'
+        "    def run(self, text):\n        return text.upper()\n"
+    )
+    return root
+
+
+# ---- talking to BuildKit --------------------------------------------------------------
+
+
+async def test_lists_the_engines_worker(engine_addr):
+    connection = BuildKitConnection(parse_address(engine_addr))
+    await connection.open()
+    try:
+        workers = await connection.list_workers(timeout=10)
+    finally:
+        await connection.close()
+    assert [w.ID for w in workers] == ["moby"]
+    assert any(p.OS == "linux" for p in workers[0].platforms)
+
+
+async def test_probe_picks_the_moby_exporter(builder):
+    daemon = await builder.probe()
+    assert daemon.workers == ("moby",)
+    assert daemon.exporter == "moby"
+    assert "Engine API" in daemon.describe()
+
+
+async def test_unreachable_tcp_address(registry, tmp_path):
+    settings = BuilderSettings(registry=registry, options={"addr": "tcp://127.0.0.1:1"})
+    request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", registry)
+    async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+        with pytest.raises(BuilderUnavailable) as caught:
+            await collect(builder.build(request))
+    assert str(caught.value).startswith("buildkit at tcp://127.0.0.1:1 is not reachable")
+
+
+async def test_unreachable_engine(registry, tmp_path):
+    settings = BuilderSettings(
+        registry=registry, options={"addr": "docker-grpc:///nonexistent/docker.sock"}
+    )
+    async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+        with pytest.raises(BuilderUnavailable) as caught:
+            await builder.probe()
+    message = str(caught.value)
+    assert message.startswith("buildkit at docker-grpc:///nonexistent/docker.sock")
+    assert "cannot connect to the Docker Engine at unix:///nonexistent/docker.sock" in message
+
+
+async def test_missing_exporter_is_a_missing_feature(registry, base_images, engine_addr, tmp_path):
+    # The embedded BuildKit has no `image` exporter: asking for it is an operator error.
+    settings = BuilderSettings(
+        registry=registry, options={"addr": engine_addr, "exporter": "image"}
+    )
+    request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", registry)
+    async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+        with pytest.raises(BuilderUnavailable) as caught:
+            await collect(builder.build(request))
+    message = str(caught.value)
+    assert message.startswith(f"buildkit at {engine_addr} lacks a feature cog needs")
+    assert 'exporter "image"' in message and "exporter=moby" in message
+
+
+# ---- TLS: a real TLS listener in front of the embedded BuildKit ------------------------
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _key_and_csr(cwd: Path, name: str, subject: str) -> None:
+    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key", cwd=cwd)
+    openssl("req", "-new", "-key", f"{name}.key", "-subj", subject, "-out", f"{name}.csr", cwd=cwd)
+
+
+def _sign(cwd: Path, name: str, ext: str) -> None:
+    (cwd / f"{name}.ext").write_text(ext)
+    openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
+        cwd=cwd,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory) -> Path:
+    """A CA, a server cert for 127.0.0.1 and a client cert it signed; a self-signed one."""
+    cwd = tmp_path_factory.mktemp("certs")
+    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=cwd)
+    openssl(
+        "req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=cog test CA", "-days", "2",
+        "-out", "ca.pem", cwd=cwd,
+    )  # fmt: skip
+    _key_and_csr(cwd, "server", "/CN=buildkitd")
+    _sign(cwd, "server", "subjectAltName=IP:127.0.0.1,DNS:buildkitd\nextendedKeyUsage=serverAuth")
+    _key_and_csr(cwd, "client", "/CN=cog server")
+    _sign(cwd, "client", "extendedKeyUsage=clientAuth")
+    openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "self.key", "-out", "self.pem", "-subj", "/CN=impostor", "-days", "2",
+        "-addext", "subjectAltName=IP:127.0.0.1", cwd=cwd,
+    )  # fmt: skip
+    return cwd
+
+
+@contextlib.asynccontextmanager
+async def tls_front(engine: str, cert: Path, key: Path, client_ca: Path | None):
+    """A TLS listener on 127.0.0.1 passing the plain h2 stream to the engine's BuildKit,
+    as a TLS-terminating proxy in front of a build farm's buildkitd would."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2"])
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(client_ca)
+    tunnel = EngineTunnel(engine)
+    target = (await tunnel.start()).removeprefix("unix://")
+    handlers: set[asyncio.Task] = set()
+
+    async def pipe(reader, writer):
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        with contextlib.suppress(OSError):
+            writer.close()
+
+    async def handle(reader, writer):
+        handlers.add(asyncio.current_task())
+        inner_writer = None
+        try:
+            inner_reader, inner_writer = await asyncio.open_unix_connection(target)
+            await asyncio.gather(pipe(reader, inner_writer), pipe(inner_reader, writer))
+        except (asyncio.CancelledError, OSError):
+            pass  # ending cancelled would be reported by asyncio's stream server
+        finally:
+            for each in (writer, inner_writer):
+                if each is not None:
+                    each.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await tunnel.close()
+
+
+def tls_settings(registry: str, port: int, certs: Path, **tls: str) -> BuilderSettings:
+    options = {"addr": f"tcp://127.0.0.1:{port}", **tls}
+    return BuilderSettings(registry=registry, options=options)
+
+
+async def test_mutual_tls_reaches_buildkit(registry, docker_engine, certs):
+    async with tls_front(
+        docker_engine, certs / "server.pem", certs / "server.key", certs / "ca.pem"
+    ) as port:
+        settings = tls_settings(
+            registry, port, certs,
+            tls_ca=str(certs / "ca.pem"),
+            tls_cert=str(certs / "client.pem"),
+            tls_key=str(certs / "client.key"),
+        )  # fmt: skip
+        async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+            daemon = await builder.probe()
+    assert daemon.workers == ("moby",)
+    assert daemon.exporter == "moby"  # found from the worker, the address is plain tcp://
+
+
+async def test_untrusted_server_certificate_is_a_tls_failure(registry, docker_engine, certs):
+    async with tls_front(docker_engine, certs / "self.pem", certs / "self.key", None) as port:
+        settings = tls_settings(registry, port, certs, tls_ca=str(certs / "ca.pem"))
+        async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+            with pytest.raises(BuilderUnavailable) as caught:
+                await builder.probe()
+    message = str(caught.value)
+    assert message.startswith(f"buildkit at tcp://127.0.0.1:{port}: TLS handshake failed")
+    assert "CERTIFICATE_VERIFY_FAILED" in message
+
+
+async def test_server_name_must_match(registry, docker_engine, certs):
+    async with tls_front(docker_engine, certs / "server.pem", certs / "server.key", None) as port:
+        wrong = tls_settings(
+            registry, port, certs, tls_ca=str(certs / "ca.pem"), tls_server_name="elsewhere"
+        )
+        async with opened(BuildKitBuilder.from_settings(wrong)) as builder:
+            with pytest.raises(BuilderUnavailable, match="TLS handshake failed"):
+                await builder.probe()
+        right = tls_settings(
+            registry, port, certs, tls_ca=str(certs / "ca.pem"), tls_server_name="buildkitd"
+        )
+        async with opened(BuildKitBuilder.from_settings(right)) as builder:
+            assert (await builder.probe()).workers == ("moby",)
+
+
+async def test_missing_client_certificate_is_refused(registry, docker_engine, certs):
+    async with tls_front(
+        docker_engine, certs / "server.pem", certs / "server.key", certs / "ca.pem"
+    ) as port:
+        settings = tls_settings(registry, port, certs, tls_ca=str(certs / "ca.pem"))
+        async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+            with pytest.raises(BuilderUnavailable) as caught:
+                await builder.probe()
+    message = str(caught.value)
+    assert message.startswith(f"buildkit at tcp://127.0.0.1:{port}: TLS handshake failed")
+    assert "client certificate" in message
+
+
+# ---- real builds ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_hello_builds_pushes_and_passes_the_check(
+    builder, registry, tmp_path, no_leaked_containers
+):
+    request = package_request(EXAMPLES / "hello", tmp_path / "hello.zip", registry)
+    logs, built = await collect(builder.build(request))
+    text = lines(logs)
+    assert text[0].startswith(f"{builder.label}: BuildKit ")
+    assert any(
+        re.fullmatch(r"#\d+ \[1/\d+\] FROM docker.io/library/python:3.11-slim", t) for t in text
+    )
+    assert any(re.fullmatch(r"#\d+ \[\d+/\d+\] COPY package/ /src/", t) for t in text)
+    assert any(re.fullmatch(r"#\d+ naming to .*examples/hello:\w+ done", t) for t in text)
+    assert [e.stage for e in logs].index("push") > max(
+        i for i, e in enumerate(logs) if e.stage == "build"
+    )
+    assert [b.image for b in built] == [request.image]
+    assert built[0].digest == registry_digest(registry, request.image)
+
+    signature = json.loads(request.signature_json)
+    checked = [
+        e.line
+        async for e in check_image(request.image, request.package_zip, request.config, signature)
+    ]
+    assert sum(bool(re.match(r"Example \d: ok ", line)) for line in checked) == 3
+
+
+@pytest.mark.slow
+async def test_code_only_change_reuses_cached_steps(builder, registry, tmp_path):
+    model = copy_example("hello", tmp_path)
+    await collect(builder.build(package_request(model, tmp_path / "one.zip", registry)))
+    # Unique per run, so no earlier run can have cached the COPY of the code.
+    (model / "infer.py").write_text((model / "infer.py").read_text() + f"# {uuid.uuid4()}\n")
+    second = package_request(model, tmp_path / "two.zip", registry)
+    logs, built = await collect(builder.build(second))
+    text = lines(logs)
+
+    def outcome(step: str) -> str:
+        number = next(t.split()[0] for t in text if re.match(rf"#\d+ \[\d+/\d+\] {step}", t))
+        return next(t for t in text if t.startswith(f"{number} ") and t.split()[1].isupper())
+
+    assert outcome("RUN python -m pip install").endswith(" CACHED")
+    assert outcome("COPY cog/").endswith(" CACHED")
+    assert outcome("COPY package/").split()[1] == "DONE"
+    assert built[0].digest == registry_digest(registry, second.image)
+
+
+@pytest.mark.slow
+async def test_failing_run_step_is_named_with_its_output(builder, registry, tmp_path):
+    root = model_dir(tmp_path, yaml_extra="  system_packages: [no-such-package-cog-test]\n")
+    request = package_request(root, tmp_path / "p.zip", registry)
+    seen: list[str] = []
+    with pytest.raises(BuildError) as caught:
+        async for event in builder.build(request):
+            seen.append(event.line)
+    error = caught.value
+    assert not isinstance(error, BuilderUnavailable)
+    assert str(error).startswith(f"{builder.label}: ")
+    assert "exit code: 100" in error.message
+    assert error.step.startswith("[2/") and "apt-get install" in error.step
+    assert any("Unable to locate package no-such-package-cog-test" in line for line in error.output)
+    assert any(line.endswith("ERROR: " + error.message.split(": ", 1)[1]) for line in seen)
+
+
+class SlowBuilder(BuildKitBuilder):
+    """The real builder with one more step that runs until it is stopped."""
+
+    marker = ""
+
+    def dockerfile(self, request):
+        step = f"RUN echo start-{self.marker} && sleep 600 && echo end-{self.marker}\n"
+        return super().dockerfile(request) + step
+
+
+def running(marker: str) -> bool:
+    processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return any(f"start-{marker}" in line and "sleep 600" in line for line in processes.splitlines())
+
+
+async def eventually(predicate, what: str, timeout: float = 60) -> None:
+    for _ in range(int(timeout / 0.25)):
+        if predicate():
+            return
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"still not {what} after {timeout}s")
+
+
+@pytest.mark.slow
+async def test_closing_the_stream_cancels_the_build_in_buildkit(
+    settings, registry, engine_addr, tmp_path
+):
+    builder = SlowBuilder.from_settings(settings)
+    builder.marker = uuid.uuid4().hex
+    request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", registry)
+    watcher = BuildKitConnection(parse_address(engine_addr))
+    await watcher.open()
+    try:
+        async with opened(builder):
+            stream = builder.build(request)
+            ref = None
+            async for event in stream:
+                if event.line.startswith(f"{builder.label}: solving "):
+                    ref = event.line.rsplit(" ", 1)[1]
+                if re.fullmatch(rf"#\d+ start-{builder.marker}", event.line):
+                    break
+            assert ref and running(builder.marker)
+            # A second Status stream of the same build, as `buildctl debug` would watch it.
+            status = watcher.status(ref)
+            updates = asyncio.ensure_future(_collect(status))
+            await asyncio.sleep(0.5)
+            await stream.aclose()
+
+            await eventually(lambda: not running(builder.marker), "stopped")
+            await eventually(updates.done, "ended: BuildKit's status stream")
+        errors = [v.error for r in updates.result() for v in r.vertexes if builder.marker in v.name]
+        assert any("context canceled" in e for e in errors), errors
+    finally:
+        await watcher.close()
+
+
+async def _collect(call) -> list:
+    responses = []
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        async for response in call:
+            responses.append(response)
+    return responses
+
+
+@pytest.mark.slow
+async def test_build_over_mutual_tls(registry, docker_engine, base_images, certs, tmp_path):
+    """The tcp:// path end to end: TLS to BuildKit, moby export found from the worker,
+    push through the engine of --docker-host."""
+    async with tls_front(
+        docker_engine, certs / "server.pem", certs / "server.key", certs / "ca.pem"
+    ) as port:
+        settings = tls_settings(
+            registry, port, certs,
+            tls_ca=str(certs / "ca.pem"),
+            tls_cert=str(certs / "client.pem"),
+            tls_key=str(certs / "client.key"),
+        )  # fmt: skip
+        request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", registry)
+        async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+            logs, built = await collect(builder.build(request))
+    assert any(e.stage == "push" for e in logs)
+    assert built[0].digest == registry_digest(registry, request.image)
