@@ -1,0 +1,133 @@
+"""The whole flow with the BuildKit builder: the real app (and real `cog` processes) building
+through the Docker Engine's embedded BuildKit, pushing to a real registry, checking."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cog.builders import BuilderSettings
+from cog.events import NDJSON
+from cog.registry.app import ServerSettings, make_app
+from cog.registry.builds import BuildOptions
+from tests.registry_helpers import EXAMPLES, form, package_bytes
+from tests.test_buildkit_builder import engine_addr, model_dir, registry_digest
+from tests.test_cli import COG, free_port, wait_for
+
+__all__ = ["engine_addr"]  # a fixture shared with the builder tests
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def server_settings(tmp_path: Path, registry: str, addr: str) -> ServerSettings:
+    return ServerSettings(
+        storage_url=f"file://{tmp_path / 'store'}",
+        builder="buildkit",
+        builder_settings=BuilderSettings(registry=registry, options={"addr": addr}),
+        build=BuildOptions(registry=registry, check_timeout=120),
+        tmp_dir=tmp_path / "spool",
+    )
+
+
+async def upload(client, data: bytes) -> list[dict]:
+    response = await client.post("/v1/packages/upload", data=form(data), headers={"Accept": NDJSON})
+    assert response.status == 200
+    return [json.loads(line) async for line in response.content if line.strip()]
+
+
+@pytest.fixture
+async def client(aiohttp_client, tmp_path, registry, base_images, engine_addr):
+    app = make_app(server_settings(tmp_path, registry, engine_addr))
+    return await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+
+
+async def test_upload_builds_with_buildkit_pushes_and_checks(
+    client, registry, engine_addr, no_leaked_containers
+):
+    data, package_id = package_bytes(EXAMPLES / "hello")
+    events = await upload(client, data)
+    logs = [e for e in events if e["type"] == "log"]
+    assert {("cpu", "build"), ("cpu", "push"), ("cpu", "test")} <= {
+        (e.get("target"), e["stage"]) for e in logs
+    }
+    build_lines = [e["line"] for e in logs if e["stage"] == "build"]
+    assert build_lines[0].startswith(f"buildkit at {engine_addr}: BuildKit ")
+    assert any(re.fullmatch(r"#\d+ \[\d+/\d+\] COPY package/ /src/", line) for line in build_lines)
+    assert any(re.match(r"Example 3: ok", e["line"]) for e in logs)
+    final = events[-1]
+    assert final["type"] == "package", final
+    doc = final["package"]
+    assert doc["Status"] == "ready"
+    [artifact] = doc["Artifacts"]
+    assert artifact["Target"] == "docker-cpu"
+    assert artifact["URI"] == f"{registry}/examples/hello:{package_id[:12]}"
+    assert artifact["Digest"] == registry_digest(registry, artifact["URI"])
+
+
+async def test_failing_step_keeps_the_package_failed_with_its_log(client, engine_addr, tmp_path):
+    root = model_dir(tmp_path, yaml_extra="  system_packages: [no-such-package-cog-test]\n")
+    data, package_id = package_bytes(root)
+    events = await upload(client, data)
+    final = events[-1]
+    assert final["type"] == "error" and final["status"] == 422
+    assert final["message"].startswith(f"buildkit at {engine_addr}: ")
+    assert "apt-get install" in final["message"]  # the step, named
+    assert final["package"]["Status"] == "failed"
+
+    doc = await (await client.get(f"/v1/packages/{package_id}")).json()
+    assert doc["Status"] == "failed" and "exit code: 100" in doc["Error"]
+    log = (await (await client.get(f"/v1/packages/{package_id}/log")).read()).decode()
+    assert "Unable to locate package no-such-package-cog-test" in log
+
+
+async def test_unreachable_buildkit_is_503(aiohttp_client, tmp_path, registry):
+    # The server starts without BuildKit; a build then says which BuildKit it could not reach.
+    app = make_app(server_settings(tmp_path, registry, "tcp://127.0.0.1:1"))
+    client = await aiohttp_client(app)
+    data, package_id = package_bytes(EXAMPLES / "hello")
+    response = await client.post("/v1/packages/upload", data=form(data))
+    assert response.status == 503
+    assert (await response.json())["error"].startswith(
+        "buildkit at tcp://127.0.0.1:1 is not reachable"
+    )
+    doc = await (await client.get(f"/v1/packages/{package_id}")).json()
+    assert doc["Status"] == "failed"
+
+
+def test_cog_build_through_a_buildkit_server(tmp_path, registry, base_images, engine_addr):
+    """As an operator and a user would: `cog server --builder buildkit`, `cog build`."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "NO_COLOR": "1", "PATH": "/usr/bin:/bin"}
+    args = [
+        COG, "server", "--host", "127.0.0.1", "--port", str(port),
+        "--storage", f"file://{tmp_path / 'store'}", "--docker-registry", registry,
+        "--builder", "buildkit", "--buildkit-addr", engine_addr,
+    ]  # fmt: skip
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_for(f"{url}/ping")
+
+            def cog(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+                return subprocess.run(
+                    [COG, *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+                )
+
+            assert cog("remote", "set", url, cwd=tmp_path).returncode == 0
+            built = cog("build", str(EXAMPLES / "hello"), cwd=tmp_path)
+            assert built.returncode == 0, built.stdout + built.stderr
+            assert re.search(r"\[cpu/build\] #\d+ \[\d+/\d+\] COPY package/", built.stdout)
+            assert built.stdout.strip().splitlines()[-1].startswith("--> Built and pushed ")
+
+            broken = model_dir(tmp_path, yaml_extra="  system_packages: [no-such-package-cog-x]\n")
+            failed = cog("build", str(broken), cwd=tmp_path)
+            assert failed.returncode != 0
+            assert "Unable to locate package no-such-package-cog-x" in failed.stdout
+            assert f"buildkit at {engine_addr}" in failed.stdout + failed.stderr
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
