@@ -234,6 +234,16 @@ def test_progress_names_the_failing_step_with_its_last_lines():
     assert len(output) == 20 and output[0] == "line 11"
 
 
+def test_progress_keeps_no_unbounded_partial_line():
+    progress = Progress()
+    progress.feed(status([vertex("a", "[2/2] RUN pip install", started=1)]))
+    for percent in range(100):
+        assert progress.feed(status(logs=[log("a", b"%d%%\r" % percent)])) == []
+    assert progress.flush() == ["#1 99%"]
+    long = progress.feed(status(logs=[log("a", b"x" * 70_000)]))
+    assert long == ["#1 " + "x" * 70_000]
+
+
 def test_progress_shows_logs_of_a_vertex_seen_only_through_them():
     progress = Progress()
     progress.feed(status([vertex("a", "[2/2] RUN echo", started=None)]))

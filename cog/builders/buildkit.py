@@ -92,6 +92,8 @@ TAIL = 20
 #: after Solve has answered, how long to wait for the Status stream's last messages
 STATUS_GRACE = 3.0
 MAX_MESSAGE = 64 * 1024 * 1024
+#: an output line not ended after this many characters is shown as it is
+MAX_PARTIAL = 64 * 1024
 OPTIONS = frozenset(
     {
         "addr",
@@ -351,10 +353,13 @@ class ContextServer:
         zip_path, dockerfile = offer
         response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
         await response.prepare(request)
-        async with contextlib.aclosing(build_context(zip_path, dockerfile)) as chunks:
-            async for chunk in chunks:
-                await response.write(chunk)
-        await response.write_eof()
+        try:
+            async with contextlib.aclosing(build_context(zip_path, dockerfile)) as chunks:
+                async for chunk in chunks:
+                    await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # BuildKit went away (build cancelled); its Solve reports why
         return response
 
 
@@ -437,7 +442,7 @@ class Progress:
                 if status.total:
                     size += f" / {_size(status.total)}"
                 lines.append(f"#{vertex.number} {status.name or status.ID}{size} done")
-        for warning in getattr(response, "warnings", ()):
+        for warning in response.warnings:
             vertex = self._vertex(warning.vertex)
             lines += self._announce(vertex)
             lines.append(f"#{vertex.number} WARNING: {warning.short.decode('utf-8', 'replace')}")
@@ -458,6 +463,13 @@ class Progress:
 
     def _output(self, vertex: _Vertex, stream: int, text: str) -> list[str]:
         *complete, rest = (vertex.partial.pop(stream, "") + text).split("\n")
+        # Only a redrawn line's last state matters; and no unended line grows without bound.
+        if "\r" in rest:
+            segments = [segment for segment in rest.split("\r") if segment]
+            rest = (segments[-1] if segments else "") + ("\r" if rest.endswith("\r") else "")
+        if len(rest) > MAX_PARTIAL:
+            complete.append(rest)
+            rest = ""
         vertex.partial[stream] = rest
         return [line for line in (self._line(vertex, raw) for raw in complete) if line]
 
