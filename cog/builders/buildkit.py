@@ -760,7 +760,8 @@ class BuildKitBuilder(Builder):
             details = tunnel.last_error
         if self.tls is not None and any(word in details.lower() for word in _TLS_WORDS):
             return BuilderUnavailable(f"{self.label}: TLS handshake failed: {details}")
-        if self.tls is not None and "socket closed" in details.lower():
+        closed = ("socket closed", "connection reset")
+        if self.tls is not None and any(word in details.lower() for word in closed):
             # What a server that refuses our (missing) client certificate looks like.
             wants = "a client certificate (tls_cert/tls_key)" if self.tls.cert is None else "TLS"
             return BuilderUnavailable(
