@@ -363,6 +363,14 @@ async def test_truncated_upload_leaves_nothing(client, spool, hello):
     assert (await client.get("/ping")).status == 200
 
 
+async def test_rebuild_without_a_builder_is_refused(client, hello):
+    data, package_id = hello
+    await upload(client, data)
+    response = await client.post(f"/v1/packages/{package_id[:8]}/build")
+    assert response.status == 409
+    assert "no builder" in (await response.json())["error"]
+
+
 async def test_errors_are_json_everywhere(client):
     response = await client.get("/no/such/route")
     assert response.status == 404

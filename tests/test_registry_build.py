@@ -92,6 +92,13 @@ async def test_upload_builds_pushes_and_checks_live(client, registry, no_leaked_
     assert [e["type"] for e in again] == ["status", "status", "package"]
     assert "already stored and built" in again[1]["message"]
 
+    # Built again on request (e.g. after a registry outage): from storage, cached layers.
+    response = await client.post(f"/v1/packages/{package_id[:9]}/build", headers={"Accept": NDJSON})
+    rebuilt = [json.loads(line) async for line in response.content if line.strip()]
+    assert rebuilt[0]["message"] == "Fetching package from storage"
+    assert any("Using cache" in e.get("line", "") for e in rebuilt)
+    assert rebuilt[-1]["type"] == "package" and rebuilt[-1]["package"]["Status"] == "ready"
+
 
 async def test_failing_example_keeps_the_package_failed(client, tmp_path, no_leaked_containers):
     data, package_id = package_bytes(model_dir(tmp_path, output="nope"))

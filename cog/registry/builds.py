@@ -74,13 +74,13 @@ class LiveBuild:
     def __init__(self, tmp_dir: Path):
         fd, name = tempfile.mkstemp(prefix="build-", suffix=".ndjson", dir=tmp_dir)
         self.path = Path(name)
-        self._file = os.fdopen(fd, "wb", buffering=0)
+        self._file = os.fdopen(fd, "wb")
         self._count = 0
         self._followers: set[asyncio.Queue[tuple[int, Event] | None]] = set()
         self.done = False
 
     def publish(self, event: Event) -> None:
-        # One small append per event; the log must survive a follower joining late.
+        # Appended to the log file (buffered; flushed when a follower joins late).
         self._file.write(events.encode(event))
         for queue in self._followers:
             queue.put_nowait((self._count, event))
@@ -101,6 +101,8 @@ class LiveBuild:
         self._followers.add(queue)
         try:
             replayed = 0
+            if self._count and not self.done:
+                self._file.flush()
             if self._count:
                 async for line in _lines(self.path):
                     yield events.decode(line)
