@@ -114,6 +114,24 @@ async def test_probe_picks_the_moby_exporter(builder):
     assert "Engine API" in daemon.describe()
 
 
+@pytest.mark.slow
+async def test_unix_socket_address(registry, base_images, docker_engine, tmp_path):
+    """unix:// as for a buildkitd on this machine: here a socket that speaks plain gRPC to
+    the engine's BuildKit (the docker-grpc tunnel, used on its own)."""
+    tunnel = EngineTunnel(docker_engine)
+    socket = await tunnel.start()
+    try:
+        settings = BuilderSettings(registry=registry, options={"addr": socket})
+        request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", registry)
+        async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+            assert builder.address.scheme == "unix"
+            logs, built = await collect(builder.build(request))
+    finally:
+        await tunnel.close()
+    assert lines(logs)[0].startswith(f"buildkit at {socket}: BuildKit ")
+    assert built[0].digest == registry_digest(registry, request.image)
+
+
 async def test_unreachable_tcp_address(registry, tmp_path):
     settings = BuilderSettings(registry=registry, options={"addr": "tcp://127.0.0.1:1"})
     request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", registry)

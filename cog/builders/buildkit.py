@@ -44,11 +44,13 @@ Cancellation: closing the event iterator cancels the ``Solve`` call; BuildKit ca
 job and kills the running step.
 
 Tested here against the BuildKit embedded in dockerd 20.10.24 (BuildKit ~v0.8, no ``Info``)
-through ``docker-grpc://``, and through a TLS terminator in front of it for ``tcp://`` with
-mutual TLS: probing, context serving, live logs, failing steps, cancellation, the ``moby``
-export plus Engine API push. NOT tested (this machine has no standalone buildkitd): the
-``image`` exporter with ``push=true``, ``registry_insecure``, registry cache import/export,
-and ``unix://`` to a real buildkitd; they follow BuildKit's documented attributes.
+through ``docker-grpc://``; through a TLS terminator in front of it for ``tcp://`` with
+mutual TLS; and through a plain unix socket to it for ``unix://``: probing, context
+serving, live logs, failing steps, cancellation, the ``moby`` export plus Engine API push.
+NOT tested (this machine has no standalone buildkitd): the ``image`` exporter with
+``push=true``, ``registry_insecure``, registry cache import/export, and a real buildkitd
+(newer BuildKit, ``Info``, OCI/containerd workers); that code follows BuildKit's
+documented exporter and cache attributes.
 """
 
 from __future__ import annotations
