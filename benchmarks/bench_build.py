@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cog.builders import BuilderSettings  # noqa: E402
-from cog.builders.context import _file, _members, runtime_wheel_name  # noqa: E402
+from cog.builders.context import _file, _members  # noqa: E402
 from cog.builders.dockerfile import dockerfile_for  # noqa: E402
 from cog.builders.runtime import runtime_wheel  # noqa: E402
 from cog.config import DirectoryFiles, check_config  # noqa: E402
@@ -62,7 +62,7 @@ def context_tar(model: Path, base: str, work: Path) -> Path:
     config = check_config((model / "cog.yaml").read_text(), DirectoryFiles(model))
     settings = BuilderSettings(registry=REGISTRY, base_images={"cpu": base, "gpu": base})
     dockerfile = dockerfile_for(
-        config, "cpu", settings, package_id=package_id, runtime_wheel=runtime_wheel_name()
+        config, "cpu", settings, package_id=package_id, runtime_wheel=runtime_wheel()[0]
     )
     tar = work / "context.tar"
     with open(tar, "wb") as out:

@@ -14,7 +14,6 @@ import json
 import re
 import ssl
 import subprocess
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -28,9 +27,9 @@ from cog.builders.buildkit import (
     EngineTunnel,
     parse_address,
 )
-from cog.builders.docker import split_image
 from cog.check import check_image
 from tests.builder_helpers import EXAMPLES, collect, copy_example, lines, package_request
+from tests.services.docker import registry_digest
 
 pytestmark = pytest.mark.integration
 
@@ -64,18 +63,6 @@ async def opened(builder: BuildKitBuilder):
 async def builder(settings):
     async with opened(BuildKitBuilder.from_settings(settings)) as builder:
         yield builder
-
-
-def registry_digest(registry: str, image: str) -> str:
-    repository, tag = split_image(image)
-    name = repository.removeprefix(f"{registry}/")
-    request = urllib.request.Request(
-        f"http://{registry}/v2/{name}/manifests/{tag}",
-        method="HEAD",
-        headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return response.headers["Docker-Content-Digest"]
 
 
 def model_dir(tmp_path: Path, *, yaml_extra: str = "") -> Path:

@@ -5,31 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
 from cog.builders import BuildError, BuilderSettings, BuilderUnavailable
-from cog.builders.docker import DockerBuilder, split_image
+from cog.builders.docker import DockerBuilder
 from cog.check import check_image
 from cog.infer import InferenceError, run_inference
 from tests.builder_helpers import EXAMPLES, collect, copy_example, lines, package_request
+from tests.services.docker import registry_digest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def registry_digest(registry: str, image: str) -> str:
-    repository, tag = split_image(image)
-    name = repository.removeprefix(f"{registry}/")
-    request = urllib.request.Request(
-        f"http://{registry}/v2/{name}/manifests/{tag}",
-        method="HEAD",
-        headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return response.headers["Docker-Content-Digest"]
 
 
 @pytest.fixture(scope="module")

@@ -85,8 +85,8 @@ from cog.builders import (
 )
 from cog.builders.buildkit_pb import messages as pb
 from cog.builders.buildkit_pb import method_path
-from cog.builders.context import build_context, runtime_wheel_name
-from cog.builders.dockerfile import dockerfile_for
+from cog.builders.context import build_context
+from cog.builders.dockerfile import dockerfile_for_request
 
 DEFAULT_ADDR = "docker-grpc://"
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
@@ -744,14 +744,7 @@ class BuildKitBuilder(Builder):
             self._docker = None
 
     def dockerfile(self, request: BuildRequest) -> str:
-        return dockerfile_for(
-            request.config,
-            request.target,
-            self.settings,
-            package_id=request.package_id,
-            runtime_wheel=runtime_wheel_name(),
-            signature_json=request.signature_json,
-        )
+        return dockerfile_for_request(request, self.settings)
 
     # -- errors ------------------------------------------------------------------------
 

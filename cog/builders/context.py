@@ -69,7 +69,3 @@ async def build_context(zip_path: Path, dockerfile: str) -> AsyncIterator[bytes]
     finally:
         await loop.run_in_executor(None, members.close)
     yield b"\0" * (2 * BLOCK)
-
-
-def runtime_wheel_name() -> str:
-    return runtime_wheel()[0]

@@ -29,8 +29,8 @@ from cog.builders import (
     BuildRequest,
     BuiltImage,
 )
-from cog.builders.context import build_context, runtime_wheel_name
-from cog.builders.dockerfile import dockerfile_for
+from cog.builders.context import build_context
+from cog.builders.dockerfile import dockerfile_for_request
 
 TAIL = 20
 #: aiodocker's status for "could not connect to the engine at all"
@@ -170,14 +170,7 @@ class DockerBuilder(Builder):
             self._docker = None
 
     def dockerfile(self, request: BuildRequest) -> str:
-        return dockerfile_for(
-            request.config,
-            request.target,
-            self.settings,
-            package_id=request.package_id,
-            runtime_wheel=runtime_wheel_name(),
-            signature_json=request.signature_json,
-        )
+        return dockerfile_for_request(request, self.settings)
 
     async def build(self, request: BuildRequest) -> AsyncIterator[BuildEvent]:
         if self._docker is None:

@@ -42,8 +42,8 @@ import shlex
 from collections.abc import Sequence
 
 import cog
-from cog.builders import BuildError, BuilderSettings
-from cog.builders.runtime import RUNTIME_REQUIREMENTS
+from cog.builders import BuildError, BuilderSettings, BuildRequest
+from cog.builders.runtime import RUNTIME_REQUIREMENTS, runtime_wheel
 from cog.config import Config, config_to_json
 
 WORKDIR = "/src"
@@ -194,3 +194,15 @@ def dockerfile_for(
         "LABEL " + " \\\n      ".join(f"{key}={_label(value)}" for key, value in labels.items())
     )
     return "\n".join(lines) + "\n"
+
+
+def dockerfile_for_request(request: BuildRequest, settings: BuilderSettings) -> str:
+    """The Dockerfile of one build request, the same for every builder."""
+    return dockerfile_for(
+        request.config,
+        request.target,
+        settings,
+        package_id=request.package_id,
+        runtime_wheel=runtime_wheel()[0],
+        signature_json=request.signature_json,
+    )
