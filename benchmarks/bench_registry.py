@@ -111,6 +111,7 @@ def bench_size(size_mib: int, storages: dict[str, str], work: Path) -> list[dict
             upload, download = asyncio.run(upload_and_download(url, zip_path, dest))
             assert dest.stat().st_size == zip_path.stat().st_size
             dest.unlink()
+            direct_write, direct_read = asyncio.run(direct(storage, zip_path))
             rows.append(
                 {
                     "size_mib": round(zip_mib),
@@ -121,6 +122,8 @@ def bench_size(size_mib: int, storages: dict[str, str], work: Path) -> list[dict
                     "sha256sum_mib_s": round(zip_mib / sha),
                     "upload_vs_sha256sum": f"{(zip_mib / upload) / (zip_mib / sha):.0%}",
                     "download_mib_s": round(zip_mib / download),
+                    "store_direct_write_mib_s": round(zip_mib / direct_write),
+                    "store_direct_read_mib_s": round(zip_mib / direct_read),
                     "server_peak_rss_mib": round(peak_rss_mib(process.pid), 1),
                 }
             )
@@ -130,6 +133,29 @@ def bench_size(size_mib: int, storages: dict[str, str], work: Path) -> list[dict
     shutil.rmtree(model)
     zip_path.unlink()
     return rows
+
+
+async def direct(storage: str, zip_path: Path) -> tuple[float, float]:
+    """The same zip written to and read from the store itself, without the server: the
+    store's own speed, to tell it apart from the server's overhead."""
+    from cog.registry.builds import file_chunks
+    from cog.storage import load_storage
+
+    store = load_storage(storage)
+    await store.open()
+    try:
+        started = time.perf_counter()
+        await store.write("direct/pkg.zip", file_chunks(zip_path))
+        write = time.perf_counter() - started
+        started = time.perf_counter()
+        async with store.open_reader("direct/pkg.zip") as blob:
+            async for _ in blob.chunks():
+                pass
+        read = time.perf_counter() - started
+        await store.delete("direct/pkg.zip")
+    finally:
+        await store.close()
+    return write, read
 
 
 def _only_id(url: str) -> str:
