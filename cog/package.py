@@ -409,17 +409,10 @@ def write_package(
                 writer.write(name)
                 writer.write(extra)
                 copied_crc = 0
-                left = size
-                while left:
-                    n = src.readinto(buf)
-                    if not n:
-                        raise PackageError(f"{f.name} changed while it was being packaged")
-                    n = min(n, left)
-                    chunk = memoryview(buf)[:n]
+                for chunk in _chunks(src, size, buf, f.name):
                     copied_crc = zlib.crc32(chunk, copied_crc)
                     writer.write(chunk)
-                    left -= n
-                    done += n
+                    done += len(chunk)
                     if progress is not None:
                         progress(done, total)
                 if copied_crc != crc:
@@ -435,16 +428,23 @@ def write_package(
     return writer.sha256.hexdigest()
 
 
-def _crc_of(src: typing.BinaryIO, size: int, buf: bytearray, name: str) -> int:
-    crc = 0
+def _chunks(src: typing.BinaryIO, size: int, buf: bytearray, name: str) -> Iterator[memoryview]:
+    """The first `size` bytes of src, read into buf: each chunk is valid until the next one.
+    A file that ends early was changed while it was being packaged."""
     left = size
     while left:
         n = src.readinto(buf)
         if not n:
             raise PackageError(f"{name} changed while it was being packaged")
         n = min(n, left)
-        crc = zlib.crc32(memoryview(buf)[:n], crc)
+        yield memoryview(buf)[:n]
         left -= n
+
+
+def _crc_of(src: typing.BinaryIO, size: int, buf: bytearray, name: str) -> int:
+    crc = 0
+    for chunk in _chunks(src, size, buf, name):
+        crc = zlib.crc32(chunk, crc)
     return crc
 
 

@@ -247,16 +247,20 @@ def tls_settings(registry: str, port: int, certs: Path, **tls: str) -> BuilderSe
     return BuilderSettings(registry=registry, options=options)
 
 
+def mutual_tls_settings(registry: str, port: int, certs: Path) -> BuilderSettings:
+    return tls_settings(
+        registry, port, certs,
+        tls_ca=str(certs / "ca.pem"),
+        tls_cert=str(certs / "client.pem"),
+        tls_key=str(certs / "client.key"),
+    )  # fmt: skip
+
+
 async def test_mutual_tls_reaches_buildkit(registry, docker_engine, certs):
     async with tls_front(
         docker_engine, certs / "server.pem", certs / "server.key", certs / "ca.pem"
     ) as port:
-        settings = tls_settings(
-            registry, port, certs,
-            tls_ca=str(certs / "ca.pem"),
-            tls_cert=str(certs / "client.pem"),
-            tls_key=str(certs / "client.key"),
-        )  # fmt: skip
+        settings = mutual_tls_settings(registry, port, certs)
         async with opened(BuildKitBuilder.from_settings(settings)) as builder:
             daemon = await builder.probe()
     assert daemon.workers == ("moby",)
@@ -440,12 +444,7 @@ async def test_build_over_mutual_tls(registry, docker_engine, base_images, certs
     async with tls_front(
         docker_engine, certs / "server.pem", certs / "server.key", certs / "ca.pem"
     ) as port:
-        settings = tls_settings(
-            registry, port, certs,
-            tls_ca=str(certs / "ca.pem"),
-            tls_cert=str(certs / "client.pem"),
-            tls_key=str(certs / "client.key"),
-        )  # fmt: skip
+        settings = mutual_tls_settings(registry, port, certs)
         request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", registry)
         async with opened(BuildKitBuilder.from_settings(settings)) as builder:
             logs, built = await collect(builder.build(request))

@@ -16,7 +16,7 @@ from cog.registry.app import ServerSettings, make_app
 from cog.registry.builds import BuildOptions
 from tests.registry_helpers import EXAMPLES, form, package_bytes
 from tests.test_buildkit_builder import engine_addr, model_dir, registry_digest
-from tests.test_cli import COG, free_port, wait_for
+from tests.test_cli import COG, cog_server
 
 __all__ = ["engine_addr"]  # a fixture shared with the builder tests
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -99,35 +99,23 @@ async def test_unreachable_buildkit_is_503(aiohttp_client, tmp_path, registry):
 
 def test_cog_build_through_a_buildkit_server(tmp_path, registry, base_images, engine_addr):
     """As an operator and a user would: `cog server --builder buildkit`, `cog build`."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "NO_COLOR": "1", "PATH": "/usr/bin:/bin"}
-    args = [
-        COG, "server", "--host", "127.0.0.1", "--port", str(port),
-        "--storage", f"file://{tmp_path / 'store'}", "--docker-registry", registry,
-        "--builder", "buildkit", "--buildkit-addr", engine_addr,
-    ]  # fmt: skip
-    with open(tmp_path / "server.log", "w") as log:
-        server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            wait_for(f"{url}/ping")
+    options = ["--docker-registry", registry, "--builder", "buildkit"]
+    with cog_server(tmp_path, env, *options, "--buildkit-addr", engine_addr) as url:
 
-            def cog(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-                return subprocess.run(
-                    [COG, *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
-                )
+        def cog(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [COG, *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+            )
 
-            assert cog("remote", "set", url, cwd=tmp_path).returncode == 0
-            built = cog("build", str(EXAMPLES / "hello"), cwd=tmp_path)
-            assert built.returncode == 0, built.stdout + built.stderr
-            assert re.search(r"\[cpu/build\] #\d+ \[\d+/\d+\] COPY package/", built.stdout)
-            assert built.stdout.strip().splitlines()[-1].startswith("--> Built and pushed ")
+        assert cog("remote", "set", url, cwd=tmp_path).returncode == 0
+        built = cog("build", str(EXAMPLES / "hello"), cwd=tmp_path)
+        assert built.returncode == 0, built.stdout + built.stderr
+        assert re.search(r"\[cpu/build\] #\d+ \[\d+/\d+\] COPY package/", built.stdout)
+        assert built.stdout.strip().splitlines()[-1].startswith("--> Built and pushed ")
 
-            broken = model_dir(tmp_path, yaml_extra="  system_packages: [no-such-package-cog-x]\n")
-            failed = cog("build", str(broken), cwd=tmp_path)
-            assert failed.returncode != 0
-            assert "Unable to locate package no-such-package-cog-x" in failed.stdout
-            assert f"buildkit at {engine_addr}" in failed.stdout + failed.stderr
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        broken = model_dir(tmp_path, yaml_extra="  system_packages: [no-such-package-cog-x]\n")
+        failed = cog("build", str(broken), cwd=tmp_path)
+        assert failed.returncode != 0
+        assert "Unable to locate package no-such-package-cog-x" in failed.stdout
+        assert f"buildkit at {engine_addr}" in failed.stdout + failed.stderr

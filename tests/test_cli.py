@@ -3,6 +3,7 @@ no Docker is needed here; builds through the CLI are in tests/test_registry_buil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,13 +48,15 @@ def env(tmp_path: Path) -> dict[str, str]:
     return environment
 
 
-@pytest.fixture
-def server(tmp_path: Path, env: dict[str, str]):
+@contextlib.contextmanager
+def cog_server(tmp_path: Path, env: dict[str, str], *options: str) -> Iterator[str]:
+    """A real `cog server` process on a free port with file storage under tmp_path; yields
+    its URL. Its log goes to tmp_path/server.log."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = [
         COG, "server", "--host", "127.0.0.1", "--port", str(port),
-        "--storage", f"file://{tmp_path / 'store'}", "--builder", "none", "--cache-ttl", "0.2",
+        "--storage", f"file://{tmp_path / 'store'}", *options,
     ]  # fmt: skip
     with open(tmp_path / "server.log", "w") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -61,7 +65,13 @@ def server(tmp_path: Path, env: dict[str, str]):
             yield url
         finally:
             process.terminate()
-            process.wait(timeout=15)
+            process.wait(timeout=30)
+
+
+@pytest.fixture
+def server(tmp_path: Path, env: dict[str, str]):
+    with cog_server(tmp_path, env, "--builder", "none", "--cache-ttl", "0.2") as url:
+        yield url
 
 
 def cog(*args: str, env: dict[str, str], cwd: Path | None = None, check: bool = True):

