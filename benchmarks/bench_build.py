@@ -119,8 +119,8 @@ def main() -> None:
             )
         results["plain_docker_push_s"], _ = timed(["docker", "push", "-q", image])
     plain = results["plain_docker_build_s"] + results["plain_docker_push_s"]
-    results["code_only_vs_cold"] = f"{results['code_only_s'] / results['cold_s']:.0%}"
-    results["cog_cold_vs_plain_build_and_push"] = f"{results['cold_s'] / plain - 1:+.0%}"
+    results["code_only_vs_cold"] = f"{results['code_only_s'] / results['cold_s']:.1%}"
+    results["cog_cold_vs_plain_build_and_push"] = f"{results['cold_s'] / plain - 1:+.1%}"
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}))
 
 

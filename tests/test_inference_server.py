@@ -18,6 +18,7 @@ import pytest
 import cog
 from cog.server import InferenceServer, console
 from cog.server.model_ref import ModelRef
+from cog.server.runner import ModelRunner, State
 
 WAIT = 10.0  # seconds a condition may take before the test gives up (a bound, not a timing)
 
@@ -553,6 +554,29 @@ async def test_drain_finishes_running_and_refuses_queued_and_new(aiohttp_client,
     await asyncio.wait_for(drained, WAIT)
     assert (await running).status == 200
     assert (await queued).status == 503
+
+
+async def test_cancelled_just_after_the_run_finished_still_cleans_up(gate):
+    """The request is cancelled in the instant between the worker handing over the outcome
+    and the request resuming. No real client can hit that instant on purpose, so _finish
+    is wrapped to cancel the request right after it ran (a fake for the timing only)."""
+    runner = ModelRunner(lambda: gate)
+    await runner.start()
+    assert await runner.wait_started() is State.READY
+    cleaned = []
+    task = asyncio.ensure_future(runner.run({"n": 1}, "late", on_abandon=lambda: cleaned.append(1)))
+    finish = runner._finish
+
+    def finish_then_cancel(job, outcome):
+        finish(job, outcome)
+        task.cancel()
+
+    runner._finish = finish_then_cancel
+    gate.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, WAIT)
+    assert cleaned == [1]
+    await runner.close()
 
 
 # --- The model's stdout/stderr in the log, tagged with the request ----------------------

@@ -193,3 +193,38 @@ async def test_port_from_the_environment_and_a_missing_model(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(WAIT) == 0
+
+
+async def test_a_queued_inference_whose_client_hung_up_is_not_run(package, server_process):
+    """One at a time (the default): while one inference runs, a second client queues and
+    then hangs up. The real server must drop the queued job, not run it for nobody."""
+    server = server_process()
+    first, second, third = (str(package / name) for name in ("first", "second", "third"))
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, server)
+        running = asyncio.ensure_future(session.post(server.url("/infer"), data={"marker": first}))
+        await wait_for_file(first + ".started")
+
+        async with aiohttp.ClientSession() as impatient:
+            queued = asyncio.ensure_future(
+                impatient.post(server.url("/infer"), data={"marker": second})
+            )
+            # Time for the request to reach the server's queue (no API shows the queue);
+            # were it not there yet, the job would not run either way.
+            await asyncio.sleep(0.3)
+            queued.cancel()  # the client gives up: its connection closes with the session
+        await asyncio.gather(queued, return_exceptions=True)
+
+        followed = asyncio.ensure_future(session.post(server.url("/infer"), data={"marker": third}))
+        open(first + ".release", "w").close()
+        response = await asyncio.wait_for(running, WAIT)
+        assert await response.text() == "finished"
+        response.release()
+
+        await wait_for_file(third + ".started")
+        open(third + ".release", "w").close()
+        response = await asyncio.wait_for(followed, WAIT)
+        assert await response.text() == "finished"
+        response.release()
+
+    assert not os.path.exists(second + ".started")

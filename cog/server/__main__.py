@@ -90,7 +90,11 @@ async def serve(server: InferenceServer, host: str, port: int) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
 
-    app_runner = web.AppRunner(server.app, handle_signals=False, access_log=None)
+    # handler_cancellation: a client that hangs up cancels its request, so a queued
+    # inference nobody waits for any more is skipped instead of run.
+    app_runner = web.AppRunner(
+        server.app, handle_signals=False, access_log=None, handler_cancellation=True
+    )
     await app_runner.setup()
     site = web.TCPSite(app_runner, host, port)
     await site.start()

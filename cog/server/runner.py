@@ -194,7 +194,12 @@ class ModelRunner:
         try:
             outcome = await job.future
         except asyncio.CancelledError:
-            job.abandoned = True  # a queued job is skipped; _finish calls on_abandon
+            if job.future.done() and not job.future.cancelled():
+                # Cancelled after _finish handed over the outcome: nobody else will clean up.
+                if on_abandon is not None:
+                    on_abandon()
+            else:
+                job.abandoned = True  # a queued job is skipped; _finish calls on_abandon
             raise
         if outcome is None:
             raise NotReady(State.STOPPING)
