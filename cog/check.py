@@ -6,6 +6,7 @@ with the model's error and the last lines it printed. The container is always re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import zipfile
@@ -102,7 +103,14 @@ async def _check(
             raise BuildError(str(exc), step="test: setup", output=exc.logs) from None
         yield _log(f"Model ready after {time.monotonic() - started:.1f}s")
 
-        served = await model.help()
+        try:
+            served = await asyncio.wait_for(model.help(), timeout)
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise BuildError(
+                f"the model did not serve /help: {exc or type(exc).__name__}",
+                step="test: /help",
+                output=model.log_tail(),
+            ) from None
         if signature is not None and served != signature:
             raise BuildError(
                 "the running model's inputs differ from those read from its source: "
@@ -114,18 +122,31 @@ async def _check(
         for number, example in enumerate(config.examples, start=1):
             step = f"test: example {number}"
             began = time.monotonic()
-            async with model.infer(example_form(example, zip_path)) as response:
-                body = await response.read()
-                content_type = response.content_type
+            try:
+                status, body, content_type = await asyncio.wait_for(
+                    _answer(model, example_form(example, zip_path)), timeout
+                )
+            except asyncio.TimeoutError:
+                raise BuildError(
+                    f"example {number} got no answer within {timeout:g}s",
+                    step=step,
+                    output=model.log_tail(),
+                ) from None
+            except aiohttp.ClientError as exc:
+                raise BuildError(
+                    f"example {number}: the model stopped answering ({exc or type(exc).__name__})",
+                    step=step,
+                    output=model.log_tail(),
+                ) from None
             for line in model.new_log_lines():
                 yield _log(f"model: {line}")
-            if response.status != 200:
+            if status != 200:
                 try:
                     error = json.loads(body).get("error") or body.decode()
                 except (ValueError, AttributeError):
                     error = body.decode(errors="replace")
                 raise BuildError(
-                    f"example {number} failed (HTTP {response.status}): {error}",
+                    f"example {number} failed (HTTP {status}): {error}",
                     step=step,
                     output=model.log_tail(),
                 )
@@ -141,3 +162,8 @@ async def _check(
             yield _log(f"Example {number}: ok ({time.monotonic() - began:.2f}s)")
         if not config.examples:
             yield _log("No examples in cog.yaml: checked that the model boots and serves /help")
+
+
+async def _answer(model: ModelContainer, form: aiohttp.FormData) -> tuple[int, bytes, str]:
+    async with model.infer(form) as response:
+        return response.status, await response.read(), response.content_type

@@ -89,7 +89,12 @@ async def test_code_only_change_reuses_dependency_layers(
 
 
 def _model(
-    tmp_path: Path, *, yaml_extra: str = "", setup: str = "pass", examples: str = ""
+    tmp_path: Path,
+    *,
+    yaml_extra: str = "",
+    setup: str = "pass",
+    examples: str = "",
+    run: str = "return text.upper()",
 ) -> Path:
     root = tmp_path / "model"
     root.mkdir()
@@ -102,7 +107,7 @@ def _model(
         "import cog\n\nclass Model(cog.Model):\n"
         f"    def setup(self):\n        {setup}\n\n"
         '    @cog.input("text", type=str, default="x")\n'
-        "    def run(self, text):\n        return text.upper()\n"
+        f"    def run(self, text):\n        {run}\n"
     )
     return root
 
@@ -150,6 +155,29 @@ async def test_example_mismatch_fails_the_check(builder, registry, tmp_path, no_
             pass
     assert caught.value.step == "test: example 1"
     assert "expected 'abc'" in str(caught.value) and "'ABC'" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("run", "timeout", "message"),
+    [
+        ("import os; os._exit(3)", 120, "example 1: the model stopped answering"),
+        ("import time; time.sleep(600)", 5, "example 1 got no answer within 5s"),
+    ],
+    ids=["process-dies", "hangs"],
+)
+async def test_an_example_that_kills_or_hangs_the_model_fails_the_check(
+    builder, registry, tmp_path, no_leaked_containers, run, timeout, message
+):
+    root = _model(tmp_path, run=run, examples="examples:\n  - input: {text: abc}\n")
+    request = package_request(root, tmp_path / "p.zip", registry)
+    await collect(builder.build(request))
+    with pytest.raises(BuildError) as caught:
+        image, package, config = request.image, request.package_zip, request.config
+        async for _ in check_image(image, package, config, None, timeout=timeout):
+            pass
+    assert message in str(caught.value)
+    assert caught.value.step == "test: example 1"
+    assert not isinstance(caught.value, BuilderUnavailable)  # the package's fault
 
 
 async def test_unreachable_engine_is_builder_unavailable(registry, tmp_path):
