@@ -31,6 +31,8 @@ from cog import compat
 
 ARCHITECTURES = ("cpu", "gpu")
 DEFAULT_PYTHON_VERSION = "3.11"
+#: The oldest Python the in-image runtime runs on (cog.builders.runtime declares it too).
+RUNTIME_MIN_PYTHON = (3, 8)
 
 
 @attrs.frozen
@@ -261,6 +263,11 @@ def validate_config(config: Config, files: PackageFiles) -> None:
     problems += _model_problems(config, files)
     if not re.fullmatch(r"3\.\d+", env.python_version):
         problems.append(f'environment.python_version: {env.python_version!r} must look like "3.11"')
+    elif int(env.python_version.split(".")[1]) < RUNTIME_MIN_PYTHON[1]:
+        problems.append(
+            f"environment.python_version: {env.python_version} is older than the cog runtime "
+            f"supports (3.{RUNTIME_MIN_PYTHON[1]} or newer)"
+        )
     if env.python_requirements:
         if not _relative_file(env.python_requirements):
             problems.append(

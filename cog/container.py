@@ -17,7 +17,13 @@ from urllib.parse import urlsplit
 import aiodocker
 import aiohttp
 
-from cog.builders.docker import engine_stream, json_lines, split_image, stream_error
+from cog.builders.docker import (
+    docker_error,
+    engine_stream,
+    json_lines,
+    split_image,
+    stream_error,
+)
 
 MODEL_PORT = "5000/tcp"
 LABEL = "org.cog-models.role"
@@ -61,9 +67,7 @@ async def ensure_image(
         async for item in json_lines(response):
             error = stream_error(item)
             if error:
-                raise aiodocker.DockerError(
-                    404 if "not found" in error else 500, {"message": error}
-                )
+                raise docker_error(404 if "not found" in error else 500, error)
             status, layer = item.get("status", ""), item.get("id", "")
             if progress and status and last.get(layer) != status and status != "Downloading":
                 last[layer] = status

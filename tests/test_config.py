@@ -122,6 +122,7 @@ def test_load_errors(text, expected):
         ("cuda: '11.8'", {}, "cuda: set, but architectures has no gpu"),
         ("cudnn: '8'", {}, "cudnn: set, but architectures has no gpu"),
         ("python_version: '3'", {}, "python_version"),
+        ("python_version: '3.7'", {}, "3.7 is older than the cog runtime supports (3.8 or newer)"),
         ("system_packages: ['ffmpeg; curl evil']", {}, "not a Debian package name"),
     ],
 )

@@ -8,11 +8,13 @@ import json
 import uuid
 from pathlib import Path
 
+import aiodocker
 import pytest
 
 from cog.builders import BuildError, BuilderSettings, BuilderUnavailable
 from cog.builders.docker import DockerBuilder
 from cog.check import check_image
+from cog.container import ensure_image
 from cog.infer import InferenceError, run_inference
 from tests.builder_helpers import EXAMPLES, collect, copy_example, lines, package_request
 from tests.services.docker import registry_digest
@@ -200,6 +202,18 @@ async def test_unreachable_registry_is_builder_unavailable(builder, tmp_path, no
         await collect(builder.build(request))
     assert caught.value.step == "push"
     assert "127.0.0.1:1" in str(caught.value)
+    assert "{'message'" not in str(caught.value)  # the engine's words, not a dict
+
+
+async def test_pulling_an_image_the_registry_lacks_is_a_plain_404(docker_engine, registry):
+    docker = aiodocker.Docker(url=docker_engine)
+    try:
+        with pytest.raises(aiodocker.DockerError) as caught:
+            await ensure_image(docker, f"{registry}/cog-test/absent:nope")
+    finally:
+        await docker.close()
+    assert caught.value.status == 404
+    assert isinstance(caught.value.message, str) and "not found" in caught.value.message
 
 
 async def test_cancelled_build_leaves_no_containers(

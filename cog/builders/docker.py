@@ -106,7 +106,7 @@ async def push_image(docker: aiodocker.Docker, image: str) -> AsyncIterator[Buil
             async for item in json_lines(response):
                 error = stream_error(item)
                 if error:
-                    raise aiodocker.DockerError(500, {"message": error})
+                    raise docker_error(500, error)
                 if "aux" in item and isinstance(item["aux"], dict):
                     digest = item["aux"].get("Digest", digest)
                     continue
@@ -135,6 +135,14 @@ async def push_image(docker: aiodocker.Docker, image: str) -> AsyncIterator[Buil
     if not digest:
         raise BuildError(f"pushing {image} reported no digest", step="push", output=tuple(tail))
     yield BuiltImage(image=image, digest=digest)
+
+
+def docker_error(status: int, message: str) -> aiodocker.DockerError:
+    """An aiodocker error for a failure reported inside a stream. aiodocker before 0.24 takes
+    the engine's JSON body, later ones the message: this works with both."""
+    error = aiodocker.DockerError(status, {"message": message})
+    error.message = message
+    return error
 
 
 async def json_lines(response: aiohttp.ClientResponse) -> AsyncIterator[dict]:

@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import cog
+from cog.config import RUNTIME_MIN_PYTHON
 
 #: What ``import cog`` and ``python -m cog.server`` need inside an image.
 RUNTIME_REQUIREMENTS = ("aiohttp>=3.9", "attrs>=22.1", "pyyaml>=5.4")
@@ -40,7 +41,7 @@ def runtime_wheel() -> tuple[str, bytes]:
             "Name: cog",
             f"Version: {version}",
             "Summary: cog model runtime",
-            "Requires-Python: >=3.8",
+            "Requires-Python: >={}.{}".format(*RUNTIME_MIN_PYTHON),
             *(f"Requires-Dist: {req}" for req in RUNTIME_REQUIREMENTS),
             "",
         ]
