@@ -848,8 +848,11 @@ class BuildKitBuilder(Builder):
         async with self._context.offer(request.package_zip, self.dockerfile(request)) as url:
             solve = self.solve_request(ref, url, request.image, daemon.exporter)
             result: dict[str, str] = {}
-            async for line in self._solve(solve, url, result):
-                yield BuildLog(stage="build", line=line)
+            # aclosing: a build closed by its consumer cancels the Solve now, not when the
+            # generator is collected.
+            async with contextlib.aclosing(self._solve(solve, url, result)) as lines:
+                async for line in lines:
+                    yield BuildLog(stage="build", line=line)
         digest = result.get("containerimage.digest", "")
         if daemon.exporter == "image":
             if not digest:
@@ -864,8 +867,9 @@ class BuildKitBuilder(Builder):
         )
         if self._docker is None:
             self._docker = engine(self.address.engine or self.settings.docker_host)
-        async for event in push_image(self._docker, request.image):
-            yield event
+        async with contextlib.aclosing(push_image(self._docker, request.image)) as events:
+            async for event in events:
+                yield event
 
     async def _solve(self, request: Any, context_url: str, result: dict) -> AsyncIterator[str]:
         """Run Solve with Status alongside: progress lines, then result filled in."""
