@@ -64,6 +64,18 @@ async def test_hello_builds_pushes_and_answers(builder, registry, workdir, no_le
         await run_inference(request.image, [f"@{EXAMPLES / 'hello' / 'name.txt'}"])
 
 
+async def test_a_requirements_file_whose_path_has_spaces(
+    builder, registry, tmp_path, no_leaked_containers
+):
+    root = _model(tmp_path, yaml_extra="  python_requirements: 'deps/my requirements.txt'\n")
+    (root / "deps").mkdir()
+    (root / "deps" / "my requirements.txt").write_text("# nothing beyond the runtime\n")
+    request = package_request(root, tmp_path / "p.zip", registry)
+    logs, built = await collect(builder.build(request))
+    assert any("-r /tmp/cog/requirements.txt" in line for line in lines(logs))
+    assert [image.image for image in built] == [request.image]
+
+
 async def test_code_only_change_reuses_dependency_layers(
     builder, registry, tmp_path, no_leaked_containers
 ):

@@ -106,7 +106,7 @@ def test_layer_order_puts_what_changes_most_last():
     order = [
         layer_index(text, "FROM "),
         layer_index(text, "apt-get install"),
-        layer_index(text, "COPY package/requirements.txt"),
+        layer_index(text, 'COPY ["package/requirements.txt"'),
         layer_index(text, "-r /tmp/cog/requirements.txt"),
         layer_index(text, "pillow==11.3.0"),
         layer_index(text, "aiohttp"),

@@ -164,7 +164,9 @@ def dockerfile_for(
         ]
     if env.python_requirements:
         lines += [
-            f"COPY package/{env.python_requirements} /tmp/cog/requirements.txt",
+            # The JSON form: the path may hold spaces.
+            "COPY "
+            + json.dumps([f"package/{env.python_requirements}", "/tmp/cog/requirements.txt"]),
             f"RUN {pip} -r /tmp/cog/requirements.txt",
         ]
     if env.python_packages:

@@ -2,7 +2,7 @@
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore DEBIAN_FRONTEND=noninteractive
 RUN apt-get update -qq && apt-get install -y --no-install-recommends ffmpeg libsndfile1 && rm -rf /var/lib/apt/lists/*
-COPY package/requirements.txt /tmp/cog/requirements.txt
+COPY ["package/requirements.txt", "/tmp/cog/requirements.txt"]
 RUN python -m pip install --no-cache-dir -r /tmp/cog/requirements.txt
 RUN python -m pip install --no-cache-dir pillow==11.3.0 numpy==2.1.0
 RUN python -m pip install --no-cache-dir 'aiohttp>=3.9' 'attrs>=22.1' 'pyyaml>=5.4'
