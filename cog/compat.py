@@ -68,6 +68,20 @@ def tensorflow_gpu_package(version: str) -> str:
     return "tensorflow_gpu" if version.split(".")[0] == "1" else "tensorflow"
 
 
+def nvidia_cuda_image_tag(cuda: str, cudnn: str) -> str | None:
+    """The nvidia/cuda tag (runtime, with cuDNN) for this pair, if NVIDIA publishes one."""
+    return _table()["nvidia_cuda_images"].get(f"{cuda}/{cudnn.split('.')[0]}")
+
+
+def known_nvidia_cuda_images() -> list[CudaPair]:
+    pairs = (key.split("/") for key in _table()["nvidia_cuda_images"])
+    return sorted((CudaPair(cuda, cudnn) for cuda, cudnn in pairs), key=_pair_key)
+
+
+def _pair_key(pair: CudaPair) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return version_key(pair.cuda), version_key(pair.cudnn)
+
+
 def torchvision_for(torch_version: str) -> str | None:
     return _table()["torchvision"].get(_release(torch_version))
 

@@ -40,10 +40,11 @@ class Files:
         return self.files[path]
 
 
-def render(yaml: str, target: str, strategy: str = "wheels", files=None) -> str:
+def render(yaml: str, target: str, strategy: str = "wheels", files=None, base=None) -> str:
     files = {"infer.py": MODEL, **(files or {})}
     config = check_config(yaml, Files(files))
-    settings = BuilderSettings(registry="r:5000", gpu_strategy=strategy)
+    bases = {**DEFAULT_BASE_IMAGES, **({"gpu": base} if base else {})}
+    settings = BuilderSettings(registry="r:5000", gpu_strategy=strategy, base_images=bases)
     text = dockerfile_for(
         config, target, settings, package_id=PACKAGE_ID, runtime_wheel=WHEEL,
         signature_json='{"arguments": {}}',
@@ -71,7 +72,7 @@ CASES = {
     ),
     "gpu-image-torch": (
         "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
-        "  python_packages: ['torch==1.7.1', 'torchvision==0.8.2']\n",
+        "  python_packages: ['torch==2.4.1', 'torchvision==0.19.1']\n",
         "gpu",
         "image",
         {},
@@ -82,14 +83,16 @@ CASES = {
         "gpu",
         "image",
         {},
+        # CUDA 10.0: NVIDIA no longer publishes it; a site's own base image
+        "site.local/cuda:{cuda}-cudnn{cudnn}-runtime",
     ),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_golden(name):
-    yaml, target, strategy, files = CASES[name]
-    text = render(yaml, target, strategy, files)
+    yaml, target, strategy, files, *base = CASES[name]
+    text = render(yaml, target, strategy, files, base=base[0] if base else None)
     path = GOLDEN / f"{name}.Dockerfile"
     if os.environ.get("COG_UPDATE_GOLDEN") == "1":
         path.parent.mkdir(exist_ok=True)
@@ -132,22 +135,48 @@ def test_model_code_does_not_reach_the_dependency_layers():
 def test_default_bases_and_templates():
     assert render("model: infer.py:Model\n", "cpu").splitlines()[1] == "FROM python:3.11-slim"
     gpu = render(CASES["gpu-image-torch"][0], "gpu", "image")
-    assert "FROM nvidia/cuda:11.0-cudnn8-runtime-ubuntu22.04" in gpu
+    assert "FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04" in gpu
     assert DEFAULT_BASE_IMAGES["cpu"] == "python:{python_version}-slim"
     wheels = render(CASES["gpu-wheels-torch"][0], "gpu", "wheels")
     assert "FROM python:3.11-slim" in wheels and "ldconfig" in wheels
 
 
+OLD_TORCH = (
+    "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+    "  python_packages: ['torch==1.7.1', 'torchvision==0.8.2']\n"
+)
+
+
 def test_wheels_strategy_refuses_cuda_without_wheels():
     with pytest.raises(BuildError, match=r"CUDA 11.0.*--gpu-strategy image") as caught:
-        render(CASES["gpu-image-torch"][0], "gpu", "wheels")
+        render(OLD_TORCH, "gpu", "wheels")
     assert caught.value.step == "Dockerfile"
+
+
+def test_image_strategy_needs_a_base_for_a_cuda_nvidia_no_longer_publishes():
+    with pytest.raises(
+        BuildError, match=r"no NVIDIA CUDA image .* CUDA 11.0 with cuDNN 8"
+    ) as caught:
+        render(OLD_TORCH, "gpu", "image")
+    assert "--base-image gpu=" in str(caught.value) and "CUDA 12.1 / cuDNN 8" in str(caught.value)
+    text = render(OLD_TORCH, "gpu", "image", base="site.local/cuda:{cuda}-cudnn{cudnn}")
+    assert text.splitlines()[1] == "FROM site.local/cuda:11.0-cudnn8"
+    assert "torch==1.7.1+cu110" in text
 
 
 def test_gpu_rewrites():
     packages, extra = gpu_packages(["torch==1.7.1", "torchvision==0.8.2", "pillow==1.0"], "11.0")
     assert packages == ["torch==1.7.1+cu110", "torchvision==0.8.2+cu110", "pillow==1.0"]
-    assert extra == ["-f", "https://download.pytorch.org/whl/torch_stable.html"]
+    assert extra == [
+        "--extra-index-url", "https://download.pytorch.org/whl/cu110",
+        "-f", "https://download.pytorch.org/whl/torch_stable.html",
+    ]  # fmt: skip
+    # torch 2.4 and later are only on the per-CUDA index; torchaudio 0.7 has no CUDA suffix.
+    packages, extra = gpu_packages(["torch==2.5.1", "torchaudio==2.5.1"], "12.4")
+    assert packages == ["torch==2.5.1+cu124", "torchaudio==2.5.1+cu124"]
+    assert extra == ["--extra-index-url", "https://download.pytorch.org/whl/cu124"]
+    packages, _ = gpu_packages(["torch==1.7.1", "torchaudio==0.7.2"], "10.2")
+    assert packages == ["torch==1.7.1+cu102", "torchaudio==0.7.2"]
     packages, extra = gpu_packages(["tensorflow==1.15.0"], "10.0")
     assert packages == ["tensorflow_gpu==1.15.0"] and extra == []
     packages, _ = gpu_packages(["tensorflow==2.4.0"], "11.0")

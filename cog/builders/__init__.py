@@ -29,7 +29,8 @@ Target = Literal["cpu", "gpu"]
 #: Where base images come from. Sites without Docker Hub point these at local images.
 DEFAULT_BASE_IMAGES = {
     "cpu": "python:{python_version}-slim",
-    "gpu": "nvidia/cuda:{cuda}-cudnn{cudnn}-runtime-ubuntu22.04",
+    # {nvidia_tag}: NVIDIA's tag for the CUDA/cuDNN pair (cog/data/compatibility.json)
+    "gpu": "nvidia/cuda:{nvidia_tag}",
 }
 
 
@@ -39,7 +40,7 @@ class BuilderSettings:
 
     #: registry host[:port][/path] that images are pushed to, e.g. 127.0.0.1:5000
     registry: str
-    #: target -> image template with {python_version}, {cuda}, {cudnn} placeholders
+    #: target -> image template with {python_version}, {cuda}, {cudnn}, {nvidia_tag} placeholders
     base_images: Mapping[str, str] = attrs.field(factory=lambda: dict(DEFAULT_BASE_IMAGES))
     #: "wheels": CUDA/cuDNN from NVIDIA's pip wheels on the CPU base (no CUDA image needed);
     #: "image": an NVIDIA CUDA/cuDNN base image

@@ -25,11 +25,14 @@ GPU strategies (``BuilderSettings.gpu_strategy``):
   ``nvidia-cudnn-cuNN`` from PyPI. It needs no CUDA base image, so it works where only
   PyPI is reachable (as on the machines cog is developed on), and the CPU and GPU images
   share their base layers.
-- ``image``: an NVIDIA CUDA/cuDNN runtime base image (``nvidia/cuda:{cuda}-cudnn{cudnn}-
-  runtime-ubuntu22.04`` by default), the way the original Cog built GPU images.
+- ``image``: an NVIDIA CUDA/cuDNN runtime base image, the way the original Cog built GPU
+  images: by default ``nvidia/cuda:{nvidia_tag}``, NVIDIA's published tag for the pair
+  (e.g. ``12.1.1-cudnn8-runtime-ubuntu22.04``); a pair NVIDIA has no image for needs an
+  operator's ``--base-image gpu=...``.
 
 On GPU images, pinned ``torch``/``torchvision``/``torchaudio`` become the wheel built for
-the chosen CUDA (``torch==1.7.1`` -> ``torch==1.7.1+cu110`` from PyTorch's wheel index)
+the chosen CUDA (``torch==1.7.1`` -> ``torch==1.7.1+cu110`` from PyTorch's per-CUDA index,
+and for torch 2.3 and older also its flat torch_stable.html page)
 and TensorFlow 1.x becomes ``tensorflow_gpu``. Pins inside a requirements file are
 installed as written.
 """
@@ -47,7 +50,11 @@ from cog.builders.runtime import RUNTIME_REQUIREMENTS, runtime_wheel
 from cog.config import Config, config_to_json
 
 WORKDIR = "/src"
+#: PyTorch's index of CUDA wheels, one per CUDA suffix (.../whl/cu121)
+PYTORCH_INDEX = "https://download.pytorch.org/whl/{suffix}"
+#: The older flat page of every wheel; PyTorch stopped updating it around torch 2.4
 PYTORCH_WHEELS = "https://download.pytorch.org/whl/torch_stable.html"
+_LAST_ON_WHEELS_PAGE = (2, 3)
 LABEL_PREFIX = "org.cog-models"
 _PIN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*==\s*([^\s;]+)\s*$")
 _TORCH_FAMILY = {"torch", "torchvision", "torchaudio"}
@@ -58,7 +65,22 @@ def base_image(config: Config, target: str, settings: BuilderSettings) -> str:
     template = settings.base_images["cpu"]
     if target == "gpu" and settings.gpu_strategy == "image":
         template = settings.base_images["gpu"]
-    return template.format(python_version=env.python_version, cuda=env.cuda, cudnn=env.cudnn)
+    nvidia_tag = ""
+    if "{nvidia_tag}" in template:
+        from cog import compat
+
+        nvidia_tag = compat.nvidia_cuda_image_tag(env.cuda, env.cudnn) or ""
+        if not nvidia_tag:
+            known = ", ".join(str(pair) for pair in compat.known_nvidia_cuda_images())
+            raise BuildError(
+                f"no NVIDIA CUDA image is known for CUDA {env.cuda} with cuDNN {env.cudnn} "
+                f"(known: {known}); give the server a base image for it with "
+                "--base-image gpu=IMAGE (placeholders {cuda}, {cudnn}, {python_version})",
+                step="Dockerfile",
+            )
+    return template.format(
+        python_version=env.python_version, cuda=env.cuda, cudnn=env.cudnn, nvidia_tag=nvidia_tag
+    )
 
 
 def gpu_packages(packages: Sequence[str], cuda: str) -> tuple[list[str], list[str]]:
@@ -80,9 +102,15 @@ def gpu_packages(packages: Sequence[str], cuda: str) -> tuple[list[str], list[st
         name, extras, version = match.group(1), match.group(2) or "", match.group(3)
         key = name.lower().replace("_", "-")
         if key in _TORCH_FAMILY and "+" not in version and suffix:
+            if key == "torchaudio" and compat.version_key(version) < (0, 8):
+                # torchaudio before 0.8 had one wheel for every CUDA, without a suffix.
+                rewritten.append(spec)
+                continue
             rewritten.append(f"{name}{extras}=={version}+{suffix}")
-            if PYTORCH_WHEELS not in extra:
-                extra += ["-f", PYTORCH_WHEELS]
+            if not extra:
+                extra += ["--extra-index-url", PYTORCH_INDEX.format(suffix=suffix)]
+                if compat.version_key(pins["torch"])[:2] <= _LAST_ON_WHEELS_PAGE:
+                    extra += ["-f", PYTORCH_WHEELS]
             continue
         if key == "tensorflow":
             rewritten.append(f"{compat.tensorflow_gpu_package(version)}{extras}=={version}")
@@ -100,8 +128,8 @@ def _cuda_wheels(cuda: str, cudnn: str) -> list[str]:
     if version < OLDEST_CUDA_WHEELS:
         raise BuildError(
             f"this package needs CUDA {cuda}, and NVIDIA publishes pip wheels only for CUDA "
-            "11.7 and newer; run the server with --gpu-strategy image (a CUDA base image) "
-            "for it",
+            "11.7 and newer; run the server with --gpu-strategy image and a CUDA "
+            f"{cuda} base image (--base-image gpu=IMAGE) for it",
             step="Dockerfile",
         )
     major = cuda.split(".")[0]

@@ -2,7 +2,7 @@
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore DEBIAN_FRONTEND=noninteractive
 RUN python -m pip install --no-cache-dir 'nvidia-cuda-runtime-cu12==12.1.*' 'nvidia-cudnn-cu12==8.*' && python -c "import glob, os, nvidia; print('\n'.join(sorted(d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, '*', 'lib')))))" > /etc/ld.so.conf.d/cog-nvidia.conf && ldconfig
-RUN python -m pip install --no-cache-dir -f https://download.pytorch.org/whl/torch_stable.html torch==2.1.0+cu121 torchvision==0.16.0+cu121 pillow==11.3.0
+RUN python -m pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cu121 -f https://download.pytorch.org/whl/torch_stable.html torch==2.1.0+cu121 torchvision==0.16.0+cu121 pillow==11.3.0
 RUN python -m pip install --no-cache-dir 'aiohttp>=3.9' 'attrs>=22.1' 'pyyaml>=5.4'
 COPY cog/cog-0.0.0-py3-none-any.whl /tmp/cog/
 RUN python -m pip install --no-cache-dir --no-deps /tmp/cog/cog-0.0.0-py3-none-any.whl && rm -rf /tmp/cog
