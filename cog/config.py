@@ -418,6 +418,14 @@ def complete_config(config: Config, files: PackageFiles) -> Config:
         else:
             chosen = compat.CudaPair(env.cuda, env.cudnn or compat.default_gpu().cudnn)
     elif candidates:
+        if env.cudnn:
+            candidates = [
+                p for p in candidates if p.cudnn.split(".")[0] == env.cudnn.split(".")[0]
+            ]
+            if not candidates:
+                raise ConfigError(
+                    [f"environment.cudnn: cuDNN {env.cudnn} does not fit: {'; '.join(reasons)}"]
+                )
         chosen = candidates[0]
     else:
         chosen = compat.default_gpu()

@@ -234,6 +234,13 @@ def test_explicit_cuda_must_fit():
         gpu(["tensorflow==2.4.0"], "  cuda: '11.0'\n  cudnn: '7'\n")
 
 
+def test_explicit_cudnn_alone_picks_a_cuda_with_it():
+    env = gpu(["torch==1.7.1"], "  cudnn: '7'\n")
+    assert (env.cuda, env.cudnn) == ("10.2", "7")  # the newest CUDA whose wheels carry cuDNN 7
+    with pytest.raises(ConfigError, match=r"cuDNN 8 does not fit.*torch==2.5.1"):
+        gpu(["torch==2.5.1"], "  cudnn: '8'\n")
+
+
 def test_unknown_framework_version_is_an_error():
     with pytest.raises(ConfigError, match=r"torch==0.4.1 is not in cog's CUDA table"):
         gpu(["torch==0.4.1"])
