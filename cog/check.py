@@ -96,6 +96,8 @@ async def _check(
     yield _log(f"Starting {image}")
     started = time.monotonic()
     async with ModelContainer(docker, image, role="check") as model:
+        if model.target == "gpu" and not model.device_requests:
+            yield _log("This Docker Engine has no NVIDIA runtime: the GPU image runs on the CPU")
         try:
             async for line in model.wait_ready(timeout):
                 yield _log(f"model: {line}")

@@ -419,9 +419,7 @@ def complete_config(config: Config, files: PackageFiles) -> Config:
             chosen = compat.CudaPair(env.cuda, env.cudnn or compat.default_gpu().cudnn)
     elif candidates:
         if env.cudnn:
-            candidates = [
-                p for p in candidates if p.cudnn.split(".")[0] == env.cudnn.split(".")[0]
-            ]
+            candidates = [p for p in candidates if p.cudnn.split(".")[0] == env.cudnn.split(".")[0]]
             if not candidates:
                 raise ConfigError(
                     [f"environment.cudnn: cuDNN {env.cudnn} does not fit: {'; '.join(reasons)}"]

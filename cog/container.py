@@ -27,6 +27,17 @@ from cog.builders.docker import (
 
 MODEL_PORT = "5000/tcp"
 LABEL = "org.cog-models.role"
+TARGET_LABEL = "org.cog-models.target"  # written by cog.builders.dockerfile
+#: every GPU the engine has, as `docker run --gpus all` asks for them
+ALL_GPUS = {"Driver": "", "Count": -1, "Capabilities": [["gpu"]]}
+
+
+def device_requests(image_labels: dict[str, str] | None, runtimes: dict | None) -> list[dict]:
+    """The GPUs to give a container of this image: all of them for a GPU image on an engine
+    with NVIDIA's runtime; none otherwise (a GPU image then runs on the CPU)."""
+    if (image_labels or {}).get(TARGET_LABEL) != "gpu" or "nvidia" not in (runtimes or {}):
+        return []
+    return [ALL_GPUS]
 
 
 class ContainerError(Exception):
@@ -82,6 +93,10 @@ class ModelContainer:
         self.image = image
         self.role = role
         self.container: Any = None
+        #: the image's target (cpu, gpu) from its label; "" for an image cog did not build
+        self.target = ""
+        #: GPUs given to the container (see device_requests)
+        self.device_requests: list[dict] = []
         self.url = ""
         self._session: aiohttp.ClientSession | None = None
         self._logs: collections.deque[str] = collections.deque(maxlen=200)
@@ -90,6 +105,11 @@ class ModelContainer:
 
     async def __aenter__(self) -> ModelContainer:
         bind = "127.0.0.1" if _published_host(self.docker) == "127.0.0.1" else "0.0.0.0"
+        image = await self.docker.images.inspect(self.image)
+        self.target = (image.get("Config", {}).get("Labels") or {}).get(TARGET_LABEL, "")
+        if self.target == "gpu":
+            runtimes = (await self.docker.system.info()).get("Runtimes")
+            self.device_requests = device_requests(image["Config"]["Labels"], runtimes)
         try:
             self.container = await self.docker.containers.create(
                 {
@@ -97,7 +117,8 @@ class ModelContainer:
                     "Labels": {LABEL: self.role},
                     "ExposedPorts": {MODEL_PORT: {}},
                     "HostConfig": {
-                        "PortBindings": {MODEL_PORT: [{"HostIp": bind, "HostPort": ""}]}
+                        "PortBindings": {MODEL_PORT: [{"HostIp": bind, "HostPort": ""}]},
+                        "DeviceRequests": self.device_requests,
                     },
                 }
             )

@@ -21,6 +21,7 @@ from cog.builders.context import build_context
 from cog.builders.dockerfile import dockerfile_for, gpu_packages
 from cog.builders.runtime import runtime_wheel
 from cog.config import check_config
+from cog.container import TARGET_LABEL, device_requests
 from tests.registry_helpers import raw_zip
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -239,3 +240,15 @@ def test_context_tar_is_deterministic_and_complete(tmp_path):
         "package/infer.py",
     }
     assert all(m.mtime == 0 and m.uid == 0 for m in members.values())
+
+
+def test_gpu_images_get_the_gpus_where_the_engine_has_nvidias_runtime():
+    text = render(CASES["gpu-wheels-torch"][0], "gpu", "wheels")
+    assert f'{TARGET_LABEL}="gpu"' in text  # the label the container reads back
+    gpu, cpu = {TARGET_LABEL: "gpu"}, {TARGET_LABEL: "cpu"}
+    assert device_requests(gpu, {"runc": {}, "nvidia": {"path": "nvidia-container-runtime"}}) == [
+        {"Driver": "", "Count": -1, "Capabilities": [["gpu"]]}
+    ]
+    assert device_requests(gpu, {"runc": {}}) == []  # no GPUs here: the image runs on the CPU
+    assert device_requests(cpu, {"nvidia": {}}) == []
+    assert device_requests(None, {"nvidia": {}}) == []
