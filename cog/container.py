@@ -100,7 +100,9 @@ class ModelContainer:
         self.url = ""
         self._session: aiohttp.ClientSession | None = None
         self._logs: collections.deque[str] = collections.deque(maxlen=200)
-        self._log_queue: asyncio.Queue[str] = asyncio.Queue()
+        # Lines not yet taken by new_log_lines(); bounded, as `cog infer` never takes them
+        # after the model is ready and a chatty model must not grow this process.
+        self._new_lines: collections.deque[str] = collections.deque(maxlen=1000)
         self._log_task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ModelContainer:
@@ -179,15 +181,15 @@ class ModelContainer:
                         *lines, pending = (pending + text).split("\n")
                         for line in lines:
                             self._logs.append(line)
-                            self._log_queue.put_nowait(line)
+                            self._new_lines.append(line)
         except (aiodocker.DockerError, aiohttp.ClientError):
             pass  # the container went away: its last lines are kept already
 
     def new_log_lines(self) -> list[str]:
         """Lines the model printed since the last call."""
         lines = []
-        while not self._log_queue.empty():
-            lines.append(self._log_queue.get_nowait())
+        while self._new_lines:
+            lines.append(self._new_lines.popleft())
         return lines
 
     def log_tail(self, n: int = 20) -> tuple[str, ...]:

@@ -252,3 +252,32 @@ def test_gpu_images_get_the_gpus_where_the_engine_has_nvidias_runtime():
     assert device_requests(gpu, {"runc": {}}) == []  # no GPUs here: the image runs on the CPU
     assert device_requests(cpu, {"nvidia": {}}) == []
     assert device_requests(None, {"nvidia": {}}) == []
+
+
+def test_a_build_cancelled_mid_read_ends_with_cancellation(tmp_path):
+    """Cancelled while a worker thread reads the package: the read finishes, the reader is
+    closed after it, and the cancellation (not 'generator already executing') comes out."""
+    zip_path = tmp_path / "p.zip"
+    weights = os.urandom(8 << 20)
+    zip_path.write_bytes(raw_zip({"cog.yaml": "model: infer.py:Model\n", "w.bin": weights}))
+
+    async def cancel_mid_read(delay: float) -> bool:
+        chunks = build_context(zip_path, "FROM x\n")
+        for _ in range(3):  # Dockerfile, wheel, then the first read from the zip
+            await chunks.__anext__()
+        pending = asyncio.ensure_future(chunks.__anext__())
+        await asyncio.sleep(delay)
+        pending.cancel()
+        try:
+            await pending
+        except asyncio.CancelledError:
+            return True
+        finally:
+            await chunks.aclose()
+        return False  # the read was over before the cancel came: nothing to see
+
+    async def many() -> int:
+        # At several points of the read; before the fix, a cancel mid-read failed there.
+        return sum([await cancel_mid_read(attempt * 0.0002) for attempt in range(20)])
+
+    assert asyncio.run(many()) >= 1

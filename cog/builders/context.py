@@ -63,9 +63,17 @@ async def build_context(zip_path: Path, dockerfile: str) -> AsyncIterator[bytes]
     yield _file(f"cog/{wheel_name}", wheel)
     members = _members(zip_path)
     loop = asyncio.get_running_loop()
+    reading: asyncio.Future[bytes | None] | None = None
     try:
-        while (chunk := await loop.run_in_executor(None, next, members, None)) is not None:
+        while True:
+            reading = loop.run_in_executor(None, next, members, None)
+            # shield: a cancelled build must not abandon a read still running in its thread
+            chunk = await asyncio.shield(reading)
+            if chunk is None:
+                break
             yield chunk
     finally:
+        if reading is not None and not reading.done():
+            await asyncio.wait([reading])  # closing a generator mid-read raises ValueError
         await loop.run_in_executor(None, members.close)
     yield b"\0" * (2 * BLOCK)
