@@ -207,10 +207,11 @@ def dockerfile_for(
         f"RUN {pip} {_quote(RUNTIME_REQUIREMENTS)}",
         f"COPY cog/{runtime_wheel} /tmp/cog/",
         f"RUN {pip} --no-deps /tmp/cog/{runtime_wheel} && rm -rf /tmp/cog",
+        # Image settings before the model's files, so a code change reuses them too.
         f"WORKDIR {WORKDIR}",
-        f"COPY package/ {WORKDIR}/",
         "EXPOSE 5000",
         'CMD ["python", "-m", "cog.server"]',
+        f"COPY package/ {WORKDIR}/",
     ]
     labels = {
         f"{LABEL_PREFIX}.package-id": package_id,

@@ -7,9 +7,9 @@ RUN python -m pip install --no-cache-dir 'aiohttp>=3.9' 'attrs>=22.1' 'pyyaml>=5
 COPY cog/cog-0.0.0-py3-none-any.whl /tmp/cog/
 RUN python -m pip install --no-cache-dir --no-deps /tmp/cog/cog-0.0.0-py3-none-any.whl && rm -rf /tmp/cog
 WORKDIR /src
-COPY package/ /src/
 EXPOSE 5000
 CMD ["python", "-m", "cog.server"]
+COPY package/ /src/
 LABEL org.cog-models.package-id="ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff" \
       org.cog-models.target="gpu" \
       org.cog-models.config="{\"Model\":\"infer.py:Model\",\"Name\":\"\",\"Environment\":{\"PythonVersion\":\"3.11\",\"PythonRequirements\":\"\",\"PythonPackages\":[\"tensorflow==1.15.0\"],\"SystemPackages\":null,\"Architectures\":[\"gpu\"],\"CUDA\":\"10.0\",\"CuDNN\":\"7\"},\"Examples\":null}" \
