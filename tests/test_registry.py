@@ -6,9 +6,11 @@ The builder path is covered by tests/test_registry_build.py against a real Docke
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import io
 import json
+import random
 import stat
 import zipfile
 from pathlib import Path
@@ -333,15 +335,103 @@ async def test_malformed_requests(client, spool, kwargs, words):
     assert list(spool.iterdir()) == []
 
 
+BOUNDARY = "cogtestboundary"
+FILE_HEAD = (
+    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="package.zip"\r\n'
+    "Content-Type: application/zip\r\n\r\n"
+).encode()
+CLOSE = f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def _gzip_cut_short(body: bytes) -> list[bytes]:
+    """A gzip stream of body whose deflate data turns to garbage four fifths of the way,
+    in two pieces: sent apart, the server is spooling the file when the garbage comes."""
+    packed = gzip.compress(body, compresslevel=1)
+    cut = len(packed) * 4 // 5
+    return [packed[:cut], b"\xff" * 4096]
+
+
+def _malformed_bodies(data: bytes) -> dict[str, tuple[bytes | list[bytes], dict[str, str], str]]:
+    """Raw request bodies aiohttp's multipart reader cannot parse, and words of the error."""
+    # Compressible (Huffman-coded, where garbage is an error, unlike stored blocks), and
+    # over one spool batch before the garbage starts.
+    rng = random.Random(7)
+    words = [bytes(rng.choices(b"abcdefghijklmnop", k=rng.randint(2, 9))) for _ in range(500)]
+    noise = b" ".join(rng.choices(words, k=330_000))[: 1900 * 1024]
+    return {
+        "no closing boundary": (FILE_HEAD + data, {}, "closing boundary"),
+        "wrong starting boundary": (
+            (FILE_HEAD + data + CLOSE).replace(BOUNDARY.encode(), b"otherboundary"),
+            {},
+            "boundary declared",
+        ),
+        "garbage": (b"this is not multipart at all", {}, "boundary declared"),
+        "empty body": (b"", {}, "boundary declared"),
+        "header line without a colon": (
+            f"--{BOUNDARY}\r\nContent-Disposition form-data\r\n\r\n".encode() + data + CLOSE,
+            {},
+            "Invalid HTTP header",
+        ),
+        "gzip body that is not gzip": (
+            FILE_HEAD + data + CLOSE,
+            {"Content-Encoding": "gzip"},
+            "content-encoding: gzip",
+        ),
+        "gzip body corrupt mid-file": (
+            _gzip_cut_short(FILE_HEAD + noise + CLOSE),
+            {"Content-Encoding": "gzip"},
+            "content-encoding: gzip",
+        ),
+        "gzip-encoded file part": (
+            FILE_HEAD.replace(b"\r\n\r\n", b"\r\nContent-Encoding: gzip\r\n\r\n")
+            + gzip.compress(data)
+            + CLOSE,
+            {},
+            "Content-Encoding: gzip",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_malformed_bodies(b"")), ids=lambda c: c.replace(" ", "-"))
+@pytest.mark.parametrize("accept", ["application/json", NDJSON])
+async def test_malformed_multipart_bodies_are_400(client, spool, hello, case, accept):
+    """Bodies the multipart parser chokes on, sent as raw bytes: a 400 JSON error saying
+    what is wrong (not a 500 with a traceback), no temp file, nothing stored."""
+    data, _ = hello
+    body, headers, words = _malformed_bodies(data)[case]
+
+    async def pieces():
+        for i, piece in enumerate(body):
+            if i:
+                await asyncio.sleep(0.2)
+            yield piece
+
+    with capture_logs() as logs:
+        response = await client.post(
+            "/v1/packages/upload",
+            data=io.BytesIO(body) if isinstance(body, bytes) else pieces(),
+            headers={
+                "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
+                "Accept": accept,
+                **headers,
+            },
+        )
+        assert response.status == 400, await response.text()
+        assert response.content_type == "application/json"
+        error = (await response.json())["error"]
+    assert words.lower() in error.lower(), error
+    assert not [entry for entry in logs if entry["log_level"] == "error"], logs
+    assert list(spool.iterdir()) == []
+    assert await stored_keys(client.app[STORAGE]) == []
+    assert (await client.get("/ping")).status == 200
+
+
 async def test_truncated_upload_leaves_nothing(client, spool, hello):
     """A client that disconnects mid-upload: no temp file, nothing stored, still serving."""
     data, _ = hello
     filler = b"\0" * (1024 * 1024)
-    boundary = "cogtestboundary"
-    head = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
-        'filename="package.zip"\r\nContent-Type: application/zip\r\n\r\n'
-    ).encode()
+    boundary = BOUNDARY
+    head = FILE_HEAD
     declared = len(head) + len(data) + len(filler) + 100
     request = (
         f"POST /v1/packages/upload HTTP/1.1\r\nHost: test\r\n"

@@ -159,7 +159,10 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         raise
     except Exception as exc:
         status, message, extra = error_response(exc)
-        return json_error(status, message, **extra)
+        response = json_error(status, message, **extra)
+        if getattr(exc, "close_connection", False):
+            response.force_close()
+        return response
 
 
 @web.middleware

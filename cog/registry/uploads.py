@@ -12,20 +12,33 @@ import asyncio
 import hashlib
 import os
 import tempfile
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
+T = TypeVar("T")
 READ_CHUNK = 256 * 1024
 BATCH = 1024 * 1024
 FIELD = "file"
+#: part encodings that leave the bytes as they are (the zip is sent as is)
+IDENTITY = ("", "identity", "binary", "8bit", "7bit")
 
 
 class UploadError(Exception):
     """A request that is not a usable upload (400)."""
 
     http_status = 400
+    #: the connection cannot serve another request after this one (the body's framing
+    #: is lost); the error response says `Connection: close`
+    close_connection = False
+
+
+class UndecodableBody(UploadError):
+    close_connection = True
 
 
 class UploadTooLarge(UploadError):
@@ -63,26 +76,28 @@ async def receive_upload(request: web.Request, tmp_dir: Path, max_bytes: int) ->
             f"expected a multipart/form-data upload with a '{FIELD}' field, "
             f"got {request.content_type or 'no content type'}"
         )
-    try:
-        reader = await request.multipart()
-    except (ValueError, AssertionError) as exc:
-        raise UploadError(f"malformed multipart upload: {exc}") from exc
-
     received: ReceivedUpload | None = None
     try:
+        reader = await _parsing(request.multipart())
         while True:
-            part = await reader.next()
+            part = await _parsing(reader.next())
             if part is None:
                 break
             if not isinstance(part, BodyPartReader):
                 raise UploadError("nested multipart uploads are not supported")
             if part.name == FIELD and received is None:
+                _check_part_encoding(part)
                 received = await _spool(part, tmp_dir, max_bytes)
             else:
-                await part.release()  # other fields are not ours; drain them
-    except BaseException:
+                await _parsing(part.release())  # other fields are not ours; drain them
+    except BaseException as exc:
         if received is not None:
             received.path.unlink(missing_ok=True)
+        if isinstance(exc, UndecodableBody):
+            # The rest of the body cannot be read (aiohttp would try to drain it after the
+            # response and log the stored error again): it ends here, and so does the
+            # connection.
+            request.content.feed_eof()
         raise
     if received is None:
         raise UploadError(f"the upload has no '{FIELD}' field (send the zip as {FIELD}=@pkg.zip)")
@@ -106,7 +121,7 @@ async def _spool(part: BodyPartReader, tmp_dir: Path, max_bytes: int) -> Receive
             batch: list[bytes] = []
             batch_size = 0
             while True:
-                chunk = await part.read_chunk(READ_CHUNK)
+                chunk = await _parsing(part.read_chunk(READ_CHUNK))
                 if not chunk:
                     break
                 size += len(chunk)
@@ -131,3 +146,50 @@ async def _spool(part: BodyPartReader, tmp_dir: Path, max_bytes: int) -> Receive
         path.unlink(missing_ok=True)
         raise
     return ReceivedUpload(path=path, package_id=digest.hexdigest(), size=size)
+
+
+#: what aiohttp raises for a body it cannot parse as multipart: a missing starting or
+#: closing boundary, a header line without a colon, a body that does not decode as its
+#: Content-Encoding says (the parser's error arrives wrapped in RequestPayloadError).
+_MALFORMED = (ValueError, AssertionError, HttpProcessingError, web.RequestPayloadError)
+
+
+async def _parsing(step: Awaitable[T]) -> T:
+    """Await one step of reading the multipart body; a malformed body is an UploadError.
+
+    Only the parser's errors are translated: a client that goes away, a cancelled request
+    and our own UploadErrors pass through unchanged.
+    """
+    try:
+        return await step
+    except UploadError:
+        raise
+    except web.RequestPayloadError as exc:
+        raise UndecodableBody(f"malformed upload body: {_describe(exc)}") from None
+    except _MALFORMED as exc:
+        raise UploadError(f"malformed multipart upload: {_describe(exc)}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    cause = exc.__cause__ if isinstance(exc, web.RequestPayloadError) else exc
+    text = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+    text = " ".join(text.split())
+    if text == "Reading after EOF":
+        return "the body ended before the closing boundary (truncated upload?)"
+    if text.startswith("Could not find starting boundary"):
+        return (
+            "the body does not start with the boundary declared in Content-Type "
+            "(empty body, or not multipart/form-data)"
+        )
+    return text or type(exc).__name__
+
+
+def _check_part_encoding(part: BodyPartReader) -> None:
+    """The file part must carry the zip's own bytes: they are hashed as they arrive."""
+    for header in ("Content-Encoding", "Content-Transfer-Encoding"):
+        value = part.headers.get(header, "").strip().lower()
+        if value not in IDENTITY:
+            raise UploadError(
+                f"the '{FIELD}' part has {header}: {value}; send the zip's bytes as they "
+                "are (no part encoding)"
+            )
