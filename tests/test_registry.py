@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from cog.builders import Builder
 from cog.events import NDJSON
 from cog.registry.app import STORAGE, ServerSettings, make_app
 from cog.registry.catalog import record_key
 from cog.registry.records import encode_record
+from cog.storage import CheckedStorage, load_storage
 from tests.registry_helpers import form, make_model_dir, package_bytes, raw_zip, stored_keys
 
 SEED_KEYS = {"ID", "Name", "Artifacts", "Config"}
@@ -512,3 +514,88 @@ async def test_package_from_another_server_appears_within_ttl(aiohttp_client, se
         if listing:
             break
     assert [p["ID"] for p in listing] == [package_id]
+
+
+async def test_a_record_whose_zip_is_gone_is_404_and_an_upload_restores_it(client, hello):
+    data, package_id = hello
+    await upload(client, data)
+    storage = client.app[STORAGE]
+    await storage.delete(f"packages/{package_id}.zip")  # what a delete running now does
+    with capture_logs() as logs:
+        response = await client.get(f"/v1/packages/{package_id[:8]}.zip")
+    assert response.status == 404
+    assert "zip is not in storage" in (await response.json())["error"]
+    assert any(e["event"] == "package record without its zip" for e in logs)
+    assert (await client.get(f"/v1/packages/{package_id}")).status == 200  # record kept
+
+    again = await upload(client, data)
+    assert again.status == 200
+    response = await client.get(f"/v1/packages/{package_id}.zip")
+    assert response.status == 200 and await response.read() == data
+
+
+class DeleteDuringUpload(CheckedStorage):
+    """Real local storage, in which another server's delete of one package takes its
+    second step (removing the zip; the record went first) at the worst moment for this
+    server's upload of it: after the upload saw the zip in storage, before it writes the
+    record. That interleaving of two servers, made deterministic."""
+
+    def __init__(self, url: str, package_id: str):
+        super().__init__(load_storage(url).backend)
+        self.package_id = package_id
+        self.deleted = False
+
+    async def write(self, key, chunks):
+        if key == record_key(self.package_id) and not self.deleted:
+            self.deleted = True
+            await self.delete(f"packages/{self.package_id}.zip")
+        return await super().write(key, chunks)
+
+
+async def test_upload_racing_another_servers_delete_never_leaves_a_record_without_zip(
+    aiohttp_client, settings, hello
+):
+    data, package_id = hello
+    one = await aiohttp_client(make_app(settings))
+    racing = DeleteDuringUpload(settings.storage_url, package_id)
+    two = await aiohttp_client(make_app(settings, storage=racing))
+    assert (await upload(one, data)).status == 200
+    # Server one deletes the package: its record first...
+    await one.app[STORAGE].delete(record_key(package_id))
+    # ...and server two receives the same package meanwhile; the zip goes mid-upload.
+    response = await upload(two, data, headers={"Accept": NDJSON})
+    events = [json.loads(line) for line in (await response.read()).splitlines()]
+    assert racing.deleted
+    assert events[-1]["type"] == "package", events
+    assert any("removed the stored copy" in e.get("message", "") for e in events)
+    assert await stored_keys(one.app[STORAGE]) == [
+        f"packages/{package_id}.zip",
+        record_key(package_id),
+    ]
+    for server in (one, two):
+        response = await server.get(f"/v1/packages/{package_id}.zip")
+        assert response.status == 200 and await response.read() == data
+
+
+class NeverBuilds(Builder):
+    """A builder only so that the rebuild route gets as far as fetching the zip; it is
+    never asked to build (the zip is missing), and fails the test if it is."""
+
+    @classmethod
+    def from_settings(cls, settings):
+        return cls()
+
+    async def build(self, request):
+        raise AssertionError("the rebuild went on without the package's zip")
+        yield
+
+
+async def test_rebuild_of_a_record_whose_zip_is_gone_is_404(aiohttp_client, settings, hello):
+    data, package_id = hello
+    store_only = await aiohttp_client(make_app(settings))
+    assert (await upload(store_only, data)).status == 200
+    await store_only.app[STORAGE].delete(f"packages/{package_id}.zip")
+    builder = await aiohttp_client(make_app(settings, builder=NeverBuilds()))
+    response = await builder.post(f"/v1/packages/{package_id[:8]}/build")
+    assert response.status == 404
+    assert "zip is not in storage" in (await response.json())["error"]

@@ -31,7 +31,7 @@ from cog.package import short_id
 from cog.registry.catalog import Catalog, PackageNotFound, log_key, package_key
 from cog.registry.records import Artifact, PackageRecord, Status, now, record_to_json
 from cog.registry.uploads import format_size
-from cog.storage import Storage
+from cog.storage import NotFound, Storage
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +55,15 @@ class BuildOptions:
     heartbeat: float = 30.0
     #: ...so a "building" record older than this belongs to a server that died: rebuild
     stale_after: float = 120.0
+
+
+def missing_zip(package_id: str) -> str:
+    """The error for a record whose zip is gone (a delete running now, a store changed by
+    hand)."""
+    return (
+        f"package {short_id(package_id)} has a record but its zip is not in storage "
+        "(being deleted?); upload it again to restore it"
+    )
 
 
 async def file_chunks(path: Path, chunk_size: int = FILE_CHUNK) -> AsyncIterator[bytes]:
@@ -168,7 +177,11 @@ class Packages:
         except PackageNotFound:
             existing = None
 
+        key = package_key(package_id)
         if existing is not None and existing.status is Status.READY:
+            if not await self.storage.exists(key):  # lost to a delete race (below): restore
+                yield events.status("Storing package (its stored copy was missing)")
+                await self.storage.write(key, file_chunks(zip_path))
             yield events.status("This package is already stored and built; nothing to do")
             yield events.package(record_to_json(existing))
             return
@@ -185,9 +198,9 @@ class Packages:
                     yield event
                 return
 
-        if not await self.storage.exists(package_key(package_id)):
+        if not await self.storage.exists(key):
             yield events.status("Storing package")
-            await self.storage.write(package_key(package_id), file_chunks(zip_path))
+            await self.storage.write(key, file_chunks(zip_path))
         record = PackageRecord(
             id=package_id,
             name=config.name or DEFAULT_NAME,
@@ -199,6 +212,13 @@ class Packages:
             signature=signature,
         )
         await self.catalog.put(record)
+        # Another server's delete of this package may have removed the zip after we saw it
+        # (its record first, then its zip): look again now that our record exists, and
+        # write it back if it went. Packages are content-addressed, so rewriting is safe.
+        if not await self.storage.exists(key):
+            log.warning("package zip deleted while it was uploaded again; storing it again")
+            yield events.status("Storing package (a delete removed the stored copy meanwhile)")
+            await self.storage.write(key, file_chunks(zip_path))
         if self.builder is None:
             yield events.status("Stored (this server has no builder, so no images were built)")
             yield events.package(record_to_json(record))
@@ -222,8 +242,13 @@ class Packages:
         zip_path = Path(name)
         try:
             yield events.status("Fetching package from storage")
-            async with self.storage.open_reader(package_key(record.id)) as blob:
-                await _to_file(blob.chunks(), zip_path)
+            try:
+                async with self.storage.open_reader(package_key(record.id)) as blob:
+                    await _to_file(blob.chunks(), zip_path)
+            except NotFound:
+                log.warning("package record without its zip", package_id=record.id)
+                yield events.error(missing_zip(record.id), 404)
+                return
             record = record.evolve(status=Status.BUILDING, error="")
             await self.catalog.put(record)
             async with contextlib.aclosing(self._build(record, zip_path)) as stream:
