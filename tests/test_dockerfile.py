@@ -16,13 +16,20 @@ from pathlib import Path
 import pytest
 
 import cog
-from cog.builders import DEFAULT_BASE_IMAGES, BuildError, BuilderSettings
+from cog.builders import DEFAULT_BASE_IMAGES, BuilderConfigError, BuildError, BuilderSettings
 from cog.builders.context import build_context
-from cog.builders.dockerfile import dockerfile_for, gpu_packages
+from cog.builders.dockerfile import (
+    cuda_wheels,
+    dockerfile_for,
+    dockerfile_for_request,
+    gpu_packages,
+)
 from cog.builders.runtime import runtime_wheel
 from cog.config import check_config
 from cog.container import TARGET_LABEL, device_requests
+from tests.builder_helpers import package_request
 from tests.registry_helpers import raw_zip
+from tests.test_cli import COG, free_port
 
 GOLDEN = Path(__file__).parent / "golden"
 PACKAGE_ID = "f" * 64
@@ -41,17 +48,30 @@ class Files:
         return self.files[path]
 
 
-def render(yaml: str, target: str, strategy: str = "wheels", files=None, base=None) -> str:
+def render(
+    yaml: str,
+    target: str,
+    strategy: str = "wheels",
+    files=None,
+    base=None,
+    *,
+    package_id: str = PACKAGE_ID,
+    wheel: str = WHEEL,
+    stamped: bool = False,
+) -> str:
     files = {"infer.py": MODEL, **(files or {})}
     config = check_config(yaml, Files(files))
     bases = {**DEFAULT_BASE_IMAGES, **({"gpu": base} if base else {})}
     settings = BuilderSettings(registry="r:5000", gpu_strategy=strategy, base_images=bases)
+    # As dockerfile_for_request does: GPU images get the requirements file's text.
+    path = config.environment.python_requirements
+    requirements = files[path] if target == "gpu" and path else None
     text = dockerfile_for(
-        config, target, settings, package_id=PACKAGE_ID, runtime_wheel=WHEEL,
-        signature_json='{"arguments": {}}',
+        config, target, settings, package_id=package_id, runtime_wheel=wheel,
+        signature_json='{"arguments": {}}', requirements=requirements,
     )  # fmt: skip
     # The cog version is stamped in; keep the golden files version-independent.
-    return text.replace(cog.__version__, "VERSION")
+    return text if stamped else text.replace(cog.__version__, "VERSION")
 
 
 CASES = {
@@ -77,6 +97,50 @@ CASES = {
         "gpu",
         "image",
         {},
+    ),
+    # torch pinned in the requirements file: rewritten there too (torch 1.7: CUDA 11.0,
+    # which only the image strategy can give).
+    "gpu-image-torch-requirements": (
+        "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "  python_version: '3.10'\n  python_requirements: requirements.txt\n",
+        "gpu",
+        "image",
+        {
+            "requirements.txt": "# the model's packages\nnumpy==1.26.4\n"
+            "torch==1.7.1  # CPU build on PyPI\ntorchvision==0.8.2 ; python_version < '3.12'\n"
+        },
+        "site.local/cuda:{cuda}-cudnn{cudnn_major}-runtime-ubuntu22.04",
+    ),
+    # torch brings its own nvidia-* wheels: none installed beside them, registered after.
+    "gpu-wheels-torch-requirements": (
+        "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "  python_requirements: requirements.txt\n  python_packages: ['torchvision==0.16.0']\n",
+        "gpu",
+        "wheels",
+        {"requirements.txt": "torch==2.1.0\n"},
+    ),
+    # No framework: the CUDA runtime and cuDNN, and the cuBLAS of that CUDA cuDNN needs.
+    "gpu-wheels-no-framework": (
+        "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "  cuda: '11.7'\n  cudnn: '8.5'\n  python_packages: ['numpy==2.1.0']\n",
+        "gpu",
+        "wheels",
+        {},
+    ),
+    "gpu-wheels-tf-and-cuda": (
+        "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "  python_packages: ['tensorflow==2.15.0']\n",
+        "gpu",
+        "wheels",
+        {},
+    ),
+    # TensorFlow before the and-cuda extra: every library it loads, explicitly.
+    "gpu-wheels-tf-explicit": (
+        "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "  python_requirements: requirements.txt\n",
+        "gpu",
+        "wheels",
+        {"requirements.txt": "tensorflow==2.13.1\n"},
     ),
     "gpu-image-tf1": (
         "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
@@ -121,16 +185,121 @@ def test_layer_order_puts_what_changes_most_last():
     assert order == sorted(order)
 
 
-def test_model_code_does_not_reach_the_dependency_layers():
-    """Only the package id and model files differ between two packages of a model: every
-    line before the final COPY must be identical, so those layers stay cached."""
-    yaml = CASES["cpu-packages"][0]
-    a = render(yaml, "cpu", files={"requirements.txt": "requests==2.32.3\n"})
-    b = render(yaml, "cpu", files={"requirements.txt": "requests==2.32.3\n"}).replace(
-        PACKAGE_ID, "e" * 64
+def _real_dockerfile(root: Path, tmp_path: Path, target: str, strategy: str = "wheels") -> str:
+    """The Dockerfile of a real package of the model directory root (zip, ID, config)."""
+    request = package_request(root, tmp_path / f"{root.name}.zip", "r:5000", target=target)
+    return dockerfile_for_request(
+        request, BuilderSettings(registry="r:5000", gpu_strategy=strategy)
     )
-    cut = layer_index(a, "COPY package/ /src/")
-    assert a.splitlines()[1:cut] == b.splitlines()[1:cut]
+
+
+def _before(text: str, needle: str) -> list[str]:
+    lines = text.splitlines()
+    return lines[: layer_index(text, needle)]
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_model_code_does_not_reach_the_dependency_layers(tmp_path, target):
+    """Two real packages of one model, differing only in its code: every line before the
+    model's files is identical, so those layers stay cached."""
+    trees = []
+    for name in ("one", "two"):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "cog.yaml").write_text(
+            "model: infer.py:Model\nenvironment:\n  architectures: [cpu, gpu]\n"
+            "  python_requirements: requirements.txt\n  python_packages: ['torch==2.1.0']\n"
+            "  system_packages: [libsndfile1]\n"
+        )
+        (root / "requirements.txt").write_text("numpy==1.26.4\ntorchvision==0.16.0\n")
+        (root / "infer.py").write_text(MODEL + f"# {name}\n")
+        trees.append(root)
+    one, two = (_real_dockerfile(root, tmp_path, target) for root in trees)
+    assert one != two  # the package IDs (labels) differ
+    assert _before(one, "COPY package/") == _before(two, "COPY package/")
+    assert len(_before(one, "COPY package/")) > 8
+
+
+def test_a_new_cog_version_leaves_the_packages_layers_alone(monkeypatch):
+    """A new cog version changes the runtime wheel (its name and bytes) and the labels;
+    every layer of the user's packages stays the same."""
+    yaml, target, strategy, files = CASES["cpu-packages"]
+    old = render(yaml, target, strategy, files, wheel=runtime_wheel()[0], stamped=True)
+    monkeypatch.setattr(cog, "__version__", "99.0.0")
+    runtime_wheel.cache_clear()
+    try:
+        wheel = runtime_wheel()[0]
+        new = render(yaml, target, strategy, files, wheel=wheel, stamped=True)
+    finally:
+        monkeypatch.undo()
+        runtime_wheel.cache_clear()
+    assert wheel == "cog-99.0.0-py3-none-any.whl"
+    assert 'cog-version="99.0.0"' in new and f'cog-version="{cog.__version__}"' in old
+    # Up to (and with) the runtime's own dependencies, nothing changed.
+    assert _before(old, "COPY cog/") == _before(new, "COPY cog/")
+    assert "pillow==11.3.0" in " ".join(_before(new, "COPY cog/"))
+
+
+def test_requirements_pins_are_rewritten_for_gpu_images(tmp_path):
+    """A torch pin in the requirements file picks the CUDA in config completion, so the
+    GPU image installs that CUDA's build of it (read from the real zip), and the CPU image
+    installs the file as written."""
+    root = tmp_path / "model"
+    root.mkdir()
+    (root / "cog.yaml").write_text(
+        "model: infer.py:Model\nenvironment:\n  architectures: [cpu, gpu]\n"
+        "  python_requirements: deps/requirements.txt\n"
+    )
+    (root / "deps").mkdir()
+    (root / "deps" / "requirements.txt").write_text("torch==2.5.1\ntorchaudio==2.5.1\n")
+    (root / "infer.py").write_text(MODEL)
+    gpu = _real_dockerfile(root, tmp_path, "gpu")
+    assert "printf '%s\\n' torch==2.5.1+cu124 torchaudio==2.5.1+cu124 >" in gpu
+    assert "--extra-index-url https://download.pytorch.org/whl/cu124 -r " in gpu
+    assert "COPY [" not in gpu
+    cpu = _real_dockerfile(root, tmp_path, "cpu")
+    assert 'COPY ["package/deps/requirements.txt", "/tmp/cog/requirements.txt"]' in cpu
+    assert "cu124" not in cpu
+    # Nothing to rewrite: the file is copied as written on GPU images too.
+    (root / "deps" / "requirements.txt").write_text("numpy==2.1.0\n")
+    assert 'COPY ["package/deps/requirements.txt"' in _real_dockerfile(root, tmp_path, "gpu")
+
+
+def test_wheels_strategy_installs_cuda_once():
+    """torch and TF >= 2.14 bring NVIDIA's wheels themselves: nothing installed beside them
+    (which pip would replace by their own pins, the image carrying both)."""
+    torch = render(*CASES["gpu-wheels-torch"][:3])
+    assert "nvidia-" not in torch
+    assert layer_index(torch, "torch==2.1.0+cu121") < layer_index(torch, "ldconfig")
+    tf = render(*CASES["gpu-wheels-tf-and-cuda"][:3])
+    assert "'tensorflow[and-cuda]==2.15.0'" in tf and "nvidia-" not in tf
+    explicit = render(
+        *CASES["gpu-wheels-tf-explicit"][:3], files=CASES["gpu-wheels-tf-explicit"][3]
+    )
+    for library in ("cuda-runtime", "cudnn", "cublas", "cufft", "curand", "cusolver", "cusparse"):
+        assert f"nvidia-{library}-cu11" in explicit
+    assert 'COPY ["package/requirements.txt"' in explicit and "and-cuda" not in explicit
+    # cuDNN given as a major ("8") or with its minor ("8.9"): both give a wheel pin.
+    assert cuda_wheels("12.1", "8")[:3] == [
+        "nvidia-cuda-runtime-cu12==12.1.*", "nvidia-cudnn-cu12==8.*", "nvidia-cublas-cu12==12.1.*",
+    ]  # fmt: skip
+    assert cuda_wheels("11.8", "8.6")[1:3] == [
+        "nvidia-cudnn-cu11==8.6.*",
+        "nvidia-cublas-cu11==11.11.*",
+    ]
+    assert cuda_wheels("12.4", "9.1.0")[1] == "nvidia-cudnn-cu12==9.1.*"
+
+
+def test_image_strategy_gives_the_packages_python():
+    """NVIDIA's images carry no Python: the package's python_version is installed (from the
+    distribution) into a virtualenv, or the step fails saying why; never another version."""
+    text = render(*CASES["gpu-image-torch"][:3])
+    assert "python3.11 -m venv /opt/cog" in text
+    assert "apt-get install -y --no-install-recommends python3.11 python3.11-venv" in text
+    assert "has no Python 3.11" in text and "--gpu-strategy wheels" in text
+    assert "ENV PATH=/opt/cog/bin:" in text
+    assert layer_index(text, "python3.11 -m venv") < layer_index(text, "torch==2.4.1")
+    assert "python3 " not in text  # not the distribution's default Python
 
 
 def test_default_bases_and_templates():
@@ -149,9 +318,17 @@ OLD_TORCH = (
 
 
 def test_wheels_strategy_refuses_cuda_without_wheels():
+    """NVIDIA's library wheels start at CUDA 11.7: older CUDA needs the image strategy,
+    unless torch brings its CUDA libraries itself (its old wheels carry them inside)."""
+    no_framework = "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n  cuda: '11.0'\n"
     with pytest.raises(BuildError, match=r"CUDA 11.0.*--gpu-strategy image") as caught:
-        render(OLD_TORCH, "gpu", "wheels")
+        render(no_framework, "gpu", "wheels")
     assert caught.value.step == "Dockerfile"
+    tf = "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+    with pytest.raises(BuildError, match=r"CUDA 11.2.*--gpu-strategy image"):
+        render(tf + "  python_packages: ['tensorflow==2.6.0']\n", "gpu", "wheels")
+    text = render(OLD_TORCH, "gpu", "wheels")
+    assert "torch==1.7.1+cu110" in text and "nvidia-" not in text
 
 
 def test_image_strategy_needs_a_base_for_a_cuda_nvidia_no_longer_publishes():
@@ -182,6 +359,18 @@ def test_gpu_rewrites():
     assert packages == ["tensorflow_gpu==1.15.0"] and extra == []
     packages, _ = gpu_packages(["tensorflow==2.4.0"], "11.0")
     assert packages == ["tensorflow==2.4.0"]
+    # TensorFlow 2.14 and later: the and-cuda extra on the wheels strategy only.
+    packages, _ = gpu_packages(["tensorflow[foo]==2.16.1"], "12.3", strategy="wheels")
+    assert packages == ["tensorflow[foo,and-cuda]==2.16.1"]
+    packages, _ = gpu_packages(["tensorflow==2.16.1"], "12.3", strategy="image")
+    assert packages == ["tensorflow==2.16.1"]
+    # torchvision's suffix follows torch's pin given elsewhere (the requirements file);
+    # an environment marker stays.
+    packages, extra = gpu_packages(
+        ["torchvision==0.16.0 ; python_version < '3.13'"], "12.1", pins={"torch": "2.1.0"}
+    )
+    assert packages == ["torchvision==0.16.0+cu121 ; python_version < '3.13'"]
+    assert extra[:2] == ["--extra-index-url", "https://download.pytorch.org/whl/cu121"]
 
 
 def test_run_lines_are_shell_safe():
@@ -281,3 +470,50 @@ def test_a_build_cancelled_mid_read_ends_with_cancellation(tmp_path):
         return sum([await cancel_mid_read(attempt * 0.0002) for attempt in range(20)])
 
     assert asyncio.run(many()) >= 1
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        ("x:{pyver}", "unknown placeholder {pyver}"),
+        ("x:{0}", "unknown placeholder {0}"),
+        ("x:{python_version", "not a valid template"),
+        ("x:{cuda!r}", "placeholder {cuda!r} takes no format"),
+        ("  ", "is empty"),
+    ],
+)
+def test_base_image_templates_are_checked_when_the_settings_are_made(template, problem):
+    with pytest.raises(BuilderConfigError) as caught:
+        BuilderSettings(registry="r:5000", base_images={"gpu": template})
+    assert problem in str(caught.value)
+    assert f"gpu={template}" in str(caught.value)
+    assert "{python_version}, {cuda}, {cudnn}, {cudnn_major}, {nvidia_tag}" in str(caught.value)
+    with pytest.raises(BuilderConfigError, match="unknown GPU strategy 'cuda'"):
+        BuilderSettings(registry="r:5000", gpu_strategy="cuda")
+    # Every placeholder works, and targets not given keep their defaults.
+    settings = BuilderSettings(
+        registry="r:5000",
+        gpu_strategy="image",
+        base_images={"gpu": "site/{cuda}-{cudnn}-{cudnn_major}-{python_version}{nvidia_tag}"},
+    )
+    assert settings.base_images["cpu"] == DEFAULT_BASE_IMAGES["cpu"]
+    text = render(CASES["gpu-image-torch"][0], "gpu", "image", base=settings.base_images["gpu"])
+    assert text.splitlines()[1] == "FROM site/12.4-9-9-3.1112.4.1-cudnn-runtime-ubuntu22.04"
+
+
+def test_cog_server_refuses_a_bad_base_image_template(tmp_path):
+    """The real `cog server` process: one line naming the placeholder, exit 1, before it
+    listens (it used to start, then answer every build with a 500)."""
+    import subprocess
+
+    result = subprocess.run(
+        [COG, "server", "--port", str(free_port()), "--storage", f"file://{tmp_path}",
+         "--base-image", "cpu=x:{pyver}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "cog: error: base image template cpu=x:{pyver}: unknown placeholder {pyver} "
+        "(allowed: {python_version}, {cuda}, {cudnn}, {cudnn_major}, {nvidia_tag})"
+    ]
+    assert "listening" not in result.stdout

@@ -32,19 +32,83 @@ DEFAULT_BASE_IMAGES = {
     # {nvidia_tag}: NVIDIA's tag for the CUDA/cuDNN pair (cog/data/compatibility.json)
     "gpu": "nvidia/cuda:{nvidia_tag}",
 }
+#: What a base image template may say: {cudnn} is the config's cuDNN as given ("8" or
+#: "8.9"), {cudnn_major} only its major version ("8"), as NVIDIA's image tags have it.
+BASE_IMAGE_PLACEHOLDERS = ("python_version", "cuda", "cudnn", "cudnn_major", "nvidia_tag")
+GPU_STRATEGIES = ("wheels", "image")
+
+
+def template_problem(template: str) -> str | None:
+    """Why a base image template cannot be used, or None."""
+    import string
+
+    if not template.strip():
+        return "is empty"
+    try:
+        fields = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(template)
+            if name is not None
+        ]
+    except ValueError as exc:
+        return f"is not a valid template ({exc}; write a literal brace as {{{{ or }}}})"
+    for name, spec, conversion in fields:
+        shown = (
+            "{"
+            + name
+            + (f"!{conversion}" if conversion else "")
+            + (f":{spec}" if spec else "")
+            + "}"
+        )
+        if name not in BASE_IMAGE_PLACEHOLDERS:
+            return f"unknown placeholder {shown}"
+        if spec or conversion:
+            return f"placeholder {shown} takes no format"
+    return None
+
+
+def _base_images(value: Mapping[str, str]) -> dict[str, str]:
+    """The operator's templates over the defaults, each checked (BuilderConfigError)."""
+    merged = {**DEFAULT_BASE_IMAGES, **value}
+    for target, template in merged.items():
+        if target not in DEFAULT_BASE_IMAGES:
+            raise BuilderConfigError(
+                f"base image for unknown target {target!r} (targets: cpu, gpu)"
+            )
+        problem = template_problem(template)
+        if problem:
+            allowed = ", ".join(f"{{{name}}}" for name in BASE_IMAGE_PLACEHOLDERS)
+            raise BuilderConfigError(
+                f"base image template {target}={template}: {problem} (allowed: {allowed})"
+            )
+    return merged
+
+
+def _check_strategy(_instance: object, _attribute: object, value: str) -> None:
+    if value not in GPU_STRATEGIES:
+        raise BuilderConfigError(
+            f"unknown GPU strategy {value!r} (use {' or '.join(GPU_STRATEGIES)})"
+        )
 
 
 @attrs.frozen
 class BuilderSettings:
-    """What the operator chose on `cog server`'s command line, for any builder."""
+    """What the operator chose on `cog server`'s command line, for any builder.
+
+    Checked when made: an unusable base image template or GPU strategy raises
+    BuilderConfigError, so a server refuses to start rather than fail every build.
+    """
 
     #: registry host[:port][/path] that images are pushed to, e.g. 127.0.0.1:5000
     registry: str
-    #: target -> image template with {python_version}, {cuda}, {cudnn}, {nvidia_tag} placeholders
-    base_images: Mapping[str, str] = attrs.field(factory=lambda: dict(DEFAULT_BASE_IMAGES))
+    #: target -> image template with the BASE_IMAGE_PLACEHOLDERS; missing targets get
+    #: DEFAULT_BASE_IMAGES
+    base_images: Mapping[str, str] = attrs.field(
+        factory=lambda: dict(DEFAULT_BASE_IMAGES), converter=_base_images
+    )
     #: "wheels": CUDA/cuDNN from NVIDIA's pip wheels on the CPU base (no CUDA image needed);
     #: "image": an NVIDIA CUDA/cuDNN base image
-    gpu_strategy: str = "wheels"
+    gpu_strategy: str = attrs.field(default="wheels", validator=_check_strategy)
     #: Docker Engine address (unix:///var/run/docker.sock, tcp://...); None: DOCKER_HOST/default
     docker_host: str | None = None
     #: builder-specific options (`cog server --builder-opt key=value`), e.g. buildkit address

@@ -3,15 +3,20 @@
 Layers go from what changes least to what changes most, so the cache does the work:
 
 1. the base image (``--base-image`` templates; sites without Docker Hub point them at
-   local images),
+   local images), and for the GPU ``image`` strategy the Python the package asks for,
 2. system packages (apt),
-3. for GPU images built with the ``wheels`` strategy: the CUDA runtime and cuDNN from
-   NVIDIA's pip wheels, registered with the dynamic loader,
-4. ``python_requirements`` (only that file is copied first), then ``python_packages``,
+3. for GPU images built with the ``wheels`` strategy and no framework that brings its own:
+   NVIDIA's CUDA library wheels,
+4. ``python_requirements`` (only that file is copied first), then ``python_packages``; on
+   ``wheels`` GPU images the NVIDIA libraries they brought are then registered with the
+   dynamic loader,
 5. the cog runtime (a wheel of the installing cog, :mod:`cog.builders.runtime`), so a new
    cog version never reinstalls the model's dependencies,
-6. the model's code and weights,
-7. labels (package ID, config, input signature, cog version) and the command.
+6. the image settings (WORKDIR, EXPOSE, CMD), then the model's code and weights,
+7. labels (package ID, config, input signature, cog version).
+
+Nothing before the model's files depends on the package ID or the cog version, so two
+packages of one model share every dependency layer.
 
 Build context layout (:mod:`cog.builders.context`)::
 
@@ -21,28 +26,37 @@ Build context layout (:mod:`cog.builders.context`)::
 
 GPU strategies (``BuilderSettings.gpu_strategy``):
 
-- ``wheels`` (default): the CPU base image plus ``nvidia-cuda-runtime-cuNN`` and
-  ``nvidia-cudnn-cuNN`` from PyPI. It needs no CUDA base image, so it works where only
-  PyPI is reachable (as on the machines cog is developed on), and the CPU and GPU images
-  share their base layers.
+- ``wheels`` (default): the CPU base image, and CUDA from NVIDIA's pip wheels. It needs no
+  CUDA base image, so it works where only PyPI is reachable (as on the machines cog is
+  developed on), and the CPU and GPU images share their base layers. What is installed is
+  what the framework needs, once: torch's CUDA wheels (PyTorch's index) depend on the
+  ``nvidia-*`` wheels they were built with, so they bring them; TensorFlow 2.14 and later
+  get the ``and-cuda`` extra, which does the same; older TensorFlow 2.x gets CUDA's
+  runtime, cuDNN, cuBLAS, cuFFT, cuRAND, cuSOLVER, cuSPARSE and CUPTI explicitly; a model
+  with neither framework gets the CUDA runtime and cuDNN (with the cuBLAS cuDNN needs).
 - ``image``: an NVIDIA CUDA/cuDNN runtime base image, the way the original Cog built GPU
   images: by default ``nvidia/cuda:{nvidia_tag}``, NVIDIA's published tag for the pair
   (e.g. ``12.1.1-cudnn8-runtime-ubuntu22.04``); a pair NVIDIA has no image for needs an
-  operator's ``--base-image gpu=...``.
+  operator's ``--base-image gpu=...``. Those images carry no Python: the package's
+  ``python_version`` comes from the base image if it has it, else from its distribution's
+  packages (Ubuntu 22.04: 3.10 and 3.11), in a virtualenv at /opt/cog; a version the
+  distribution does not package fails that step, saying so, rather than install another.
 
 On GPU images, pinned ``torch``/``torchvision``/``torchaudio`` become the wheel built for
 the chosen CUDA (``torch==1.7.1`` -> ``torch==1.7.1+cu110`` from PyTorch's per-CUDA index,
-and for torch 2.3 and older also its flat torch_stable.html page)
-and TensorFlow 1.x becomes ``tensorflow_gpu``. Pins inside a requirements file are
-installed as written.
+and for torch 2.3 and older also its flat torch_stable.html page) and TensorFlow 1.x
+becomes ``tensorflow_gpu``, in ``python_packages`` and in the requirements file alike
+(the rewritten file is written by the Dockerfile itself, so every builder gets it).
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import shlex
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Mapping, Sequence
 
 import cog
 from cog.builders import BuildError, BuilderSettings, BuildRequest
@@ -50,14 +64,32 @@ from cog.builders.runtime import RUNTIME_REQUIREMENTS, runtime_wheel
 from cog.config import Config, config_to_json
 
 WORKDIR = "/src"
+#: The virtualenv the GPU ``image`` strategy installs the package's Python into
+IMAGE_VENV = "/opt/cog"
 #: PyTorch's index of CUDA wheels, one per CUDA suffix (.../whl/cu121)
 PYTORCH_INDEX = "https://download.pytorch.org/whl/{suffix}"
 #: The older flat page of every wheel; PyTorch stopped updating it around torch 2.4
 PYTORCH_WHEELS = "https://download.pytorch.org/whl/torch_stable.html"
 _LAST_ON_WHEELS_PAGE = (2, 3)
+#: The first TensorFlow with the ``and-cuda`` extra (NVIDIA's wheels as dependencies)
+TF_AND_CUDA = (2, 14)
 LABEL_PREFIX = "org.cog-models"
 _PIN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*==\s*([^\s;]+)\s*$")
+_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 _TORCH_FAMILY = {"torch", "torchvision", "torchaudio"}
+_PIP = "python -m pip install --no-cache-dir"
+#: Every NVIDIA library directory pip put in site-packages (nvidia/<library>/lib), for
+#: the dynamic loader; none is fine (torch wheels that bundle their CUDA libraries).
+_REGISTER_NVIDIA_LIBS = (
+    'python -c "import glob, sysconfig; '
+    "print('\\n'.join(sorted({d for k in ('purelib', 'platlib') "
+    "for d in glob.glob(sysconfig.get_path(k) + '/nvidia/*/lib')})))\" "
+    "> /etc/ld.so.conf.d/cog-nvidia.conf && ldconfig"
+)
+
+
+def _key(name: str) -> str:
+    return name.lower().replace("_", "-")
 
 
 def base_image(config: Config, target: str, settings: BuilderSettings) -> str:
@@ -75,45 +107,89 @@ def base_image(config: Config, target: str, settings: BuilderSettings) -> str:
             raise BuildError(
                 f"no NVIDIA CUDA image is known for CUDA {env.cuda} with cuDNN {env.cudnn} "
                 f"(known: {known}); give the server a base image for it with "
-                "--base-image gpu=IMAGE (placeholders {cuda}, {cudnn}, {python_version})",
+                "--base-image gpu=IMAGE (placeholders {cuda}, {cudnn}, {cudnn_major}, "
+                "{python_version})",
                 step="Dockerfile",
             )
+    # The templates were checked when the settings were made (BuilderSettings).
     return template.format(
-        python_version=env.python_version, cuda=env.cuda, cudnn=env.cudnn, nvidia_tag=nvidia_tag
+        python_version=env.python_version,
+        cuda=env.cuda,
+        cudnn=env.cudnn,
+        cudnn_major=env.cudnn.split(".")[0],
+        nvidia_tag=nvidia_tag,
     )
 
 
-def gpu_packages(packages: Sequence[str], cuda: str) -> tuple[list[str], list[str]]:
-    """python_packages rewritten for a CUDA build; and the extra pip arguments needed."""
+def requirement_lines(text: str) -> list[str]:
+    """The requirement specs of a requirements file: no comments, options or blank lines."""
+    specs = []
+    for line in text.splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if line and not line.startswith(("#", "-")):
+            specs.append(line)
+    return specs
+
+
+def pinned(specs: Sequence[str]) -> dict[str, str]:
+    """name (lowercase, '-' for '_') -> version, for every `name==version` of specs."""
+    pins = {}
+    for spec in specs:
+        match = _PIN.match(spec.split(";", 1)[0])
+        if match:
+            pins[_key(match.group(1))] = match.group(3)
+    return pins
+
+
+def _named(specs: Sequence[str]) -> set[str]:
+    return {_key(m.group(1)) for m in map(_NAME.match, specs) if m}
+
+
+def gpu_packages(
+    packages: Sequence[str],
+    cuda: str,
+    *,
+    strategy: str = "wheels",
+    pins: Mapping[str, str] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Requirement specs rewritten for a CUDA build; and the extra pip arguments needed.
+
+    pins: every pin of the package (python_packages and the requirements file), as torch's
+    pin decides the CUDA suffix of torchvision/torchaudio wherever those are pinned.
+    An environment marker (``; python_version < "3.12"``) is kept as it is.
+    """
     from cog import compat
 
-    pins = {
-        m.group(1).lower().replace("_", "-"): m.group(3) for m in map(_PIN.match, packages) if m
-    }
-    # torchvision/torchaudio wheels for a CUDA carry the same suffix as their torch's.
+    pins = dict(pins) if pins is not None else pinned(packages)
     suffix = compat.torch_cuda_suffix(pins["torch"], cuda) if "torch" in pins else None
     rewritten: list[str] = []
     extra: list[str] = []
     for spec in packages:
-        match = _PIN.match(spec)
+        requirement, semicolon, marker = spec.partition(";")
+        marker = f" ;{marker}" if semicolon else ""
+        match = _PIN.match(requirement)
         if not match:
             rewritten.append(spec)
             continue
         name, extras, version = match.group(1), match.group(2) or "", match.group(3)
-        key = name.lower().replace("_", "-")
+        key = _key(name)
         if key in _TORCH_FAMILY and "+" not in version and suffix:
             if key == "torchaudio" and compat.version_key(version) < (0, 8):
                 # torchaudio before 0.8 had one wheel for every CUDA, without a suffix.
                 rewritten.append(spec)
                 continue
-            rewritten.append(f"{name}{extras}=={version}+{suffix}")
+            rewritten.append(f"{name}{extras}=={version}+{suffix}{marker}")
             if not extra:
                 extra += ["--extra-index-url", PYTORCH_INDEX.format(suffix=suffix)]
                 if compat.version_key(pins["torch"])[:2] <= _LAST_ON_WHEELS_PAGE:
                     extra += ["-f", PYTORCH_WHEELS]
             continue
         if key == "tensorflow":
-            rewritten.append(f"{compat.tensorflow_gpu_package(version)}{extras}=={version}")
+            package = compat.tensorflow_gpu_package(version)
+            if strategy == "wheels" and compat.version_key(version)[:2] >= TF_AND_CUDA:
+                names = [e.strip() for e in extras.strip("[]").split(",") if e.strip()]
+                extras = "[" + ",".join([*names, "and-cuda"]) + "]"
+            rewritten.append(f"{package}{extras}=={version}{marker}")
             continue
         rewritten.append(spec)
     return rewritten, extra
@@ -121,9 +197,16 @@ def gpu_packages(packages: Sequence[str], cuda: str) -> tuple[list[str], list[st
 
 #: NVIDIA publishes CUDA runtime wheels from 11.7 on (cu11: 11.7, 11.8; cu12: 12.x)
 OLDEST_CUDA_WHEELS = (11, 7)
+#: cuBLAS of CUDA 11.x has versions of its own; from CUDA 12 on they follow CUDA's.
+_CUBLAS_CU11 = {"11.7": "11.10.*", "11.8": "11.11.*"}
+#: What TensorFlow 2.x before the and-cuda extra loads, besides the CUDA runtime and cuDNN.
+#: Their cu11 wheels exist only for CUDA 11.7 and 11.8, the latest being 11.8's (the CUDA
+#: of those TensorFlow releases); from CUDA 12 on, CUPTI follows CUDA's version.
+_TENSORFLOW_LIBRARIES = ("cufft", "curand", "cusolver", "cusparse", "cuda-cupti")
 
 
-def _cuda_wheels(cuda: str, cudnn: str) -> list[str]:
+def cuda_wheels(cuda: str, cudnn: str, *, tensorflow: bool = False) -> list[str]:
+    """NVIDIA's pip wheels of the CUDA libraries for `cuda` and `cudnn` ("8" or "8.9")."""
     version = tuple(int(p) for p in cuda.split(".")[:2])
     if version < OLDEST_CUDA_WHEELS:
         raise BuildError(
@@ -134,10 +217,32 @@ def _cuda_wheels(cuda: str, cudnn: str) -> list[str]:
         )
     major = cuda.split(".")[0]
     minor = ".".join(cuda.split(".")[:2])
-    return [
+    cudnn_version = ".".join(cudnn.split(".")[:2])
+    # cuDNN depends on cuBLAS without a version: pinned here, or pip takes the newest
+    # (another CUDA release's, and hundreds of MB more).
+    cublas = f"{minor}.*" if major != "11" else _CUBLAS_CU11.get(minor)
+    wheels = [
         f"nvidia-cuda-runtime-cu{major}=={minor}.*",
-        f"nvidia-cudnn-cu{major}=={cudnn.split('.')[0]}.*",
+        f"nvidia-cudnn-cu{major}=={cudnn_version}.*",
+        f"nvidia-cublas-cu{major}" + (f"=={cublas}" if cublas else ""),
     ]
+    if tensorflow:
+        for library in _TENSORFLOW_LIBRARIES:
+            pin = f"=={minor}.*" if library == "cuda-cupti" and major != "11" else ""
+            wheels.append(f"nvidia-{library}-cu{major}{pin}")
+    return wheels
+
+
+def _framework_cuda_wheels(env, specs: Sequence[str], pins: Mapping[str, str]) -> list[str]:
+    """The wheels strategy's explicit CUDA wheels: none when the framework brings them."""
+    from cog import compat
+
+    if "torch" in _named(specs):
+        return []  # torch's CUDA wheels depend on the nvidia-* wheels they need
+    tf = pins.get("tensorflow") or pins.get("tensorflow-gpu")
+    if tf and compat.version_key(tf)[:2] >= TF_AND_CUDA:
+        return []  # tensorflow[and-cuda]
+    return cuda_wheels(env.cuda, env.cudnn, tensorflow=bool(tf))
 
 
 def _quote(words: Sequence[str]) -> str:
@@ -150,6 +255,26 @@ def _label(value: str) -> str:
     return json.dumps(value).replace("$", "\\$")
 
 
+def _image_python(python_version: str) -> str:
+    """The package's Python on a CUDA image, in a virtualenv (no pip of the distribution)."""
+    python = f"python{python_version}"
+    missing = (
+        f"cog: this base image has no Python {python_version}, and its distribution does "
+        f"not package {python}; set python_version to one it packages (Ubuntu 22.04: "
+        "3.10, 3.11), build GPU images with --gpu-strategy wheels, or give the server a "
+        f"base image with Python {python_version} (--base-image gpu=IMAGE)"
+    )
+    return (
+        f"RUN if ! {python} -m venv {IMAGE_VENV} 2>/dev/null; then "
+        "apt-get update -qq && "
+        f"{{ apt-get install -y --no-install-recommends {python} {python}-venv "
+        f"ca-certificates || {{ echo {shlex.quote(missing)}; exit 1; }}; }} && "
+        f"rm -rf /var/lib/apt/lists/* && {python} -m venv --clear {IMAGE_VENV}; fi && "
+        f"{IMAGE_VENV}/bin/python -c "
+        f"\"import sys; print('Python', sys.version.split()[0], 'in {IMAGE_VENV}')\""
+    )
+
+
 def dockerfile_for(
     config: Config,
     target: str,
@@ -158,55 +283,61 @@ def dockerfile_for(
     package_id: str,
     runtime_wheel: str,
     signature_json: str | None = None,
+    requirements: str | None = None,
 ) -> str:
-    """The Dockerfile text. runtime_wheel is the wheel's file name in the context's cog/."""
+    """The Dockerfile text. runtime_wheel is the wheel's file name in the context's cog/.
+
+    requirements: the text of the package's python_requirements file. GPU images need it
+    to rewrite its torch/tensorflow pins (and to see which framework brings CUDA); without
+    it the file is installed as written.
+    """
     env = config.environment
-    pip = "python -m pip install --no-cache-dir"
+    gpu = target == "gpu"
+    strategy = settings.gpu_strategy
     lines = [
-        f"# Generated by cog {cog.__version__} for package {package_id} ({target})",
+        # Neither the package ID nor the cog version here: the lines before the model's
+        # files are the same for every package of a model.
+        f"# Generated by cog ({target} image)",
         f"FROM {base_image(config, target, settings)}",
         "ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore"
         " DEBIAN_FRONTEND=noninteractive",
     ]
+    if gpu and strategy == "image":
+        lines += [
+            _image_python(env.python_version),
+            # ${PATH:-...}: an imported base image may define no PATH at all.
+            f"ENV PATH={IMAGE_VENV}/bin:${{PATH:-/usr/local/sbin:/usr/local/bin:"
+            "/usr/sbin:/usr/bin:/sbin:/bin}",
+        ]
     if env.system_packages:
         lines.append(
             "RUN apt-get update -qq && apt-get install -y --no-install-recommends "
             f"{_quote(sorted(env.system_packages))} && rm -rf /var/lib/apt/lists/*"
         )
-    if target == "gpu" and settings.gpu_strategy == "image":
-        # NVIDIA's CUDA runtime images carry no Python: the distribution's is installed
-        # (Ubuntu 22.04: 3.10), so python_version is only honoured by the CPU base.
-        lines.append(
-            "RUN apt-get update -qq && apt-get install -y --no-install-recommends python3 "
-            "python3-pip python3-venv ca-certificates && rm -rf /var/lib/apt/lists/* "
-            "&& ln -sf python3 /usr/bin/python && "
-            "rm -f /usr/lib/python3*/EXTERNALLY-MANAGED"
-        )
-    if target == "gpu" and settings.gpu_strategy == "wheels":
-        lines += [
-            f"RUN {pip} {_quote(_cuda_wheels(env.cuda, env.cudnn))} && "
-            'python -c "import glob, os, nvidia; '
-            "print('\\n'.join(sorted(d for p in nvidia.__path__ "
-            "for d in glob.glob(os.path.join(p, '*', 'lib')))))\" "
-            "> /etc/ld.so.conf.d/cog-nvidia.conf && ldconfig",
-        ]
+
+    requirement_specs = requirement_lines(requirements) if requirements is not None else []
+    pins = pinned([*env.python_packages, *requirement_specs])
+    wheels_gpu = gpu and strategy == "wheels"
+    if wheels_gpu:
+        wheels = _framework_cuda_wheels(env, [*env.python_packages, *requirement_specs], pins)
+        if wheels:
+            lines.append(f"RUN {_PIP} {_quote(wheels)}")
+
     if env.python_requirements:
-        lines += [
-            # The JSON form: the path may hold spaces.
-            "COPY "
-            + json.dumps([f"package/{env.python_requirements}", "/tmp/cog/requirements.txt"]),
-            f"RUN {pip} -r /tmp/cog/requirements.txt",
-        ]
+        rewrite = {"cuda": env.cuda, "strategy": strategy, "pins": pins} if gpu else None
+        lines += _requirements_layers(env.python_requirements, requirements, rewrite)
     if env.python_packages:
         packages, extra = list(env.python_packages), []
-        if target == "gpu":
-            packages, extra = gpu_packages(packages, env.cuda)
-        lines.append(f"RUN {pip} {_quote([*extra, *packages])}")
+        if gpu:
+            packages, extra = gpu_packages(packages, env.cuda, strategy=strategy, pins=pins)
+        lines.append(f"RUN {_PIP} {_quote([*extra, *packages])}")
+    if wheels_gpu:
+        lines.append(f"RUN {_REGISTER_NVIDIA_LIBS}")
     lines += [
         # The runtime's dependencies in a layer of their own: a new cog wheel reuses it.
-        f"RUN {pip} {_quote(RUNTIME_REQUIREMENTS)}",
+        f"RUN {_PIP} {_quote(RUNTIME_REQUIREMENTS)}",
         f"COPY cog/{runtime_wheel} /tmp/cog/",
-        f"RUN {pip} --no-deps /tmp/cog/{runtime_wheel} && rm -rf /tmp/cog",
+        f"RUN {_PIP} --no-deps /tmp/cog/{runtime_wheel} && rm -rf /tmp/cog",
         # Image settings before the model's files, so a code change reuses them too.
         f"WORKDIR {WORKDIR}",
         "EXPOSE 5000",
@@ -227,6 +358,48 @@ def dockerfile_for(
     return "\n".join(lines) + "\n"
 
 
+def _requirements_layers(path: str, text: str | None, rewrite: dict | None) -> list[str]:
+    """The requirements file's layers: copied and installed as written; or, on a GPU image
+    (rewrite: gpu_packages' arguments) whose file pins torch/tensorflow, rewritten and
+    written by the Dockerfile itself, so every builder gets it without a context change."""
+    if rewrite is not None and text is not None:
+        original = text.splitlines()
+        specs = [line.split(" #", 1)[0].strip() for line in original]
+        rewritten, extra = gpu_packages(specs, **rewrite)
+        changes = [(old, new) for old, new in zip(specs, rewritten) if old != new]
+        if changes:
+            lines = [new if old != new else line for line, old, new in
+                     zip(original, specs, rewritten)]  # fmt: skip
+            summary = ", ".join(f"{old} -> {new}" for old, new in changes)
+            return [
+                f"# {path}, rewritten for CUDA {rewrite['cuda']}: {summary}",
+                "RUN mkdir -p /tmp/cog && printf '%s\\n' "
+                f"{_quote(lines)} > /tmp/cog/requirements.txt && "
+                f"{_PIP} {_quote([*extra, '-r', '/tmp/cog/requirements.txt'])}",
+            ]
+    return [
+        # The JSON form: the path may hold spaces.
+        "COPY " + json.dumps([f"package/{path}", "/tmp/cog/requirements.txt"]),
+        f"RUN {_PIP} -r /tmp/cog/requirements.txt",
+    ]
+
+
+def _read_requirements(request: BuildRequest) -> str | None:
+    """The requirements file of a GPU build, from the package zip (small; read at once)."""
+    path = request.config.environment.python_requirements
+    if request.target != "gpu" or not path:
+        return None
+    try:
+        with zipfile.ZipFile(request.package_zip) as archive:
+            data = archive.read(posixpath.normpath(path))
+    except (KeyError, OSError, zipfile.BadZipFile) as exc:
+        raise BuildError(f"cannot read {path} from the package: {exc}", step="Dockerfile") from None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise BuildError(f"{path} is not UTF-8 text", step="Dockerfile") from None
+
+
 def dockerfile_for_request(request: BuildRequest, settings: BuilderSettings) -> str:
     """The Dockerfile of one build request, the same for every builder."""
     return dockerfile_for(
@@ -236,4 +409,5 @@ def dockerfile_for_request(request: BuildRequest, settings: BuilderSettings) -> 
         package_id=request.package_id,
         runtime_wheel=runtime_wheel()[0],
         signature_json=request.signature_json,
+        requirements=_read_requirements(request),
     )

@@ -166,7 +166,10 @@ def run_server(args: argparse.Namespace) -> int:
     from cog.storage import StorageConfigError, StorageError
 
     configure_logging(args.log_format)
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except BuilderConfigError as exc:  # e.g. a --base-image template with a bad placeholder
+        raise CLIError(str(exc)) from None
     app = make_app(settings)
     try:
         web.run_app(
