@@ -532,6 +532,7 @@ async def test_a_record_whose_zip_is_gone_is_404_and_an_upload_restores_it(clien
     assert again.status == 200
     response = await client.get(f"/v1/packages/{package_id}.zip")
     assert response.status == 200 and await response.read() == data
+    assert await stored_keys(storage) == [f"packages/{package_id}.zip", record_key(package_id)]
 
 
 class DeleteDuringUpload(CheckedStorage):
@@ -568,13 +569,13 @@ async def test_upload_racing_another_servers_delete_never_leaves_a_record_withou
     assert racing.deleted
     assert events[-1]["type"] == "package", events
     assert any("removed the stored copy" in e.get("message", "") for e in events)
+    for server in (one, two):
+        response = await server.get(f"/v1/packages/{package_id}.zip")
+        assert response.status == 200 and await response.read() == data
     assert await stored_keys(one.app[STORAGE]) == [
         f"packages/{package_id}.zip",
         record_key(package_id),
     ]
-    for server in (one, two):
-        response = await server.get(f"/v1/packages/{package_id}.zip")
-        assert response.status == 200 and await response.read() == data
 
 
 class NeverBuilds(Builder):
