@@ -97,3 +97,18 @@ def test_messages_live_in_a_private_pool():
     except KeyError:
         return
     raise AssertionError("BuildKit messages leaked into the default descriptor pool")
+
+
+def test_every_declared_field_is_one_cog_uses():
+    """The schema covers only what cog sends or reads (no Session: the context is a URL;
+    no Entitlements: cog's Dockerfiles need none). A field cog stops using goes too."""
+    source = Path(buildkit_pb.__file__).parent.with_name("buildkit.py").read_text()
+    unused = [
+        f"{name}.{field}"
+        for specs in buildkit_pb.SCHEMA.values()
+        for name, fields in specs.items()
+        for _, field, _ in fields
+        if not re.search(rf"\.{field}\b|\b{field}=|HasField\(\"{field}\"\)", source)
+    ]
+    assert unused == []
+    assert not {f.name for f in pb.SolveRequest.DESCRIPTOR.fields} & {"Session", "Entitlements"}

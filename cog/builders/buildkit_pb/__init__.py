@@ -22,26 +22,16 @@ TIMESTAMP = "google.protobuf.Timestamp"
 
 #: (file name, package, dependencies) -> message name -> [(type, field name, number)].
 #: Types read like .proto: "string", "repeated string", "map<string,string>",
-#: "pb.Platform" (a message; fully qualified), "repeated pb.Platform".
+#: "moby.buildkit.v1.Vertex" (a message; fully qualified), "repeated moby.buildkit.v1.Vertex".
+#: Only the fields cog sends or reads: BuildKit's others are skipped as unknown fields.
 SCHEMA: dict[tuple[str, str, tuple[str, ...]], dict[str, list[tuple[str, str, int]]]] = {
-    ("buildkit_pb/ops.proto", "pb", ()): {
-        "Platform": [
-            ("string", "Architecture", 1),
-            ("string", "OS", 2),
-            ("string", "Variant", 3),
-        ],
-    },
-    ("buildkit_pb/worker.proto", "moby.buildkit.v1.types", ("buildkit_pb/ops.proto",)): {
+    ("buildkit_pb/worker.proto", "moby.buildkit.v1.types", ()): {
         "WorkerRecord": [
             ("string", "ID", 1),
             ("map<string,string>", "Labels", 2),
-            ("repeated pb.Platform", "platforms", 3),
-            ("moby.buildkit.v1.types.BuildkitVersion", "BuildkitVersion", 5),
         ],
         "BuildkitVersion": [
-            ("string", "package", 1),
             ("string", "version", 2),
-            ("string", "revision", 3),
         ],
     },
     (
@@ -53,11 +43,9 @@ SCHEMA: dict[tuple[str, str, tuple[str, ...]], dict[str, list[tuple[str, str, in
             ("string", "Ref", 1),
             ("string", "Exporter", 3),
             ("map<string,string>", "ExporterAttrs", 4),
-            ("string", "Session", 5),
             ("string", "Frontend", 6),
             ("map<string,string>", "FrontendAttrs", 7),
             ("moby.buildkit.v1.CacheOptions", "Cache", 8),
-            ("repeated string", "Entitlements", 9),
         ],
         "CacheOptions": [
             ("repeated moby.buildkit.v1.CacheOptionsEntry", "Exports", 4),
@@ -81,7 +69,6 @@ SCHEMA: dict[tuple[str, str, tuple[str, ...]], dict[str, list[tuple[str, str, in
         ],
         "Vertex": [
             ("string", "digest", 1),
-            ("repeated string", "inputs", 2),
             ("string", "name", 3),
             ("bool", "cached", 4),
             (TIMESTAMP, "started", 5),
@@ -94,26 +81,18 @@ SCHEMA: dict[tuple[str, str, tuple[str, ...]], dict[str, list[tuple[str, str, in
             ("string", "name", 3),
             ("int64", "current", 4),
             ("int64", "total", 5),
-            (TIMESTAMP, "timestamp", 6),
-            (TIMESTAMP, "started", 7),
             (TIMESTAMP, "completed", 8),
         ],
         "VertexLog": [
             ("string", "vertex", 1),
-            (TIMESTAMP, "timestamp", 2),
             ("int64", "stream", 3),
             ("bytes", "msg", 4),
         ],
         "VertexWarning": [
             ("string", "vertex", 1),
-            ("int64", "level", 2),
             ("bytes", "short", 3),
-            ("repeated bytes", "detail", 4),
-            ("string", "url", 5),
         ],
-        "ListWorkersRequest": [
-            ("repeated string", "filter", 1),
-        ],
+        "ListWorkersRequest": [],
         "ListWorkersResponse": [
             ("repeated moby.buildkit.v1.types.WorkerRecord", "record", 1),
         ],
