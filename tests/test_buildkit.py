@@ -1,17 +1,20 @@
 """The BuildKit builder's parts that need no BuildKit: addresses, options, exporter choice,
-progress rendering of real Status messages, and the context server (a real HTTP server)."""
+progress rendering of real Status messages, the context server (a real HTTP server), and
+an engine that answers /grpc without switching protocols (a real HTTP server too)."""
 
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 import zipfile
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from cog.builders import BuilderConfigError, BuilderSettings, load_builder
+from cog.builders import BuilderConfigError, BuilderSettings, BuilderUnavailable, load_builder
 from cog.builders.buildkit import (
     Address,
     BuildKitBuilder,
@@ -309,3 +312,102 @@ async def test_busy_context_port_is_a_config_error(package_zip):
             await second.start()
     finally:
         await first.close()
+
+
+async def test_closing_the_server_during_a_build_keeps_the_builds_own_error(package_zip):
+    # Server shutdown closes the context server while a build still holds its offer: the
+    # build's own error must come out, not a KeyError for its forgotten token.
+    server = ContextServer("127.0.0.1", 0, None)
+    await server.start()
+    with pytest.raises(RuntimeError, match="the build's own error"):
+        async with server.offer(package_zip, "FROM scratch\n"):
+            await server.close()
+            raise RuntimeError("the build's own error")
+    await server.start()
+    try:
+        async with server.offer(package_zip, "FROM scratch\n") as url:
+            await server.close()  # and a build ending normally after the close
+    finally:
+        await server.close()
+    assert url.startswith("http://127.0.0.1:")
+
+
+# ---- the engine that pushes a moby export ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, docker_host, engine",
+    [
+        ({"addr": "docker-grpc:///run/e.sock"}, "unix:///local.sock", "unix:///run/e.sock"),
+        ({"addr": "docker-grpc://10.0.0.5:2375", "context_host": "10.0.0.7"}, None,
+         "tcp://10.0.0.5:2375"),
+        ({"addr": "unix:///run/buildkit/bk.sock"}, "unix:///local.sock", "unix:///local.sock"),
+        ({"addr": "unix:///run/buildkit/bk.sock"}, None, None),  # DOCKER_HOST or the socket
+        ({"addr": "unix:///b.sock", "docker_host": "tcp://10.0.0.5:2375"}, None,
+         "tcp://10.0.0.5:2375"),
+        ({"addr": "tcp://127.0.0.1:1234", "docker_host": "tcp://10.0.0.5:2375"},
+         "unix:///local.sock", "tcp://10.0.0.5:2375"),
+    ],
+)  # fmt: skip
+def test_a_moby_export_is_pushed_by_the_engine_that_holds_it(options, docker_host, engine):
+    builder = BuildKitBuilder.from_settings(
+        BuilderSettings(registry="127.0.0.1:5000", docker_host=docker_host, options=options)
+    )
+    assert (builder.push_engine, builder.push_engine_known) == (engine, True)
+
+
+def test_a_tcp_buildkit_has_no_known_engine_without_docker_host():
+    # The local engine would not have the image ("no such image"): the build refuses at
+    # its start if the worker turns out to be moby (tests/test_buildkit_builder.py).
+    builder = BuildKitBuilder.from_settings(
+        BuilderSettings(
+            registry="127.0.0.1:5000",
+            docker_host="unix:///var/run/docker.sock",
+            options={"addr": "tcp://127.0.0.1:1234"},
+        )
+    )
+    assert builder.push_engine_known is False
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"addr": "tcp://127.0.0.1:1234", "exporter": "moby"}, "set --builder-opt docker_host="),
+        ({"addr": "docker-grpc://", "docker_host": "tcp://h:2375"}, "names its Docker Engine"),
+        ({"addr": "unix:///b.sock", "docker_host": "h:2375"}, "expected unix:///PATH"),
+    ],
+)
+def test_bad_push_engine_options_fail_at_start(options, message):
+    with pytest.raises(BuilderConfigError, match=re.escape(message)):
+        BuildKitBuilder.from_settings(settings(**options))
+
+
+# ---- an engine without /grpc: a real HTTP server that does not switch protocols --------
+
+
+@pytest.mark.parametrize("status", [200, 404])
+async def test_an_engine_that_does_not_upgrade_is_named_with_its_answer(tmp_path, status):
+    async def grpc_endpoint(request: web.Request) -> web.Response:
+        assert request.headers["Upgrade"] == "h2c"
+        return web.Response(status=status, text="no BuildKit here")
+
+    app = web.Application()
+    app.router.add_post("/grpc", grpc_endpoint)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    socket = tmp_path / "engine.sock"
+    await web.UnixSite(runner, str(socket)).start()
+    builder = BuildKitBuilder.from_settings(settings(addr=f"docker-grpc://{socket}"))
+    try:
+        await builder.open()
+        with pytest.raises(BuilderUnavailable) as caught:
+            await builder.probe()
+    finally:
+        await builder.close()
+        await runner.cleanup()
+    reason = "OK" if status == 200 else "Not Found"
+    assert str(caught.value) == (
+        f"buildkit at docker-grpc://{socket} is not reachable: the Docker Engine at "
+        f"unix://{socket} answered 'HTTP/1.1 {status} {reason}' to the /grpc upgrade "
+        "(an engine without BuildKit, or an Engine API older than 1.31?)"
+    )

@@ -17,6 +17,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import attrs
 import grpc
 import pytest
 
@@ -91,7 +92,6 @@ async def test_lists_the_engines_worker(engine_addr):
     finally:
         await connection.close()
     assert [w.ID for w in workers] == ["moby"]
-    assert any(p.OS == "linux" for p in workers[0].platforms)
 
 
 async def test_probe_picks_the_moby_exporter(builder):
@@ -306,6 +306,39 @@ async def test_missing_client_certificate_is_refused(registry, docker_engine, ce
     assert "client certificate" in message
 
 
+async def test_plain_grpc_to_a_tls_server_says_it_may_want_tls(registry, docker_engine, certs):
+    async with tls_front(docker_engine, certs / "server.pem", certs / "server.key", None) as port:
+        settings = BuilderSettings(registry=registry, options={"addr": f"tcp://127.0.0.1:{port}"})
+        async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+            with pytest.raises(BuilderUnavailable) as caught:
+                await builder.probe()
+    message = str(caught.value)
+    assert message.startswith(f"buildkit at tcp://127.0.0.1:{port}: ")
+    assert "not reachable" not in message, message
+    assert "--buildkit-tls-ca" in message, message
+
+
+async def test_a_moby_worker_behind_tcp_needs_its_engine_named(
+    registry, docker_engine, certs, tmp_path
+):
+    """A Docker Engine's BuildKit reached over tcp:// (here the local one, behind TLS)
+    leaves the image in an engine cog cannot know: refused at the build's start."""
+    async with tls_front(
+        docker_engine, certs / "server.pem", certs / "server.key", certs / "ca.pem"
+    ) as port:
+        settings = mutual_tls_settings(registry, port, certs)
+        request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", registry)
+        async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+            seen = []
+            with pytest.raises(BuilderUnavailable) as caught:
+                async for event in builder.build(request):
+                    seen.append(event)
+    assert seen == []  # nothing solved
+    message = str(caught.value)
+    assert message.startswith(f"buildkit at tcp://127.0.0.1:{port}: its worker (moby) ")
+    assert "--builder-opt docker_host=" in message
+
+
 # ---- real builds ---------------------------------------------------------------------
 
 
@@ -373,6 +406,49 @@ async def test_failing_run_step_is_named_with_its_output(builder, registry, tmp_
     assert any(line.endswith("ERROR: " + error.message.split(": ", 1)[1]) for line in seen)
 
 
+class ContextURLStep(BuildKitBuilder):
+    """The real builder with one more step that names the context server, then fails."""
+
+    def dockerfile(self, request):
+        step = f"RUN echo not fetching {self._context.base_url}/context/ && exit 3\n"
+        return super().dockerfile(request) + step
+
+
+@pytest.mark.slow
+async def test_a_failing_step_that_names_the_context_server_is_the_steps_failure(
+    settings, registry, tmp_path
+):
+    request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", registry)
+    async with opened(ContextURLStep.from_settings(settings)) as builder:
+        with pytest.raises(BuildError) as caught:
+            await collect(builder.build(request))
+    error = caught.value
+    assert not isinstance(error, BuilderUnavailable), error
+    assert builder._context.base_url in error.message and "exit code: 3" in error.message
+    assert error.step and "RUN echo not fetching" in error.step
+
+
+async def test_a_context_buildkit_cannot_fetch_is_named(
+    registry, base_images, engine_addr, tmp_path
+):
+    # BuildKit is told to fetch from a port where nothing listens.
+    options = {
+        "addr": engine_addr,
+        "context_url": "http://127.0.0.1:9/cog",
+        "context_listen": "127.0.0.1:0",
+    }
+    settings = BuilderSettings(registry=registry, options=options)
+    request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", registry)
+    async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+        with pytest.raises(BuilderUnavailable) as caught:
+            await collect(builder.build(request))
+    message = str(caught.value)
+    assert message.startswith(
+        f"buildkit at {engine_addr} could not fetch the build context from http://127.0.0.1:9/cog:"
+    )
+    assert "connection refused" in message and "context_host" in message
+
+
 class SlowBuilder(BuildKitBuilder):
     """The real builder with one more step that runs until it is stopped."""
 
@@ -429,6 +505,76 @@ async def test_closing_the_stream_cancels_the_build_in_buildkit(
         await watcher.close()
 
 
+def pending_tasks() -> list[str]:
+    current = asyncio.current_task()
+    return [repr(t) for t in asyncio.all_tasks() if t is not current and not t.done()]
+
+
+@pytest.mark.slow
+async def test_a_cancelled_build_says_which_step_it_stopped(
+    settings, registry, engine_addr, tmp_path
+):
+    """Cancelled as the server cancels a request (client gone, shutdown): the build's log
+    names the builder and the running step, the step stops in BuildKit, and no task of
+    the builder is left pending."""
+    builder = SlowBuilder.from_settings(settings)
+    builder.marker = uuid.uuid4().hex
+    request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", registry)
+    seen: list[str] = []
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async with contextlib.aclosing(builder.build(request)) as stream:
+            async for event in stream:
+                seen.append(event.line)
+                if re.fullmatch(rf"#\d+ start-{builder.marker}", event.line):
+                    started.set()
+
+    async with opened(builder):
+        build = asyncio.ensure_future(consume())
+        await asyncio.wait_for(started.wait(), 600)
+        await asyncio.sleep(0.5)  # back inside the builder, waiting for BuildKit
+        assert running(builder.marker)
+        build.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await build
+        await eventually(lambda: not running(builder.marker), "stopped")
+        # Connections (the tunnel's, BuildKit's keep-alive to the context server) stay
+        # open until close(); nothing of the build may.
+        build_tasks = ("Queue.get", "_solve.<locals>")
+        assert [t for t in pending_tasks() if any(w in t for w in build_tasks)] == []
+    assert pending_tasks() == []
+    step = next(line for line in seen if f"RUN echo start-{builder.marker}" in line)
+    assert seen[-1] == (
+        f"{builder.label}: build cancelled during step {step}; "
+        "its Solve was cancelled in BuildKit too"
+    )
+
+
+@pytest.mark.slow
+async def test_closing_the_builder_mid_build_fails_it_naming_the_step(settings, registry, tmp_path):
+    """The server stopping closes the builder (its channel) under a running build."""
+    builder = SlowBuilder.from_settings(settings)
+    builder.marker = uuid.uuid4().hex
+    request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", registry)
+    await builder.open()
+    try:
+        with pytest.raises(BuilderUnavailable) as caught:
+            async with contextlib.aclosing(builder.build(request)) as stream:
+                async for event in stream:
+                    if re.fullmatch(rf"#\d+ start-{builder.marker}", event.line):
+                        await builder.close()
+    finally:
+        await builder.close()
+    error = caught.value
+    assert error.message == (
+        f"{builder.label}: the build was cancelled: the connection to BuildKit was closed "
+        "(is the server stopping?)"
+    )
+    assert error.step and f"RUN echo start-{builder.marker}" in error.step
+    await eventually(lambda: not running(builder.marker), "stopped")
+
+
 async def _collect(call) -> list:
     responses = []
     with contextlib.suppress(grpc.aio.AioRpcError):
@@ -440,13 +586,17 @@ async def _collect(call) -> list:
 @pytest.mark.slow
 async def test_build_over_mutual_tls(registry, docker_engine, base_images, certs, tmp_path):
     """The tcp:// path end to end: TLS to BuildKit, moby export found from the worker,
-    push through the engine of --docker-host."""
+    push through the engine named by docker_host."""
     async with tls_front(
         docker_engine, certs / "server.pem", certs / "server.key", certs / "ca.pem"
     ) as port:
         settings = mutual_tls_settings(registry, port, certs)
+        # That BuildKit is the one of this engine: cog pushes from there.
+        options = {**settings.options, "docker_host": docker_engine}
+        settings = attrs.evolve(settings, options=options)
         request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", registry)
         async with opened(BuildKitBuilder.from_settings(settings)) as builder:
             logs, built = await collect(builder.build(request))
-    assert any(e.stage == "push" for e in logs)
+    push = [e.line for e in logs if e.stage == "push"]
+    assert push[0].endswith(f"is in the Docker Engine at {docker_engine}; pushing it from there")
     assert built[0].digest == registry_digest(registry, request.image)

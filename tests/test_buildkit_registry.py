@@ -3,11 +3,14 @@ through the Docker Engine's embedded BuildKit, pushing to a real registry, check
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
+import uuid
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from cog.builders import BuilderSettings
@@ -15,7 +18,14 @@ from cog.events import NDJSON
 from cog.registry.app import ServerSettings, make_app
 from cog.registry.builds import BuildOptions
 from tests.registry_helpers import EXAMPLES, form, package_bytes
-from tests.test_buildkit_builder import engine_addr, model_dir, registry_digest
+from tests.test_buildkit_builder import (
+    SlowBuilder,
+    engine_addr,
+    eventually,
+    model_dir,
+    registry_digest,
+    running,
+)
 from tests.test_cli import COG, cog_server
 
 __all__ = ["engine_addr"]  # a fixture shared with the builder tests
@@ -81,6 +91,40 @@ async def test_failing_step_keeps_the_package_failed_with_its_log(client, engine
     assert doc["Status"] == "failed" and "exit code: 100" in doc["Error"]
     log = (await (await client.get(f"/v1/packages/{package_id}/log")).read()).decode()
     assert "Unable to locate package no-such-package-cog-test" in log
+
+
+async def test_a_build_the_client_left_says_in_its_log_which_step_was_cancelled(
+    aiohttp_client, tmp_path, registry, base_images, engine_addr
+):
+    settings = server_settings(tmp_path, registry, engine_addr)
+    builder = SlowBuilder.from_settings(settings.builder_settings)
+    builder.marker = uuid.uuid4().hex
+    app = make_app(settings, builder=builder)
+    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+    data, package_id = package_bytes(EXAMPLES / "hello")
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            client.make_url("/v1/packages/upload"), data=form(data), headers={"Accept": NDJSON}
+        )
+        async for line in response.content:
+            if f"start-{builder.marker}".encode() in line:
+                break
+        response.close()  # the user pressed Ctrl-C
+    await eventually(lambda: not running(builder.marker), "stopped in BuildKit")
+    for _ in range(100):
+        doc = await (await client.get(f"/v1/packages/{package_id}")).json()
+        if doc["Status"] != "building":
+            break
+        await asyncio.sleep(0.2)
+    assert doc["Status"] == "failed"
+    stored = await (await client.get(f"/v1/packages/{package_id}/log")).read()
+    # The body is all there before the handler has closed the stored log (in a thread):
+    # let it, so the app's teardown does not cancel that close.
+    await asyncio.sleep(0.2)
+    log = [json.loads(line) for line in stored.splitlines()]
+    [cancelled] = [e["line"] for e in log if "build cancelled" in e.get("line", "")]
+    assert cancelled.startswith(f"buildkit at {engine_addr}: build cancelled during step #")
+    assert f"RUN echo start-{builder.marker}" in cancelled
 
 
 async def test_unreachable_buildkit_is_503(aiohttp_client, tmp_path, registry):

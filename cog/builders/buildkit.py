@@ -15,10 +15,12 @@ Addresses (``--buildkit-addr``, i.e. ``options["addr"]``):
 
 The build context reaches BuildKit with no client session: the builder serves the context
 tar (made on the fly from the package zip, :mod:`cog.builders.context`) over HTTP at an
-unguessable per-build URL (``/context/<256-bit token>``; unknown tokens are 404, the token
-is gone when the build ends), and the Dockerfile frontend is told ``context=<that URL>``;
-BuildKit fetches and unpacks it. By default that server listens on 127.0.0.1, which
-is right for the local engine and a local buildkitd. For a remote buildkitd set
+unguessable per-build URL (``/context/<256-bit token>``; unknown tokens are 404). The URL
+answers until the build ends, not just once: the embedded BuildKit here fetches it once per
+build, but nothing promises that of every BuildKit, and a refused second fetch would fail
+the build. The Dockerfile frontend is told ``context=<that URL>``; BuildKit fetches and
+unpacks it. By default that server listens on 127.0.0.1, which is right for the local
+engine and a local buildkitd. For a remote buildkitd set
 ``context_host`` (an address of this machine the buildkitd can reach; the server listens
 there), optionally ``context_port`` (default: any free port) — or ``context_url`` (the base
 URL the buildkitd should use, e.g. behind a proxy) with ``context_listen=HOST:PORT``.
@@ -30,8 +32,12 @@ Export, by what the BuildKit at hand can do (``exporter=auto|image|moby``, defau
   one BuildKit reports.
 - ``moby``: the embedded BuildKit (worker ``moby``) has no ``image`` exporter; it tags the
   image into the engine's store, then :func:`cog.builders.docker.push_image` pushes it
-  through the Engine API and reports the registry's digest.
+  through the Engine API of that same engine and reports the registry's digest.
   ``auto`` picks ``moby`` for ``docker-grpc://`` or a worker that says it is moby.
+  That engine: the one ``docker-grpc://`` names; for ``unix://``, this machine's
+  (``--docker-host``) unless ``docker_host=`` says otherwise; for ``tcp://`` only
+  ``docker_host=`` can say (another machine's engine), and a moby worker there without it
+  is refused at the build's start rather than pushed from the wrong engine.
 
 Registry cache: ``cache_from=<ref>[,<ref>...]`` and ``cache_to=<ref>`` add BuildKit
 ``registry`` cache imports/exports (``mode=max``).
@@ -41,7 +47,10 @@ Progress: ``Status`` runs next to ``Solve``; vertexes and their log lines become
 (``#3 [2/6] RUN ...``, its output, ``#3 DONE 4.2s``/``CACHED``/``ERROR: ...``).
 
 Cancellation: closing the event iterator cancels the ``Solve`` call; BuildKit cancels the
-job and kills the running step.
+job and kills the running step. A build cancelled through its task (client gone, server
+stopping) says so in its own log first: ``buildkit at ADDR: build cancelled during step
+#7 [5/6] RUN ...``, then the cancellation goes on. ``close()`` under a running build
+fails it with a :class:`BuilderUnavailable` naming the step.
 
 Tested here against the BuildKit embedded in dockerd 20.10.24 (BuildKit ~v0.8, no ``Info``)
 through ``docker-grpc://``; through a TLS terminator in front of it for ``tcp://`` with
@@ -112,6 +121,7 @@ OPTIONS = frozenset(
         "context_url",
         "context_listen",
         "connect_timeout",
+        "docker_host",
     }
 )
 _TLS_WORDS = ("ssl", "tls", "handshake", "certificate", "verification")
@@ -328,7 +338,7 @@ class ContextServer:
                 f"cannot serve build contexts on {self.listen_host}:{self.listen_port}: {exc}"
             ) from None
         self._runner = runner
-        port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked
+        port = runner.addresses[0][1]  # the real port when 0 was asked
         host = self.listen_host if ":" not in self.listen_host else f"[{self.listen_host}]"
         self.base_url = (self._public_base or f"http://{host}:{port}").rstrip("/")
 
@@ -346,7 +356,8 @@ class ContextServer:
         try:
             yield f"{self.base_url}/context/{token}"
         finally:
-            del self._offers[token]
+            # close() may have forgotten every offer already (server shutdown mid-build).
+            self._offers.pop(token, None)
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         offer = self._offers.get(request.match_info["token"])
@@ -494,6 +505,11 @@ class Progress:
             lines += self._flush(vertex)
         return lines
 
+    def running_steps(self) -> list[str]:
+        """The steps started and not finished, as shown: ``#3 [2/6] RUN ...``."""
+        running = [v for v in self._vertexes.values() if v.number and not v.finished]
+        return [f"#{v.number} {v.name}" for v in sorted(running, key=lambda v: v.number)]
+
     def failed_step(self) -> tuple[str | None, tuple[str, ...]]:
         """The failing vertex's name and the last lines of its output."""
         failed = [v for v in self._vertexes.values() if v.error]
@@ -636,6 +652,41 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _push_engine(
+    address: Address, exporter: str, settings: BuilderSettings
+) -> tuple[str | None, bool]:
+    """Which Docker Engine pushes a ``moby`` export: the one whose BuildKit built it.
+
+    docker-grpc:// names it; a unix:// BuildKit is on this machine, so its engine is the
+    local one (``--docker-host``) unless ``docker_host`` says otherwise; behind tcp:// it
+    is another machine's engine, which only the operator can name (``docker_host``).
+    """
+    option = settings.options.get("docker_host") or None
+    if address.scheme == "docker-grpc":
+        if option:
+            raise BuilderConfigError(
+                f"buildkit option docker_host: {address.text} names its Docker Engine "
+                "already (docker-grpc://ENGINE); leave docker_host out"
+            )
+        return address.engine, True
+    if option:
+        if urllib.parse.urlsplit(option).scheme not in ("unix", "tcp", "http", "https"):
+            raise BuilderConfigError(
+                f"buildkit option docker_host={option!r}: expected unix:///PATH or "
+                "tcp://HOST:PORT (a Docker Engine API address)"
+            )
+        return option, True
+    if address.scheme == "unix":
+        return settings.docker_host, True
+    if exporter == "moby":
+        raise BuilderConfigError(
+            f"buildkit exporter=moby with {address.text}: the image stays in the Docker "
+            "Engine of that BuildKit; set --builder-opt docker_host=<that engine's API "
+            "address, e.g. tcp://HOST:2375> so cog can push it"
+        )
+    return None, False
+
+
 class BuildKitBuilder(Builder):
     name = "buildkit"
 
@@ -648,12 +699,18 @@ class BuildKitBuilder(Builder):
         exporter: str,
         context: ContextServer,
         connect_timeout: float,
+        push_engine: str | None = None,
+        push_engine_known: bool = True,
     ):
         self.settings = settings
         self.address = address
         self.tls = tls
         self.exporter = exporter
         self.connect_timeout = connect_timeout
+        #: the Docker Engine holding a moby export, which pushes it (None: DOCKER_HOST or
+        #: the local socket); not known for a moby worker behind tcp:// without docker_host
+        self.push_engine = push_engine
+        self.push_engine_known = push_engine_known
         self.label = f"buildkit at {address.text}"
         self._context = context
         self._connection: BuildKitConnection | None = None
@@ -710,6 +767,7 @@ class BuildKitBuilder(Builder):
                 "of this machine that BuildKit can reach> (or context_url=...) so it can fetch "
                 "build contexts from this server"
             )
+        push_engine, push_engine_known = _push_engine(address, exporter, settings)
         context = ContextServer(host, port, context_url)
         return cls(
             settings,
@@ -718,6 +776,8 @@ class BuildKitBuilder(Builder):
             exporter=exporter,
             context=context,
             connect_timeout=connect_timeout,
+            push_engine=push_engine,
+            push_engine_known=push_engine_known,
         )
 
     # -- lifecycle: nothing here talks to BuildKit, so a server starts while it is down --
@@ -753,15 +813,23 @@ class BuildKitBuilder(Builder):
         tunnel = self._connection.tunnel if self._connection else None
         if tunnel is not None and tunnel.last_error:
             details = tunnel.last_error
-        if self.tls is not None and any(word in details.lower() for word in _TLS_WORDS):
+        low = details.lower()
+        if self.tls is not None and any(word in low for word in _TLS_WORDS):
             return BuilderUnavailable(f"{self.label}: TLS handshake failed: {details}")
         closed = ("socket closed", "connection reset")
-        if self.tls is not None and any(word in details.lower() for word in closed):
+        if self.tls is not None and any(word in low for word in closed):
             # What a server that refuses our (missing) client certificate looks like.
             wants = "a client certificate (tls_cert/tls_key)" if self.tls.cert is None else "TLS"
             return BuilderUnavailable(
                 f"{self.label}: TLS handshake failed: the server closed the connection "
                 f"(does it want {wants}?): {details}"
+            )
+        if self.tls is None and self.address.scheme == "tcp" and any(w in low for w in closed):
+            # What a TLS server does with a plain HTTP/2 preface.
+            return BuilderUnavailable(
+                f"{self.label}: the server closed the plain (non-TLS) connection; if it wants "
+                "TLS, set --buildkit-tls-ca (and --buildkit-tls-cert/-key for mutual TLS): "
+                f"{details}"
             )
         return BuilderUnavailable(f"{self.label} is not reachable: {details}")
 
@@ -773,7 +841,8 @@ class BuildKitBuilder(Builder):
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return self._unreachable(exc)
         base = context_url.rsplit("/context/", 1)[0]
-        if base in details:
+        # Only BuildKit's own fetch can name this build's URL: the token is in no step.
+        if context_url in details:
             return BuilderUnavailable(
                 f"{self.label} could not fetch the build context from {base}: {details} "
                 "(set --builder-opt context_host= to an address of this server BuildKit reaches)"
@@ -787,7 +856,10 @@ class BuildKitBuilder(Builder):
                 + (hint if "exporter" in details else "")
             )
         if code == grpc.StatusCode.CANCELLED:
-            return BuildError(f"{self.label}: the build was cancelled: {details}", step=step)
+            running = ", ".join(progress.running_steps()) or None
+            return BuildError(
+                f"{self.label}: the build was cancelled: {details}", step=step or running
+            )
         return BuildError(f"{self.label}: {details}", step=step, output=output)
 
     # -- building ----------------------------------------------------------------------
@@ -842,6 +914,8 @@ class BuildKitBuilder(Builder):
 
     async def build(self, request: BuildRequest) -> AsyncIterator[BuildEvent]:
         daemon = await self.probe()
+        if daemon.exporter == "moby" and not self.push_engine_known:
+            raise BuilderUnavailable(self._no_push_engine(daemon))
         ref = f"cog-{secrets.token_hex(12)}"
         yield BuildLog(stage="build", line=f"{self.label}: {daemon.describe()}")
         yield BuildLog(stage="build", line=f"{self.label}: solving {ref}")
@@ -862,14 +936,43 @@ class BuildKitBuilder(Builder):
             return
         from cog.builders.docker import engine, push_image  # aiodocker only for this path
 
-        yield BuildLog(
-            stage="push", line=f"Image {digest or request.image} is in the engine; pushing it"
-        )
         if self._docker is None:
-            self._docker = engine(self.address.engine or self.settings.docker_host)
-        async with contextlib.aclosing(push_image(self._docker, request.image)) as events:
-            async for event in events:
-                yield event
+            self._docker = engine(self.push_engine)
+        # aiodocker's own name for a socket is unix://localhost: say the operator's.
+        where = self.push_engine or os.environ.get("DOCKER_HOST") or DEFAULT_ENGINE
+        yield BuildLog(
+            stage="push",
+            line=f"Image {digest or request.image} is in the Docker Engine at {where}; "
+            "pushing it from there",
+        )
+        try:
+            async with contextlib.aclosing(push_image(self._docker, request.image)) as events:
+                async for event in events:
+                    yield event
+        except asyncio.CancelledError:
+            # Dropping the push request stops the engine's push (see engine_stream).
+            yield BuildLog(
+                stage="push",
+                line=f"{self.label}: build cancelled while pushing {request.image} "
+                f"through the Docker Engine at {where}",
+            )
+            raise
+
+    def _no_push_engine(self, daemon: Daemon) -> str:
+        return (
+            f"{self.label}: its worker ({', '.join(daemon.workers)}) is a Docker Engine's "
+            "BuildKit, which leaves the image in that engine, and cog does not know which "
+            "engine that is: set --builder-opt docker_host=<that engine's API address, e.g. "
+            "tcp://HOST:2375> so cog pushes it from there (or use docker-grpc://HOST:2375)"
+        )
+
+    def _cancelled(self, progress: Progress) -> str:
+        running = progress.running_steps()
+        if running:
+            during = "during step " + ", ".join(running)
+        else:
+            during = "before any step ran" if not progress.seen else "between steps"
+        return f"{self.label}: build cancelled {during}; its Solve was cancelled in BuildKit too"
 
     async def _solve(self, request: Any, context_url: str, result: dict) -> AsyncIterator[str]:
         """Run Solve with Status alongside: progress lines, then result filled in."""
@@ -893,6 +996,16 @@ class BuildKitBuilder(Builder):
 
         pumping = asyncio.ensure_future(pump())
         solving = asyncio.ensure_future(solved())
+        getter: asyncio.Future | None = None
+
+        def stop() -> None:
+            # Cancelling Solve makes BuildKit cancel the job and kill the running step.
+            solve_call.cancel()
+            status_call.cancel()
+            for task in (pumping, solving, getter):
+                if task is not None:
+                    task.cancel()
+
         try:
             while True:
                 if solving.done():
@@ -907,9 +1020,10 @@ class BuildKitBuilder(Builder):
                     getter = asyncio.ensure_future(queue.get())
                     await asyncio.wait({getter, solving}, return_when=asyncio.FIRST_COMPLETED)
                     if not getter.done():
-                        getter.cancel()
+                        getter.cancel()  # the item, if any, stays queued for the next get
+                        getter = None
                         continue
-                    item = getter.result()
+                    item, getter = getter.result(), None
                 if item is end or isinstance(item, grpc.aio.AioRpcError):
                     break  # a Status failure costs only progress lines; Solve decides
                 for line in progress.feed(item):
@@ -920,14 +1034,29 @@ class BuildKitBuilder(Builder):
                 response = await solving
             except grpc.aio.AioRpcError as exc:
                 raise self._solve_error(exc, progress, context_url) from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # our consumer's cancellation: below
+                # grpcio cancels calls of a channel being closed: close() while building.
+                raise BuilderUnavailable(
+                    f"{self.label}: the build was cancelled: the connection to BuildKit was "
+                    "closed (is the server stopping?)",
+                    step=", ".join(progress.running_steps()) or None,
+                ) from None
             result.update(response.ExporterResponse)
+        except asyncio.CancelledError:
+            # Cancelled by the consumer's task (client gone, server stopping): tell BuildKit
+            # first, then say which step it stopped, in the build's own log. The one line
+            # delays the cancellation by one item, it does not swallow it: the next
+            # __anext__ raises it again.
+            stop()
+            yield self._cancelled(progress)
+            raise
         finally:
-            # Cancelling Solve makes BuildKit cancel the job and kill the running step.
-            solve_call.cancel()
-            status_call.cancel()
-            pumping.cancel()
-            solving.cancel()
-            await asyncio.gather(pumping, solving, return_exceptions=True)
+            stop()
+            waiting = [task for task in (pumping, solving, getter) if task is not None]
+            await asyncio.gather(*waiting, return_exceptions=True)
 
 
 __all__ = [
