@@ -15,6 +15,7 @@ import stat
 import zipfile
 from pathlib import Path
 
+import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
@@ -316,8 +317,6 @@ async def test_upload_over_the_limit_is_413_while_streaming(client, spool):
         for i in range(0, len(big), 64 * 1024):
             yield big[i : i + 64 * 1024]
 
-    import aiohttp
-
     payload = aiohttp.FormData()
     payload.add_field("file", body(), filename="package.zip")
     response = await client.post("/v1/packages/upload", data=payload)
@@ -600,3 +599,71 @@ async def test_rebuild_of_a_record_whose_zip_is_gone_is_404(aiohttp_client, sett
     response = await builder.post(f"/v1/packages/{package_id[:8]}/build")
     assert response.status == 404
     assert "zip is not in storage" in (await response.json())["error"]
+
+
+class StuckBuilder(Builder):
+    """Stands in for a build that hangs at one step, so that the client can leave it
+    midway (the real builders' cancellation is tested against real engines in
+    test_registry_build.py and test_buildkit_registry.py). With last_words, it says one
+    line of its own when cancelled, as the BuildKit builder does."""
+
+    name = "stuck"
+
+    def __init__(self, last_words: str | None = None):
+        self.last_words = last_words
+        self.started = asyncio.Event()
+
+    @classmethod
+    def from_settings(cls, settings):
+        return cls()
+
+    async def build(self, request):
+        from cog.builders import BuildLog
+
+        yield BuildLog("build", "Step 1/2 : RUN sleep 1000")
+        self.started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if self.last_words:
+                yield BuildLog("build", self.last_words)
+            raise
+        yield BuildLog("build", "not reached")
+
+
+@pytest.mark.parametrize("last_words", [None, "stuck at sleepy: build cancelled during RUN"])
+async def test_a_cancelled_build_names_its_builder_and_step(
+    aiohttp_client, settings, hello, last_words
+):
+    data, package_id = hello
+    builder = StuckBuilder(last_words)
+    app = make_app(settings, builder=builder)
+    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            client.make_url("/v1/packages/upload"), data=form(data), headers={"Accept": NDJSON}
+        )
+        async for line in response.content:
+            if b"Step 1/2" in line:
+                break
+        response.close()  # the user pressed Ctrl-C
+    for _ in range(100):
+        doc = await (await client.get(f"/v1/packages/{package_id}")).json()
+        if doc["Status"] != "building":
+            break
+        await asyncio.sleep(0.05)
+    expected = last_words or (
+        "stuck: build cancelled while building the CPU image "
+        f"127.0.0.1:5000/test/hello:{package_id[:12]} (last output: Step 1/2 : RUN sleep 1000)"
+    )
+    assert (doc["Status"], doc["Error"]) == ("failed", expected)
+    stored = await (await client.get(f"/v1/packages/{package_id}/log")).read()
+    log = [json.loads(line) for line in stored.splitlines()]
+    assert [e["line"] for e in log if e["type"] == "log"][-1] == expected  # said once
+    assert sum(expected in e.get("line", "") for e in log) == 1
+    assert log[-1] == {
+        "type": "error",
+        "message": expected,
+        "status": 500,
+        "package": log[-1]["package"],
+    }

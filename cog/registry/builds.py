@@ -289,16 +289,20 @@ class Packages:
                 record = record.evolve()
                 await self.catalog.put(record)
 
+        where = _Whereabouts()
+
         def emit(event: Event) -> Event:
             live.publish(event)
             return event
 
         try:
             if self._slots.locked():
+                where.phase = "waiting for a free build slot"
                 yield emit(events.status("Waiting for a free build slot"))
             async with self._slots:
                 for target in record.config.environment.architectures:
                     image = self._image_name(record, target)
+                    where.phase = f"building the {target.upper()} image {image}"
                     yield emit(events.status(f"Building {target.upper()} image {image}"))
                     request = BuildRequest(
                         package_id=record.id,
@@ -311,6 +315,7 @@ class Packages:
                     async with contextlib.aclosing(self.builder.build(request)) as stream:
                         async for item in stream:
                             if isinstance(item, BuildLog):
+                                where.saw(item.line)
                                 yield emit(events.log(item.stage, item.line, target))
                                 await beat()
                             else:
@@ -320,6 +325,10 @@ class Packages:
                                 yield emit(events.status(f"Pushed {item.image} ({item.digest})"))
                 if self.options.check_images:
                     async for event in self._check(record, zip_path, artifacts):
+                        if event["type"] == "status":
+                            where.phase = f"{event['message'][:1].lower()}{event['message'][1:]}"
+                        elif event["type"] == "log":
+                            where.saw(event["line"])
                         yield emit(event)
                         await beat()
             record = record.evolve(status=Status.READY, artifacts=tuple(artifacts), error="")
@@ -337,11 +346,13 @@ class Packages:
             yield emit(events.error(str(exc), status, record_to_json(record)))
         except BaseException as exc:
             # Cancelled (client gone, server stopping) or a bug: never leave "building".
-            reason = (
-                "build cancelled"
-                if isinstance(exc, (asyncio.CancelledError, GeneratorExit))
-                else f"internal error: {exc}"
-            )
+            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                reason = where.cancelled(self._builder_label())
+                if reason != where.said_while_cancelling:  # not in the log in its words
+                    live.publish(events.log("error", reason))
+            else:
+                reason = f"internal error: {exc}"
+                live.publish(events.log("error", f"Build failed: {reason}"))
             record = record.evolve(status=Status.FAILED, artifacts=tuple(artifacts), error=reason)
             live.publish(events.error(reason, 500, record_to_json(record)))
             await asyncio.shield(self.catalog.put(record))
@@ -380,9 +391,46 @@ class Packages:
             async for item in stream:
                 yield events.log(item.stage, item.line, target)
 
+    def _builder_label(self) -> str:
+        """How messages name the builder: its own label (e.g. "buildkit at tcp://bk:1234")
+        if it has one, else its entry-point name."""
+        builder = self.builder
+        return getattr(builder, "label", "") or builder.name or type(builder).__name__
+
     def _image_name(self, record: PackageRecord, target: str) -> str:
         tag = short_id(record.id) + ("" if target == "cpu" else f"-{target}")
         return f"{self.options.registry.rstrip('/')}/{record.name}:{tag}"
+
+
+class _Whereabouts:
+    """Where a build is, for the message of a build cancelled midway."""
+
+    #: longest piece of the last output line quoted in the message
+    QUOTE = 200
+
+    def __init__(self) -> None:
+        self.phase = "starting"
+        self.last_line = ""
+        #: the builder's last line once the cancellation had begun: its own account of it
+        self.said_while_cancelling: str | None = None
+
+    def saw(self, line: str) -> None:
+        if line.strip():
+            self.last_line = line.strip()
+        task = asyncio.current_task()
+        if task is not None and getattr(task, "cancelling", lambda: 0)():
+            self.said_while_cancelling = line.strip()
+
+    def cancelled(self, builder: str) -> str:
+        if self.said_while_cancelling:
+            return self.said_while_cancelling
+        message = f"{builder}: build cancelled while {self.phase}"
+        if self.last_line:
+            last = self.last_line
+            if len(last) > self.QUOTE:
+                last = last[: self.QUOTE - 3] + "..."
+            message += f" (last output: {last})"
+        return message
 
 
 async def _to_file(chunks: AsyncIterator[bytes], path: Path) -> None:
