@@ -667,3 +667,34 @@ async def test_a_cancelled_build_names_its_builder_and_step(
         "status": 500,
         "package": log[-1]["package"],
     }
+
+
+def _corrupt_member_zip() -> bytes:
+    """A valid package but for weights.bin, whose bytes no longer match their CRC; the
+    config check does not read it, only the full verification does."""
+    weights = b"W" * 4096
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:  # stored: the bytes are in the zip as they are
+        zf.writestr("cog.yaml", VALID_YAML)
+        zf.writestr("infer.py", VALID_MODEL)
+        zf.writestr("weights.bin", weights)
+    data = out.getvalue()
+    at = data.index(weights) + 100
+    return data[:at] + b"X" + data[at + 1 :]
+
+
+async def test_received_comes_before_the_full_check_of_every_member(client, spool):
+    """The first event is sent as soon as the upload is hashed; a member found corrupt by
+    the full check then ends the stream with a 400 error event, nothing stored."""
+    response = await upload(client, _corrupt_member_zip(), headers={"Accept": NDJSON})
+    assert response.status == 200
+    events = [json.loads(line) for line in (await response.read()).splitlines()]
+    assert [e["type"] for e in events] == ["status", "error"], events
+    assert events[0]["message"].startswith("Received package")
+    assert events[1]["status"] == 400 and "weights.bin is corrupt" in events[1]["message"]
+    assert await stored_keys(client.app[STORAGE]) == []
+    assert list(spool.iterdir()) == []
+
+    response = await upload(client, _corrupt_member_zip())  # without the stream: plain 400
+    assert response.status == 400
+    assert "weights.bin is corrupt" in (await response.json())["error"]

@@ -30,7 +30,6 @@ from cog.config import Config
 from cog.package import short_id
 from cog.registry.catalog import Catalog, PackageNotFound, log_key, package_key
 from cog.registry.records import Artifact, PackageRecord, Status, now, record_to_json
-from cog.registry.uploads import format_size
 from cog.storage import NotFound, Storage
 
 log = structlog.get_logger(__name__)
@@ -169,8 +168,8 @@ class Packages:
         config: Config,
         signature: dict[str, Any] | None,
     ) -> AsyncIterator[Event]:
-        """Store, build and check one uploaded package (zip_path stays the caller's)."""
-        yield events.status(f"Received package {short_id(package_id)} ({format_size(size)})")
+        """Store, build and check one uploaded package, received and verified (zip_path
+        stays the caller's)."""
         existing: PackageRecord | None
         try:
             existing = await self.catalog.get(package_id)

@@ -14,20 +14,21 @@ from aiohttp import web
 import cog
 from cog import events
 from cog.config import Config, ConfigError, check_config
-from cog.package import PackageArchive, PackageLimits
+from cog.package import PackageArchive, PackageLimits, short_id
 from cog.registry.app import (
     CATALOG,
     PACKAGES,
     SETTINGS,
     STORAGE,
     TMP_DIR,
+    ServerSettings,
     error_response,
     json_error,
 )
-from cog.registry.builds import missing_zip
+from cog.registry.builds import Packages, missing_zip
 from cog.registry.catalog import log_key, package_key
 from cog.registry.records import PackageRecord, record_to_json
-from cog.registry.uploads import receive_upload
+from cog.registry.uploads import ReceivedUpload, format_size, receive_upload
 from cog.storage import NotFound
 
 log = structlog.get_logger("cog.registry")
@@ -60,22 +61,48 @@ async def upload(request: web.Request) -> web.StreamResponse:
         config, signature = await asyncio.to_thread(
             inspect_package, received.path, settings.package_limits
         )
-        stream = app[PACKAGES].ingest(
-            received.package_id, received.size, received.path, config, signature
-        )
+        stream = _verify_then_ingest(app[PACKAGES], received, config, signature, settings)
         return await respond_with_events(request, stream)
     finally:
         await asyncio.to_thread(received.path.unlink, missing_ok=True)
 
 
+async def _verify_then_ingest(
+    packages: Packages,
+    received: ReceivedUpload,
+    config: Config,
+    signature: dict[str, Any] | None,
+    settings: ServerSettings,
+) -> AsyncIterator[dict[str, Any]]:
+    """ "Received package" at once, then every member decompressed and CRC-checked (seconds
+    for a large package: the client hears from us first), then stored and built."""
+    yield events.status(
+        f"Received package {short_id(received.package_id)} ({format_size(received.size)})"
+    )
+    await asyncio.to_thread(verify_package, received.path, settings.package_limits)
+    async with contextlib.aclosing(
+        packages.ingest(received.package_id, received.size, received.path, config, signature)
+    ) as stream:
+        async for event in stream:
+            yield event
+
+
 def inspect_package(path: Path, limits: PackageLimits) -> tuple[Config, dict[str, Any] | None]:
-    """Validate an uploaded zip and its cog.yaml; the completed config and the signature.
+    """Validate an uploaded zip's structure and its cog.yaml; the completed config and the
+    signature. Members are read only as far as the config needs (see verify_package).
 
     Blocking (zipfile): run it in a thread.
     """
-    with PackageArchive.open(path, limits) as archive:
+    with PackageArchive.open(path, limits, verify=False) as archive:
         config = check_config(archive.read_text("cog.yaml"), archive)
         return config, _static_signature(archive, config)
+
+
+def verify_package(path: Path, limits: PackageLimits) -> None:
+    """Decompress every member once: InvalidPackage for a corrupt one, or one that expands
+    past what its header declares (a lying zip bomb). Blocking: run it in a thread."""
+    with PackageArchive.open(path, limits, verify=True):
+        pass
 
 
 def _static_signature(archive: PackageArchive, config: Config) -> dict[str, Any] | None:
