@@ -30,6 +30,7 @@ import inspect
 import math
 import pathlib
 import re
+import sys
 from typing import Any, Callable, Iterable, Sequence
 
 import attrs
@@ -52,7 +53,11 @@ _A_TYPE = {
 }
 _TRUE = ("true", "1")
 _FALSE = ("false", "0")
-_INTEGER = re.compile(r"\s*[+-]?\d+\s*\Z")
+# ASCII digits and spaces only (``int()`` alone would take "1_000" and "\u0663"), so int
+# and float inputs accept the same spellings.
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*\Z", re.ASCII)
+#: How much of a rejected value a message quotes.
+_SHOWN = 40
 
 
 class _NoDefault(enum.Enum):
@@ -113,15 +118,24 @@ class Argument:
             value: Any = raw
         elif self.type == "int":
             if not _INTEGER.match(raw):
-                raise InputError(f"{raw!r} is not an integer")
-            value = int(raw)
+                raise InputError(f"{_show(raw)} is not an integer")
+            try:
+                value = int(raw)
+            except ValueError:  # more digits than Python converts (3.11+; sys.int_info)
+                digits = len(raw.strip().lstrip("+-"))
+                limit = sys.get_int_max_str_digits()  # type: ignore[attr-defined]
+                raise InputError(
+                    f"is an integer of {digits} digits; at most {limit} are accepted"
+                ) from None
         elif self.type == "float":
             try:
+                if not raw.isascii() or "_" in raw:  # spelled as an int input must be
+                    raise ValueError(raw)
                 value = float(raw)
             except ValueError:
-                raise InputError(f"{raw!r} is not a number") from None
+                raise InputError(f"{_show(raw)} is not a number") from None
             if not math.isfinite(value):
-                raise InputError(f"{raw!r} is not a finite number")
+                raise InputError(f"{_show(raw)} is not a finite number")
         elif self.type == "bool":
             lowered = raw.strip().lower()
             if lowered in _TRUE:
@@ -129,7 +143,7 @@ class Argument:
             elif lowered in _FALSE:
                 value = False
             else:
-                raise InputError(f"{raw!r} is not a boolean (use true, false, 1 or 0)")
+                raise InputError(f"{_show(raw)} is not a boolean (use true, false, 1 or 0)")
         else:
             raise InputError("must be a file upload")
         self.check(value)
@@ -138,12 +152,12 @@ class Argument:
     def check(self, value: Any) -> None:
         """Raise InputError if a value of the right type is out of range or not an option."""
         if self.min is not None and value < self.min:
-            raise InputError(f"{value!r} is below the minimum {self.min!r}")
+            raise InputError(f"{_show(value)} is below the minimum {self.min!r}")
         if self.max is not None and value > self.max:
-            raise InputError(f"{value!r} is above the maximum {self.max!r}")
+            raise InputError(f"{_show(value)} is above the maximum {self.max!r}")
         if self.options is not None and value not in self.options:
             allowed = ", ".join(repr(option) for option in self.options)
-            raise InputError(f"{value!r} is not one of {allowed}")
+            raise InputError(f"{_show(value)} is not one of {allowed}")
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"type": self.type}
@@ -174,6 +188,16 @@ class Argument:
         if self.options is not None:
             schema["enum"] = list(self.options)
         return schema
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, shortened: a message quoting a megabyte of input helps nobody."""
+    shown = repr(value)
+    if len(shown) <= _SHOWN:
+        return shown
+    if isinstance(value, str):
+        return f"{value[:_SHOWN]!r}... ({len(value)} characters)"
+    return f"{shown[:_SHOWN]}... ({len(shown)} digits)"
 
 
 @attrs.frozen
