@@ -194,3 +194,32 @@ def test_load_reports_declaration_errors_with_the_file(tmp_path, monkeypatch):
         ModelRef("infer.py", "Model", str(tmp_path)).load()
     (problem,) = caught.value.problems
     assert problem.startswith(f"{tmp_path / 'infer.py'}:5: Model.run: input 'scale':")
+
+
+def test_a_model_file_named_like_a_stdlib_module_does_not_shadow_it(tmp_path, monkeypatch):
+    import queue
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    write_package(
+        tmp_path,
+        "",
+        config="model: queue.py:Model\n",
+        **{
+            "queue.py": """
+            import cog
+
+            class Model(cog.Model):
+                def run(self):
+                    return "from the model's queue.py"
+            """
+        },
+    )
+    try:
+        model_class = ModelRef.from_directory(str(tmp_path)).load()
+        assert model_class().run() == "from the model's queue.py"
+        assert sys.modules["queue"] is queue  # what `import queue` gives everyone else
+        assert model_class.__module__ == "_cog_model_queue"
+        assert sys.modules["_cog_model_queue"].Model is model_class
+    finally:
+        sys.modules.pop("_cog_model_queue", None)
+        sys.modules["queue"] = queue

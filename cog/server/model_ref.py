@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 
 import attrs
@@ -60,9 +61,12 @@ class ModelRef:
     def load(self) -> type[Model]:
         """Import the file and return the class, its declarations checked.
 
-        The file's directory goes on ``sys.path`` (a model imports its sibling modules) and
-        the module is registered under the file's stem, as ``python infer.py`` would see it.
-        Raises ModelLoadError, or SignatureError for wrongly declared inputs.
+        The file's directory goes on ``sys.path`` (a model imports its sibling modules).
+        The module is registered under a private name (``_cog_model_infer``), not the file's
+        stem: a model file called ``queue.py`` or ``json.py`` must not replace the standard
+        library's module of that name for everything imported later (``python infer.py``
+        registers it as ``__main__`` for the same reason). Raises ModelLoadError, or
+        SignatureError for wrongly declared inputs.
         """
         path = os.path.abspath(self.path)
         if not os.path.isfile(path):
@@ -70,7 +74,8 @@ class ModelRef:
         folder = os.path.dirname(path)
         if folder not in sys.path:
             sys.path.insert(0, folder)
-        module_name = os.path.splitext(os.path.basename(path))[0]
+        stem = os.path.splitext(os.path.basename(path))[0]
+        module_name = "_cog_model_" + re.sub(r"\W", "_", stem)  # a dot would mean a package
         spec = importlib.util.spec_from_file_location(module_name, path)
         if spec is None or spec.loader is None:
             raise ModelLoadError(f"cannot import {self.file}")
