@@ -170,3 +170,58 @@ def test_server_refuses_unknown_storage_scheme(env, tmp_path):
     assert result.returncode == 1
     assert "no storage backend for scheme 'nosuch'" in result.stderr
     assert "file" in result.stderr and "Traceback" not in result.stderr
+
+
+def built_package(server: str, env: dict[str, str], tmp_path: Path) -> str:
+    model = make_model_dir(tmp_path / "hello", name="test/hello")
+    built = cog("--remote", server, "build", str(model), env=env)
+    return built.stdout.strip().splitlines()[-1].split()[-1]
+
+
+def one_error_line(result) -> str:
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("cog: error: ")
+    return result.stderr
+
+
+def test_download_to_a_directory_or_a_path_that_cannot_be_written(server, env, tmp_path):
+    env = {**env, "COG_REMOTE": server}
+    package_id = built_package(server, env, tmp_path)
+
+    into = tmp_path / "downloads"
+    into.mkdir()
+    result = cog("download", package_id[:8], "-o", str(into), env=env)
+    saved = into / f"test-hello-{package_id[:12]}.zip"
+    assert str(saved) in result.stdout
+    assert hashlib.sha256(saved.read_bytes()).hexdigest() == package_id
+    assert sorted(p.name for p in into.iterdir()) == [saved.name]
+
+    missing = tmp_path / "no" / "such" / "dir" / "x.zip"
+    error = one_error_line(
+        cog("download", package_id[:8], "-o", str(missing), env=env, check=False)
+    )
+    assert str(missing.parent) in error and "does not exist" in error
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    result = cog("download", package_id[:8], "-o", str(not_a_dir / "x.zip"), env=env, check=False)
+    assert "is not a directory" in one_error_line(result)
+
+    # A directory where nobody may create files, root included (sysfs): the OS's own error,
+    # one line naming the file asked for (not the temp file beside it).
+    if Path("/sys/kernel").is_dir():
+        target = Path("/sys/kernel/cog-test.zip")
+        error = one_error_line(
+            cog("download", package_id[:8], "-o", str(target), env=env, check=False)
+        )
+        assert error == f"cog: error: {target}: Permission denied\n"
+    assert not [p for p in tmp_path.rglob(".cog-download-*")]
+
+
+def test_delete_json(server, env, tmp_path):
+    env = {**env, "COG_REMOTE": server}
+    package_id = built_package(server, env, tmp_path)
+    result = json.loads(cog("delete", package_id[:8], "--json", env=env).stdout)
+    assert result == {"ID": package_id, "Deleted": True}

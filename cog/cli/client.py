@@ -116,12 +116,20 @@ class RegistryClient:
     ) -> tuple[Path, str]:
         """Save the package zip (atomically; verified against its ID). Path and ID."""
         package_id = (await self.show(ref))["ID"]
+        if dest is not None:
+            _check_destination(dest)  # before anything is downloaded
         async with await self._request("GET", f"/v1/packages/{package_id}.zip") as response:
             total = response.content_length or 0
+            name = Path(response.content_disposition.filename or f"{package_id[:12]}.zip").name
             if dest is None:
-                dest = Path(response.content_disposition.filename or f"{package_id[:12]}.zip")
+                dest = Path(name)
+            elif dest.is_dir():  # like cp: into the directory, under the package's file name
+                dest = dest / name
             dest = dest.resolve()
-            fd, tmp_name = tempfile.mkstemp(prefix=".cog-download-", dir=dest.parent)
+            try:
+                fd, tmp_name = tempfile.mkstemp(prefix=".cog-download-", dir=dest.parent)
+            except OSError as exc:  # named after the file asked for, not our temp file
+                raise OSError(exc.errno, exc.strerror, str(dest)) from None
             digest = hashlib.sha256()
             done = 0
             try:
@@ -142,6 +150,17 @@ class RegistryClient:
                 Path(tmp_name).unlink(missing_ok=True)
                 raise
         return dest, package_id
+
+
+def _check_destination(dest: Path) -> None:
+    """A clear error now for a -o path that cannot be written, rather than after the
+    download."""
+    if dest.is_dir():
+        return
+    parent = dest.resolve().parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise CLIError(f"cannot save to {dest}: the directory {parent} {what}")
 
 
 async def _file_chunks(path: Path, progress: Progress | None) -> AsyncIterator[bytes]:

@@ -41,6 +41,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `cog list | head`
         return 0
+    except OSError as exc:  # a local file we cannot read or write (-o, a model directory)
+        print(f"cog: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(exc: OSError) -> str:
+    """'/x/y.zip: No such file or directory', without Python's [Errno 2] noise."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is None:
+        return reason
+    names = " -> ".join(str(n) for n in (exc.filename, exc.filename2) if n is not None)
+    return f"{names}: {reason}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,11 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("download", help="download a package zip (the exact stored bytes)")
     p.add_argument("id")
-    p.add_argument("-o", "--output", type=Path, help="file to write (default: NAME-ID.zip)")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="file to write, or a directory to write NAME-ID.zip into (default: NAME-ID.zip)",
+    )
     p.set_defaults(func=lambda a: run(download(a)))
 
     p = sub.add_parser("delete", help="delete a package (its images stay in the registry)")
     p.add_argument("id")
+    p.add_argument("--json", action="store_true", help="the API's answer")
     p.set_defaults(func=lambda a: run(delete(a)))
 
     p = sub.add_parser("logs", help="print a package's build log (follows a running build)")
@@ -307,6 +325,9 @@ async def download(args: argparse.Namespace) -> int:
 async def delete(args: argparse.Namespace) -> int:
     async with client(args) as registry:
         result = await registry.delete(args.id)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
     print(f"Deleted {result['ID']}")
     return 0
 
