@@ -11,13 +11,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.registry_helpers import make_model_dir
+from tests.registry_helpers import make_model_dir, raw_zip
 
 COG = str(Path(sys.executable).parent / "cog")
 
@@ -225,3 +226,61 @@ def test_delete_json(server, env, tmp_path):
     package_id = built_package(server, env, tmp_path)
     result = json.loads(cog("delete", package_id[:8], "--json", env=env).stdout)
     assert result == {"ID": package_id, "Deleted": True}
+
+
+def post_zip(url: str, data: bytes) -> tuple[int, dict]:
+    """Upload a zip as `curl -F file=@pkg.zip URL/v1/packages/upload` does."""
+    boundary = "cogtestboundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="p.zip"\r\n'
+            "Content-Type: application/zip\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{url}/v1/packages/upload",
+        data=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        ((), None),
+        (("--max-unpacked-size", "2MiB"), "over the limit of 2.0 MiB"),
+        (("--ratio-threshold", "1MiB", "--max-ratio", "50"), "over the ratio limit of 50"),
+        (("--max-members", "2"), "over the limit of 2 (list what"),
+        (("--max-text-size", "16"), "cog.yaml is too large to read as text"),
+    ],
+)
+def test_package_limits_are_server_options(env, tmp_path, options, refusal):
+    """The zip-bomb limits as an operator sets them: one package (3 files; 3 MiB of zeros
+    deflated to a few kB) is taken or refused by a real `cog server`."""
+    model = make_model_dir(tmp_path / "zeros", name="test/zeros")
+    members = {p.name: p.read_bytes() for p in model.iterdir()}
+    data = raw_zip({**members, "zeros.bin": bytes(3 * 1024 * 1024)})
+    with cog_server(tmp_path, env, "--builder", "none", *options) as url:
+        status, body = post_zip(url, data)
+    if refusal is None:
+        assert status == 200 and body["Status"] == "ready", body
+    else:
+        assert status == 400 and refusal in body["error"], body
+
+
+def test_package_limit_options_are_checked(env):
+    for option, value in (
+        ("--max-ratio", "0"),
+        ("--max-members", "-1"),
+        ("--max-unpacked-size", "lots"),
+    ):
+        result = cog("server", option, value, env=env, check=False)
+        assert result.returncode == 2, (option, result)
+        assert f"argument {option}" in result.stderr and "Traceback" not in result.stderr

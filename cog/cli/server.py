@@ -25,6 +25,26 @@ def parse_size(text: str) -> int:
     return int(number * factor)
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
 def key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -96,7 +116,44 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "NVIDIA CUDA base image (image) (default: %(default)s)",
     )
     p.add_argument("--docker-host", help="Docker Engine address (default: $DOCKER_HOST or socket)")
-    p.add_argument("--max-upload-size", type=parse_size, default="4G", help="default: %(default)s")
+    p.add_argument(
+        "--max-upload-size",
+        type=parse_size,
+        default="4G",
+        help="largest package zip accepted (default: %(default)s)",
+    )
+    # What an uploaded zip may expand to (cog.package.PackageLimits): zip-bomb limits.
+    p.add_argument(
+        "--max-unpacked-size",
+        type=parse_size,
+        default="8GiB",
+        help="largest total size of a package's files once unpacked (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-ratio",
+        type=positive_float,
+        default=200.0,
+        help="largest unpacked size / zip size, enforced for packages that unpack to more "
+        "than --ratio-threshold (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ratio-threshold",
+        type=parse_size,
+        default="64MiB",
+        help="unpacked size from which --max-ratio applies (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-members",
+        type=positive_int,
+        default=10_000,
+        help="most entries in a package zip, directories included (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-text-size",
+        type=parse_size,
+        default="16MiB",
+        help="largest cog.yaml or model source the server reads (default: %(default)s)",
+    )
     p.add_argument("--max-builds", type=int, default=1, help="builds at once (default: 1)")
     p.add_argument(
         "--no-check",
@@ -120,6 +177,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     from cog.builders import DEFAULT_BASE_IMAGES, BuilderSettings
+    from cog.package import PackageLimits
     from cog.registry.app import ServerSettings
     from cog.registry.builds import BuildOptions
 
@@ -153,6 +211,13 @@ def settings_from_args(args: argparse.Namespace):
         ),
         tmp_dir=args.tmp_dir,
         max_upload_bytes=args.max_upload_size,
+        package_limits=PackageLimits(
+            max_members=args.max_members,
+            max_uncompressed_bytes=args.max_unpacked_size,
+            max_ratio=args.max_ratio,
+            ratio_threshold_bytes=args.ratio_threshold,
+            max_text_bytes=args.max_text_size,
+        ),
         cache_ttl=args.cache_ttl,
     )
 
