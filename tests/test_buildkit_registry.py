@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import subprocess
 import uuid
@@ -94,7 +95,7 @@ async def test_failing_step_keeps_the_package_failed_with_its_log(client, engine
 
 
 async def test_a_build_the_client_left_says_in_its_log_which_step_was_cancelled(
-    aiohttp_client, tmp_path, registry, base_images, engine_addr
+    aiohttp_client, tmp_path, registry, base_images, engine_addr, caplog
 ):
     settings = server_settings(tmp_path, registry, engine_addr)
     builder = SlowBuilder.from_settings(settings.builder_settings)
@@ -125,6 +126,9 @@ async def test_a_build_the_client_left_says_in_its_log_which_step_was_cancelled(
     [cancelled] = [e["line"] for e in log if "build cancelled" in e.get("line", "")]
     assert cancelled.startswith(f"buildkit at {engine_addr}: build cancelled during step #")
     assert f"RUN echo start-{builder.marker}" in cancelled
+    assert doc["Error"] == cancelled  # the builder's own account is the stored error
+    # The request ended as the cancellation it was (499), not an error aiohttp logs.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_unreachable_buildkit_is_503(aiohttp_client, tmp_path, registry):

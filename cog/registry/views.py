@@ -246,7 +246,14 @@ async def stream_ndjson(
         try:
             async for event in stream:
                 await response.write(events.encode(event))
-        except (asyncio.CancelledError, ConnectionResetError):
+        except ConnectionResetError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # The client left, which cancelled this request (a builder may say one
+                # last line first): end as the cancellation, not an error aiohttp logs.
+                raise asyncio.CancelledError from None
+            raise
+        except asyncio.CancelledError:
             raise
         except Exception as exc:
             # The status line is gone already: a failure becomes the final error event.
