@@ -1,4 +1,4 @@
-"""The model API: ``cog.Model``, ``@cog.input`` and ``cog.Path``.
+"""The model API: ``cog.Model``, ``@cog.input``, ``cog.Path`` and ``cog.request_directory``.
 
 A model author writes::
 
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import pathlib
 import sys
+import tempfile
+import threading
 from typing import Any, Callable, TypeVar
 
 from cog.signature import (
@@ -32,7 +34,7 @@ from cog.signature import (
     run_parameters,
 )
 
-__all__ = ["Model", "Path", "input", "signature_of"]
+__all__ = ["Model", "Path", "input", "request_directory", "signature_of"]
 
 _Function = TypeVar("_Function", bound=Callable[..., Any])
 _INPUTS = "_cog_inputs"
@@ -42,10 +44,42 @@ _SIGNATURE = "_cog_signature"
 class Path(type(pathlib.Path())):  # type: ignore[misc]  # the concrete class (PosixPath)
     """A file: the type of a file input, and a file output when ``run()`` returns one.
 
-    File inputs arrive as a ``cog.Path`` to a per-request temporary directory that the
-    server removes after the response is sent, so a model may also write its output file
-    next to its input (``image.with_name("out.png")``).
+    Every inference has a temporary directory of its own, which the server removes with
+    everything in it once it answers (a file output there is opened first and still sent
+    whole). File inputs arrive in it (as a
+    ``cog.Path``, each in a folder of its own, under the name the client gave the file),
+    so a model may write its output next to its input (``image.with_name("out.png")``) or
+    in :func:`request_directory`, which gives the directory to any model.
+
+    A file returned from anywhere else (say ``tempfile.mkstemp()``, or a file shipped with
+    the model) is sent and left where it is: the server removes only the inference's own
+    directory.
     """
+
+
+class _Request(threading.local):
+    """What the server tells the thread running an inference (see request_directory)."""
+
+    #: makes (once) and returns this inference's temporary directory; None outside one
+    directory: Callable[[], str] | None = None
+
+
+_request = _Request()
+
+
+def request_directory() -> Path:
+    """The temporary directory of the inference running in this thread.
+
+    It is made on first use, holds the inference's file inputs too, and is removed with
+    everything in it when the inference is answered: write outputs and scratch files here.
+    Call it from the thread that runs ``run()`` (threads that ``run()`` starts have no
+    inference of their own). Outside the inference server, say when a test calls ``run()``
+    itself, each call makes a new directory that nobody removes.
+    """
+    directory = _request.directory
+    if directory is None:
+        return Path(tempfile.mkdtemp(prefix="cog-"))
+    return Path(directory())
 
 
 def input(

@@ -223,6 +223,71 @@ async def test_file_output_is_streamed_with_its_type(aiohttp_client, temp_root):
     assert await response.text() == "plain pathlib path"
 
 
+class Writes(cog.Model):
+    """Writes its output in the request's directory (or elsewhere, with mkstemp)."""
+
+    @cog.input("size", type=int, default=10)
+    @cog.input("where", type=str, default="request", options=["request", "mkstemp"])
+    @cog.input("image", type=cog.Path, default=None)
+    def run(self, size, where, image):
+        directory = cog.request_directory()
+        assert directory == cog.request_directory()  # one directory for the inference
+        if where == "mkstemp":
+            fd, name = tempfile.mkstemp(suffix=".bin")
+            os.close(fd)
+            out = cog.Path(name)
+        else:
+            out = directory / "out.bin"
+        # The inputs are in the same directory.
+        prefix = b"-" if image is None else str(image.relative_to(directory)).encode()
+        out.write_bytes(written(size, prefix))
+        return out
+
+
+def written(size, prefix=b"-"):
+    return prefix + bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+
+
+async def test_request_directory_holds_outputs_and_inputs_and_is_removed(aiohttp_client, temp_root):
+    _, client = await started_client(aiohttp_client, Writes)
+    size = 5 * 1024 * 1024 + 3  # several chunks, the last one short
+    response = await client.post("/infer", data=form(size=str(size)))
+    assert response.status == 200
+    assert int(response.headers["Content-Length"]) == size + 1
+    assert await response.read() == written(size)
+    assert list(temp_root.iterdir()) == []
+
+    response = await client.post("/infer", data=form(image=("in.png", b"i")))
+    assert await response.read() == written(10, b"inputs/image/in.png")
+    assert list(temp_root.iterdir()) == []
+
+    # Outside the server, each call is a new directory (nobody removes it).
+    first, second = cog.request_directory(), cog.request_directory()
+    assert first != second
+    assert first.is_dir() and first.parent == temp_root
+    first.rmdir()
+    second.rmdir()
+
+
+async def test_a_file_from_elsewhere_is_sent_and_left_alone(aiohttp_client, temp_root):
+    _, client = await started_client(aiohttp_client, Writes)
+    response = await client.post("/infer", data=form(where="mkstemp"))
+    assert await response.read() == written(10)
+    (left,) = temp_root.iterdir()  # documented: the server removes only its own directory
+    assert left.read_bytes() == written(10)
+
+
+async def test_a_client_leaving_mid_download_cleans_up(aiohttp_client, temp_root):
+    _, client = await started_client(aiohttp_client, Writes)
+    response = await client.post("/infer", data=form(size=str(32 * 1024 * 1024)))
+    assert response.status == 200
+    assert len(await response.content.readexactly(1000)) == 1000
+    response.close()  # drops the connection with most of the file unsent
+    await eventually(lambda: not list(temp_root.iterdir()), "the request directory to go")
+    response = await client.post("/infer", data=form(size="3"))
+    assert await response.read() == written(3)
+
+
 @pytest.mark.parametrize(
     ("kind", "message"),
     [("missing", "cannot be read"), ("set-of-objects", "is not JSON")],
@@ -246,9 +311,12 @@ async def test_files_go_to_a_per_request_directory_and_are_removed(aiohttp_clien
     assert result["names"] == ["photo.jpg", "mask.png"]  # original names, no directories
     assert result["sizes"] == [len(big), 1]
     assert result["first_bytes"] == big[:5].decode("latin-1")
-    (directory,) = result["dirs"]
-    assert pathlib.Path(directory).parent == temp_root
-    assert not pathlib.Path(directory).exists()
+    # A folder per input, in one directory per request.
+    image_dir, mask_dir = (pathlib.Path(d) for d in result["dirs"])
+    assert (image_dir.name, mask_dir.name) == ("image", "mask")
+    (request_dir,) = {image_dir.parent.parent, mask_dir.parent.parent}
+    assert request_dir.parent == temp_root
+    assert not request_dir.exists()
 
     second = await client.post(
         "/infer", data=form(image=("same.png", b"1"), mask=("same.png", b"22"))
@@ -256,7 +324,28 @@ async def test_files_go_to_a_per_request_directory_and_are_removed(aiohttp_clien
     result2 = await second.json()
     assert result2["names"] == ["same.png", "same.png"]
     assert result2["sizes"] == [1, 2]
-    assert len(result2["dirs"]) == 2  # the second file of that name gets a folder of its own
+    assert len(result2["dirs"]) == 2
+    assert list(temp_root.iterdir()) == []
+
+
+async def test_same_filenames_never_collide(aiohttp_client, temp_root):
+    """The files keep their names whatever the others are called (a folder named like one
+    input's fallback once made the next upload of that name a 500)."""
+
+    class Three(cog.Model):
+        @cog.input("a", type=cog.Path)
+        @cog.input("b", type=cog.Path)
+        @cog.input("c", type=cog.Path)
+        def run(self, a, b, c):
+            return [[p.name, p.read_text()] for p in (a, b, c)]
+
+    _, client = await started_client(aiohttp_client, Three)
+    for names in [("same.txt", "c.d", "same.txt"), ("x", "x", "x"), ("b", "a", "inputs")]:
+        response = await client.post(
+            "/infer", data=form(**{k: (n, k.encode()) for k, n in zip("abc", names)})
+        )
+        assert response.status == 200, await response.text()
+        assert await response.json() == [[n, k] for k, n in zip("abc", names)]
     assert list(temp_root.iterdir()) == []
 
 
@@ -363,6 +452,133 @@ async def test_a_body_that_is_not_a_form_is_415(aiohttp_client):
     response = await client.post("/infer", json={"text": "x"})
     assert response.status == 415
     assert "multipart/form-data" in (await response.json())["error"]
+
+
+HUGE = "9" * 5000  # more digits than Python's int() converts (sys.int_info)
+
+
+async def test_a_huge_integer_is_an_input_problem_listed_with_the_others(aiohttp_client):
+    _, client = await started_client(aiohttp_client, Echo)
+    expected = {
+        ("count", "is an integer of 5000 digits; at most 4300 are accepted"),
+        ("ratio", "'abc' is not a number"),
+    }
+    response = await client.post("/infer", data=form(text="t", count=HUGE, ratio="abc"))
+    assert response.status == 400
+    problems = {(p["input"], p["message"]) for p in (await response.json())["problems"]}
+    assert problems == expected
+    response = await client.post("/infer", data={"text": "t", "count": HUGE, "ratio": "abc"})
+    assert response.status == 400
+    problems = {(p["input"], p["message"]) for p in (await response.json())["problems"]}
+    assert problems == expected
+
+
+async def test_numbers_are_spelled_alike_in_int_and_float(aiohttp_client):
+    _, client = await started_client(aiohttp_client, Echo)
+    response = await client.post("/infer", data=form(text="t", count="1_0", ratio="0_5"))
+    problems = {(p["input"], p["message"]) for p in (await response.json())["problems"]}
+    assert problems == {("count", "'1_0' is not an integer"), ("ratio", "'0_5' is not a number")}
+    # Arabic-Indic digit three: int() and float() would take it; the server does not.
+    response = await client.post("/infer", data={"text": "t", "count": "\u0663", "ratio": "\u0663"})
+    problems = {(p["input"], p["message"]) for p in (await response.json())["problems"]}
+    assert problems == {
+        ("count", "'\u0663' is not an integer"),
+        ("ratio", "'\u0663' is not a number"),
+    }
+
+
+async def test_text_that_is_not_utf8_is_refused_in_both_forms(aiohttp_client):
+    _, client = await started_client(aiohttp_client, Echo)
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    response = await client.post("/infer", data=b"text=%ff%fe&mode=c", headers=headers)
+    assert response.status == 400
+    problems = {(p["input"], p["message"]) for p in (await response.json())["problems"]}
+    assert problems == {("text", "is not utf-8 text"), ("mode", "'c' is not one of 'a', 'b'")}
+
+    body = (
+        b'--xyz\r\nContent-Disposition: form-data; name="text"\r\n\r\n\xff\xfe\r\n'
+        b'--xyz\r\nContent-Disposition: form-data; name="mode"\r\n\r\nc\r\n--xyz--\r\n'
+    )
+    headers = {"Content-Type": "multipart/form-data; boundary=xyz"}
+    response = await client.post("/infer", data=body, headers=headers)
+    assert response.status == 400
+    problems = {(p["input"], p["message"]) for p in (await response.json())["problems"]}
+    assert problems == {("text", "is not utf-8 text"), ("mode", "'c' is not one of 'a', 'b'")}
+
+    # Percent-escapes, '+' and raw UTF-8 all decode as a browser means them.
+    body = "text=caf%C3%A9+au+lait+\u00e9&mode=b".encode()
+    response = await client.post(
+        "/infer", data=body, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert response.status == 200, await response.text()
+    assert (await response.json())["text"] == "caf\u00e9 au lait \u00e9"
+
+
+async def test_a_flood_of_bad_fields_gets_a_short_answer(aiohttp_client):
+    from cog.server.inputs import MAX_PROBLEMS
+
+    _, client = await started_client(aiohttp_client, Echo)
+    fields = ["text=t", *(["count=1"] * 1000), "x" * 100_000 + "=1"]
+    fields += [f"bogus{n}=1" for n in range(500)]
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    response = await client.post("/infer", data="&".join(fields).encode(), headers=headers)
+    assert response.status == 400
+    problems = [(p["input"], p["message"]) for p in (await response.json())["problems"]]
+    assert len(problems) == MAX_PROBLEMS + 1
+    assert problems[:2] == [  # each problem once, a long name shortened
+        ("count", "given more than once"),
+        ("x" * 100 + "...", "unknown input"),
+    ]
+    assert problems[-1] == ("", f"and {500 - MAX_PROBLEMS + 2} more problems")
+    assert len(await response.read()) < 10_000
+
+
+async def test_a_urlencoded_form_that_is_too_large_is_413_json(aiohttp_client):
+    from cog.server.inputs import MAX_URLENCODED_BYTES
+
+    _, client = await started_client(aiohttp_client, Echo)
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    body = io.BytesIO(b"text=" + b"a" * MAX_URLENCODED_BYTES)
+    response = await client.post("/infer", data=body, headers=headers)
+    assert response.status == 413
+    assert "multipart/form-data" in (await response.json())["error"]
+
+    async def chunked():  # no Content-Length: the limit holds while reading too
+        for _ in range(5):
+            yield b"a" * (MAX_URLENCODED_BYTES // 4)
+
+    response = await client.post("/infer", data=chunked(), headers=headers)
+    assert response.status == 413
+    assert "at most" in (await response.json())["error"]
+
+
+async def test_every_error_answer_is_json(aiohttp_client, caplog):
+    server = InferenceServer(Echo)
+
+    # The one fault no route of the server can be made to produce on purpose: a handler
+    # failing unexpectedly. A test-only route raises, to check how the answer looks.
+    async def broken(request):
+        raise KeyError("no such thing")
+
+    server.app.router.add_get("/broken", broken)
+    client = await aiohttp_client(server.app)
+    await server.runner.wait_started()
+
+    response = await client.get("/nowhere")
+    assert response.status == 404
+    assert response.content_type == "application/json"
+    assert (await response.json())["error"].startswith("not found: /nowhere")
+
+    response = await client.put("/infer")
+    assert response.status == 405
+    assert response.headers["Allow"] == "POST"
+    assert await response.json() == {"error": "PUT is not allowed for /infer; use POST"}
+
+    response = await client.get("/broken")
+    assert response.status == 500
+    assert await response.json() == {"error": "internal error: KeyError: 'no such thing'"}
+    assert any(r.exc_info for r in caplog.records if "GET /broken failed" in r.getMessage())
+    assert (await client.get("/ping")).status == 200
 
 
 async def test_run_exception_is_500_and_the_server_keeps_serving(aiohttp_client, caplog):
@@ -543,17 +759,25 @@ async def test_drain_finishes_running_and_refuses_queued_and_new(aiohttp_client,
     queued = asyncio.ensure_future(client.post("/infer", data=form(n="2")))
     await eventually(lambda: server.runner.admitted == 2, "the second request to queue")
 
+    assert server.runner.stop() == (1, 1)  # one running, one queued and refused
     drained = asyncio.ensure_future(server.runner.drain())
+    # The queued request is answered at once, while the running one goes on.
+    refused = await asyncio.wait_for(queued, WAIT)
+    assert refused.status == 503
+    assert (await refused.json())["error"] == "the server is shutting down"
     assert (await client.get("/ping")).status == 503
     new = await client.post("/infer", data=form(n="3"))
     assert new.status == 503
     assert (await new.json())["error"] == "the server is shutting down"
     assert not drained.done()
+    assert not running.done()
 
     gate.release.set()
     await asyncio.wait_for(drained, WAIT)
-    assert (await running).status == 200
-    assert (await queued).status == 503
+    response = await running
+    assert response.status == 200
+    assert await response.json() == 1
+    assert gate.most == 1  # the refused job never ran
 
 
 async def test_cancelled_just_after_the_run_finished_still_cleans_up(gate):
@@ -626,12 +850,39 @@ def test_console_does_not_loop_through_a_handler_on_stderr(caplog):
     assert not isinstance(sys.stdout, console.TaggedStream)
 
 
-def test_help_document_is_json(tmp_path):
-    # The signature served by /help is exactly Signature.to_json (checked against a file
-    # model, as the registry compares them).
-    from cog.model import signature_of
+async def test_help_serves_what_the_model_file_declares(aiohttp_client, tmp_path, monkeypatch):
+    """/help of a model loaded from its file, against the declarations written in it (and
+    the registry's reading of the same source, which never imports it)."""
+    from cog.signature import static_signature
 
-    assert json.loads(json.dumps(signature_of(Echo).to_json()))["arguments"]["mode"]["options"] == [
-        "a",
-        "b",
-    ]
+    source = (
+        "import cog\n\n"
+        "class Model(cog.Model):\n"
+        "    @cog.input('image', type=cog.Path, help='Input image')\n"
+        "    @cog.input('scale', type=float, default=1.5, min=1.0, max=4.0)\n"
+        "    @cog.input('mode', type=str, default='fast', options=['fast', 'best'])\n"
+        "    @cog.input('steps', type=int, default=0)\n"
+        "    @cog.input('seed', type=int, default=None)\n"
+        "    def run(self, image, scale, mode, steps, seed):\n"
+        "        pass\n"
+    )
+    (tmp_path / "cog.yaml").write_text("model: infer.py:Model\n")
+    (tmp_path / "infer.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    server = InferenceServer(lambda: ModelRef.from_directory(str(tmp_path)).load())
+    client = await aiohttp_client(server.app)
+    await server.runner.wait_started()
+    response = await client.get("/help")
+    assert response.status == 200
+    document = json.loads(await response.read())
+    assert document == {
+        "arguments": {
+            "image": {"type": "Path", "help": "Input image"},
+            "scale": {"type": "float", "default": 1.5, "min": 1.0, "max": 4.0},
+            "mode": {"type": "str", "default": "fast", "options": ["fast", "best"]},
+            "steps": {"type": "int", "default": 0},
+            "seed": {"type": "int", "default": None},
+        }
+    }
+    assert list(document["arguments"]) == ["image", "scale", "mode", "steps", "seed"]
+    assert document == static_signature(source, "Model", "infer.py").to_json()

@@ -40,10 +40,11 @@ MODEL = textwrap.dedent(
 
 
 class ServerProcess:
-    def __init__(self, directory, *args):
+    def __init__(self, directory, *args, env=None):
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cog.server", "--host", "127.0.0.1", "--port", "0", *args],
             cwd=directory,
+            env={**os.environ, **(env or {})},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -62,6 +63,15 @@ class ServerProcess:
                 self.port = int(match.group(1))
                 self._found.set()
         self._found.set()
+
+    async def wait_for_line(self, text):
+        """Wait until the server has logged a line containing ``text``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT
+        while not any(text in line for line in self.lines):
+            if loop.time() > deadline or self.process.poll() is not None:
+                pytest.fail(f"the server never logged {text!r}:\n" + "\n".join(self.lines))
+            await asyncio.sleep(0.01)
 
     def url(self, path):
         if not self._found.wait(WAIT) or self.port is None:
@@ -87,8 +97,8 @@ def package(tmp_path):
 def server_process(package):
     servers = []
 
-    def start(*args):
-        server = ServerProcess(package, *args)
+    def start(*args, env=None):
+        server = ServerProcess(package, *args, env=env)
         servers.append(server)
         return server
 
@@ -117,8 +127,10 @@ async def wait_for_file(path):
         await asyncio.sleep(0.01)
 
 
-async def test_sigterm_finishes_the_running_inference_and_refuses_new_ones(package, server_process):
-    server = server_process()
+async def test_sigterm_finishes_the_running_inference_and_refuses_the_others(
+    package, server_process
+):
+    server = server_process("--log-level", "debug")  # debug: a line when a request queues
     marker = str(package / "job")
     async with aiohttp.ClientSession() as session:
         await wait_ready(session, server)
@@ -128,8 +140,22 @@ async def test_sigterm_finishes_the_running_inference_and_refuses_new_ones(packa
             )
         )
         await wait_for_file(marker + ".started")
+        queued = asyncio.ensure_future(
+            session.post(
+                server.url("/infer"),
+                data={"marker": marker + "q"},
+                headers={"X-Request-ID": "waiting"},
+            )
+        )
+        await server.wait_for_line("[waiting] queued (1 running")
 
         server.process.send_signal(signal.SIGTERM)
+        # The queued request is refused at once, not after the running inference.
+        refused = await asyncio.wait_for(queued, WAIT)
+        assert refused.status == 503
+        assert (await refused.json())["error"] == "the server is shutting down"
+        refused.release()
+        assert not running.done()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + WAIT
         while True:  # until the signal has been handled
@@ -156,7 +182,11 @@ async def test_sigterm_finishes_the_running_inference_and_refuses_new_ones(packa
     server._reader.join(WAIT)
     log = "\n".join(server.lines)
     assert "[long] stdout: run started for job" in log
-    assert "shutting down: finishing 1 admitted request(s)" in log
+    assert (
+        "shutting down: finishing 1 running inference(s); refused 1 queued request(s) "
+        "and refusing new ones" in log
+    )
+    assert not os.path.exists(marker + "q.started")
     assert not os.path.exists(marker + "2.started")
 
 
@@ -198,7 +228,7 @@ async def test_port_from_the_environment_and_a_missing_model(tmp_path):
 async def test_a_queued_inference_whose_client_hung_up_is_not_run(package, server_process):
     """One at a time (the default): while one inference runs, a second client queues and
     then hangs up. The real server must drop the queued job, not run it for nobody."""
-    server = server_process()
+    server = server_process("--log-level", "debug")  # debug: a line when a request queues
     first, second, third = (str(package / name) for name in ("first", "second", "third"))
     async with aiohttp.ClientSession() as session:
         await wait_ready(session, server)
@@ -207,13 +237,14 @@ async def test_a_queued_inference_whose_client_hung_up_is_not_run(package, serve
 
         async with aiohttp.ClientSession() as impatient:
             queued = asyncio.ensure_future(
-                impatient.post(server.url("/infer"), data={"marker": second})
+                impatient.post(
+                    server.url("/infer"), data={"marker": second}, headers={"X-Request-ID": "gone"}
+                )
             )
-            # Time for the request to reach the server's queue (no API shows the queue);
-            # were it not there yet, the job would not run either way.
-            await asyncio.sleep(0.3)
+            await server.wait_for_line("[gone] queued (1 running")
             queued.cancel()  # the client gives up: its connection closes with the session
         await asyncio.gather(queued, return_exceptions=True)
+        await server.wait_for_line("[gone] the client hung up; dropped from the queue")
 
         followed = asyncio.ensure_future(session.post(server.url("/infer"), data={"marker": third}))
         open(first + ".release", "w").close()
@@ -228,3 +259,49 @@ async def test_a_queued_inference_whose_client_hung_up_is_not_run(package, serve
         response.release()
 
     assert not os.path.exists(second + ".started")
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--concurrency", "2", "--max-queue", "0"], {"COG_CONCURRENCY": "1"}),  # flags win
+        ([], {"COG_CONCURRENCY": "2", "COG_MAX_QUEUE": "0"}),
+    ],
+    ids=["flags", "environment"],
+)
+async def test_concurrency_and_queue_settings(package, server_process, args, env):
+    """Two inferences at once and no queue: both run together, a third is refused."""
+    server = server_process(*args, env=env)
+    first, second = str(package / "first"), str(package / "second")
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, server)
+        running = [
+            asyncio.ensure_future(session.post(server.url("/infer"), data={"marker": marker}))
+            for marker in (first, second)
+        ]
+        await wait_for_file(first + ".started")
+        await wait_for_file(second + ".started")  # the second did not wait for the first
+        async with session.post(server.url("/infer"), data={"marker": "third"}) as refused:
+            assert refused.status == 503
+            assert refused.headers["Retry-After"] == "1"
+            assert (await refused.json())["error"] == (
+                "busy: 2 running and 0 waiting; try again later"
+            )
+        for marker in (first, second):
+            open(marker + ".release", "w").close()
+        for response in await asyncio.wait_for(asyncio.gather(*running), WAIT):
+            assert await response.text() == "finished"
+            response.release()
+
+
+def test_a_setting_that_is_not_a_number_is_one_line(package):
+    result = subprocess.run(
+        [sys.executable, "-m", "cog.server"],
+        cwd=package,
+        env={**os.environ, "COG_CONCURRENCY": "two"},
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert result.returncode == 1
+    assert result.stderr == "$COG_CONCURRENCY must be an integer, not 'two'\n"

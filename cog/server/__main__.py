@@ -7,9 +7,10 @@ at once), ``--max-queue`` ($COG_MAX_QUEUE, default 64: requests that may wait fo
 ($COG_LOG_LEVEL, default info; debug adds a line per inference).
 
 The port is open at once: the model is imported and set up in the background while
-``/ping`` answers 503 ``starting``. On SIGTERM (or SIGINT) the server refuses new
-inferences with 503, finishes the admitted ones, and exits 0; a second signal exits at
-once with status 1. Logs (including the model's stdout/stderr) go to stderr.
+``/ping`` answers 503 ``starting``. On SIGTERM (or SIGINT) the server finishes the
+running inferences (and sends their responses), answers the queued and any new ones
+with 503 at once, and exits 0; a second signal exits at once with status 1. Logs
+(including the model's stdout/stderr) go to stderr.
 """
 
 from __future__ import annotations
@@ -102,9 +103,12 @@ async def serve(server: InferenceServer, host: str, port: int) -> int:
         logger.info("listening on http://%s:%s", *address[:2])
 
     await stop.wait()
+    running, refused = server.runner.stop()
     logger.info(
-        "shutting down: finishing %d admitted request(s), refusing new ones",
-        server.runner.admitted,
+        "shutting down: finishing %d running inference(s); refused %d queued request(s) "
+        "and refusing new ones",
+        running,
+        refused,
     )
     drain = asyncio.ensure_future(server.runner.drain())
     forced = asyncio.ensure_future(force.wait())

@@ -7,9 +7,12 @@
 - ``POST /infer``: a multipart form (or urlencoded, for text only) of the inputs. The
   response is the output (see :mod:`cog.server.outputs`) with ``X-Setup-Time`` and
   ``X-Run-Time`` (seconds) and ``X-Request-ID``. Errors are JSON ``{"error": message}``:
-  400 (with ``problems``, every one; or a malformed body), 415 (not a form), 500 (run()
-  raised; the traceback is only in the log), 503 (not ready, busy, or shutting down; with
-  ``Retry-After`` when busy).
+  400 (with ``problems``, every one; or a malformed body), 413 (a urlencoded form over
+  4 MiB), 415 (not a form), 500 (run() raised; the traceback is only in the log), 503 (not
+  ready, busy, or shutting down; with ``Retry-After`` when busy).
+
+Every other error answer (an unknown route, a wrong method, an unexpected failure) is
+JSON ``{"error": message}`` as well.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class InferenceServer:
         # Request ids: unique per server process, cheap to make, short in the log.
         self._id_prefix = os.urandom(4).hex()
         self._ids = itertools.count(1)
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[_json_errors])
         self.app.add_routes(
             [
                 web.get("/ping", self.ping),
@@ -146,7 +149,9 @@ class InferenceServer:
         owned = True
         try:
             try:
-                outcome = await runner.run(inputs.values, tag, on_abandon=inputs.cleanup)
+                outcome = await runner.run(
+                    inputs.values, tag, on_abandon=inputs.cleanup, directory=inputs.directory
+                )
             except NotReady as e:  # shutdown began while this request waited
                 return _not_ready(e, headers)
             except asyncio.CancelledError:
@@ -159,7 +164,7 @@ class InferenceServer:
                 logger.error("[%s] run() raised %r", tag, error, exc_info=error)
                 return _error(500, f"{type(error).__name__}: {error}", headers)
             try:
-                return await respond(request, outcome.value, headers)
+                return await respond(request, outcome.value, headers, opened=inputs.cleanup)
             except OutputError as e:
                 logger.error("[%s] %s", tag, e)
                 return _error(500, str(e), headers)
@@ -173,6 +178,41 @@ def create_app(
 ) -> web.Application:
     """The aiohttp application serving ``model`` (see InferenceServer)."""
     return InferenceServer(model, concurrency=concurrency, max_queue=max_queue).app
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error answer is JSON ``{"error": ...}``: aiohttp's own (404, 405, 413, ...)
+    and an unexpected exception (500, logged with its traceback) too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        headers = {k: v for k, v in e.headers.items() if k.lower() not in _ENTITY_HEADERS}
+        return _error(e.status, _http_error_message(request, e), headers)
+    except ConnectionError:  # the client is gone: nobody to answer
+        raise
+    except Exception as e:
+        if request.writer.output_size > 0:  # a response is half sent: aiohttp drops it
+            raise
+        logger.error("%s %s failed: %r", request.method, request.path, e, exc_info=e)
+        return _error(500, f"internal error: {type(e).__name__}: {e}")
+
+
+_ENTITY_HEADERS = ("content-type", "content-length", "content-encoding")
+
+
+def _http_error_message(request: web.Request, error: web.HTTPException) -> str:
+    if isinstance(error, web.HTTPNotFound):
+        return f"not found: {request.path} (the routes are /ping, /help, /openapi.json, /infer)"
+    if isinstance(error, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(error.allowed_methods))
+        return f"{request.method} is not allowed for {request.path}; use {allowed}"
+    text = error.text or ""
+    if not text or text == f"{error.status}: {error.reason}":  # aiohttp's default body
+        return error.reason
+    return text
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -1,22 +1,25 @@
 """What run() returned, as an HTTP response.
 
-str -> text/plain; bytes -> application/octet-stream; a path -> the file, streamed, its
-content type from its extension; anything else (numbers, bool, None, lists, dicts, and
-numpy-like values with ``tolist()``) -> JSON.
+str -> text/plain; bytes -> application/octet-stream; a path -> the file, streamed (read
+in worker threads, never on the event loop), its content type from its extension;
+anything else (numbers, bool, None, lists, dicts, and numpy-like values with
+``tolist()``) -> JSON.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import mimetypes
 import os
 import pathlib
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 from urllib.parse import quote
 
 from aiohttp import web
 
-_CHUNK = 256 * 1024
+#: A file output is read in chunks of this size, each in a worker thread.
+_CHUNK = 1 << 20
 
 
 class OutputError(Exception):
@@ -24,11 +27,17 @@ class OutputError(Exception):
 
 
 async def respond(
-    request: web.Request, value: Any, headers: Mapping[str, str]
+    request: web.Request,
+    value: Any,
+    headers: Mapping[str, str],
+    opened: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
-    """The response for ``value``. A file is sent before this returns (prepared response)."""
+    """The response for ``value``. A file is sent before this returns (prepared response);
+    ``opened`` is called once it is open, before its first byte goes out: the request's
+    directory can go then (an open file is read whole even once it is unlinked), so it
+    is gone before the client has the response."""
     if isinstance(value, pathlib.PurePath):
-        return await _send_file(request, str(value), headers)
+        return await _send_file(request, str(value), headers, opened)
     if isinstance(value, str):
         return web.Response(text=value, content_type="text/plain", headers=headers)
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -51,14 +60,20 @@ def _to_json(value: Any) -> Any:
 
 
 async def _send_file(
-    request: web.Request, path: str, headers: Mapping[str, str]
+    request: web.Request,
+    path: str,
+    headers: Mapping[str, str],
+    opened: Callable[[], None] | None,
 ) -> web.StreamResponse:
+    loop = asyncio.get_running_loop()
     try:
-        f = open(path, "rb")  # noqa: SIM115  # closed below, after streaming
+        f, size, chunk = await loop.run_in_executor(None, _open, path)
     except OSError as e:
         raise OutputError(f"run() returned the file {path}, which cannot be read: {e}") from e
-    with f:
-        size = os.fstat(f.fileno()).st_size
+    reading: asyncio.Future[bytes] | None = None  # the next chunk, read in a thread
+    try:
+        if opened is not None:
+            opened()
         name = os.path.basename(path)
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
         response = web.StreamResponse(headers=headers)
@@ -66,14 +81,38 @@ async def _send_file(
         response.content_length = size
         response.headers["Content-Disposition"] = _disposition(name)
         await response.prepare(request)
-        # A local file: reads come from the page cache or a fast disk.
+        # The file as it was when opened: its size is the Content-Length. Each chunk is
+        # read in a thread while the one before goes out.
+        left = size - len(chunk)
         while True:
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                break
+            if left > 0:
+                reading = loop.run_in_executor(None, f.read, min(_CHUNK, left))
             await response.write(chunk)
+            if reading is None:
+                break
+            chunk, reading = await reading, None
+            if not chunk:  # the headers promised more: the connection must be dropped
+                raise RuntimeError(f"the file {path} became shorter while it was sent")
+            left -= len(chunk)
         await response.write_eof()
+    finally:
+        if reading is not None:  # the client went away: let the thread finish the read
+            await asyncio.wait([reading])
+            if not reading.cancelled():
+                reading.exception()  # retrieved: nobody needs it now
+        f.close()  # read-only: nothing to flush, one quick system call
     return response
+
+
+def _open(path: str) -> tuple[BinaryIO, int, bytes]:
+    """The open file, its size and its first chunk (one thread hop for a small file)."""
+    f = open(path, "rb")  # noqa: SIM115  # closed by _send_file
+    try:
+        size = os.fstat(f.fileno()).st_size
+        return f, size, f.read(min(_CHUNK, size))
+    except BaseException:
+        f.close()
+        raise
 
 
 def _disposition(name: str) -> str:

@@ -3,7 +3,9 @@
 Model code never runs on the event loop: setup() in a daemon thread (so a SIGTERM during a
 long setup does not wait for it), run() in a pool of ``concurrency`` threads (1 by
 default: GPU models are not re-entrant). Requests beyond ``concurrency`` wait, up to
-``max_queue`` of them; more are refused (:class:`Busy`).
+``max_queue`` of them; more are refused (:class:`Busy`). A queued request whose client
+hangs up is dropped; on shutdown the queued ones are refused at once and the running
+ones finish.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Callable
 
 import attrs
 
+from cog import model as cog_model
 from cog.model import Model, signature_of
 from cog.server.console import call_tagged
 from cog.server.model_ref import ModelLoadError
@@ -54,13 +57,24 @@ class Busy(Exception):
     """Every inference slot and queue place is taken."""
 
 
-@attrs.define
+class _Status(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    #: not to be run: its client hung up, or shutdown refused it, while it waited
+    SKIPPED = "skipped"
+
+
+@attrs.define(eq=False)
 class _Job:
     future: asyncio.Future[Outcome | None]
     inputs: dict[str, Any]
     tag: str
     on_abandon: Callable[[], None] | None
-    #: the request was cancelled: skip it if not started; call on_abandon when done
+    #: makes and returns the request's temporary directory (cog.request_directory())
+    directory: Callable[[], str] | None
+    #: changed under ModelRunner._claim only: a worker and the loop may race for a job
+    status: _Status = _Status.QUEUED
+    #: the request was cancelled while running: _finish calls on_abandon
     abandoned: bool = False
 
 
@@ -104,8 +118,14 @@ class ModelRunner:
         self._setup: asyncio.Future[Any] | None = None
         self._idle: asyncio.Event | None = None
         self._admitted = 0
-        #: jobs queued or running in a worker thread
+        #: jobs queued or running in a worker thread, until _finish
         self._pending = 0
+        #: guards every job's status, _waiting and _running (worker threads and the loop)
+        self._claim = threading.Lock()
+        #: jobs queued and not yet taken by a worker
+        self._waiting: set[_Job] = set()
+        #: jobs in run() now
+        self._running = 0
 
     @property
     def admitted(self) -> int:
@@ -178,17 +198,32 @@ class ModelRunner:
         self._check_idle()
 
     async def run(
-        self, inputs: dict[str, Any], tag: str, on_abandon: Callable[[], None] | None = None
+        self,
+        inputs: dict[str, Any],
+        tag: str,
+        on_abandon: Callable[[], None] | None = None,
+        directory: Callable[[], str] | None = None,
     ) -> Outcome:
         """Run the model on ``inputs`` in a worker thread, after the runs queued before it.
 
         Raises NotReady if shutdown began before it started. If the request is cancelled,
-        ``on_abandon`` is called once run() no longer needs the inputs.
+        ``on_abandon`` is called once run() no longer needs the inputs: at once for a job
+        still queued (it is dropped), after run() for a running one. ``directory`` is what
+        ``cog.request_directory()`` calls in run().
         """
         assert self._jobs is not None
         if self.state is State.STOPPING:
             raise NotReady(self.state)
-        job = _Job(asyncio.get_running_loop().create_future(), inputs, tag, on_abandon)
+        job = _Job(asyncio.get_running_loop().create_future(), inputs, tag, on_abandon, directory)
+        with self._claim:
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "[%s] queued (%d running, %d waiting before it)",
+                    tag,
+                    self._running,
+                    len(self._waiting),
+                )
+            self._waiting.add(job)
         self._pending += 1
         self._jobs.put(job)
         try:
@@ -198,8 +233,18 @@ class ModelRunner:
                 # Cancelled after _finish handed over the outcome: nobody else will clean up.
                 if on_abandon is not None:
                     on_abandon()
-            else:
-                job.abandoned = True  # a queued job is skipped; _finish calls on_abandon
+                raise
+            with self._claim:
+                dropped = job.status is _Status.QUEUED
+                if dropped:
+                    job.status = _Status.SKIPPED
+                    self._waiting.discard(job)
+                else:
+                    job.abandoned = True  # running: _finish calls on_abandon after run()
+            if dropped:
+                logger.info("[%s] the client hung up; dropped from the queue", tag)
+                if on_abandon is not None:
+                    on_abandon()
             raise
         if outcome is None:
             raise NotReady(State.STOPPING)
@@ -217,21 +262,33 @@ class ModelRunner:
             if job is None:
                 return
             outcome = None
-            # Reads of flags the loop sets: at worst a job starts that was just abandoned.
-            if not job.abandoned and self.state is not State.STOPPING:
-                outcome = call_tagged(job.tag, self._timed_run, job.inputs)
+            with self._claim:  # a job the loop dropped or refused is never started
+                start = job.status is _Status.QUEUED
+                if start:
+                    job.status = _Status.RUNNING
+                    self._waiting.discard(job)
+                    self._running += 1
+            if start:
+                try:
+                    outcome = call_tagged(job.tag, self._timed_run, job)
+                finally:
+                    with self._claim:
+                        self._running -= 1
             try:
                 loop.call_soon_threadsafe(self._finish, job, outcome)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 return
 
-    def _timed_run(self, inputs: dict[str, Any]) -> Outcome:
+    def _timed_run(self, job: _Job) -> Outcome:
         assert self._model is not None
         started = time.perf_counter()
+        cog_model._request.directory = job.directory
         try:
-            value = self._model.run(**inputs)
+            value = self._model.run(**job.inputs)
         except BaseException as e:  # SystemExit from a model must not end a worker thread
             return Outcome(None, e, time.perf_counter() - started)
+        finally:
+            cog_model._request.directory = None
         return Outcome(value, None, time.perf_counter() - started)
 
     def _finish(self, job: _Job, outcome: Outcome | None) -> None:
@@ -243,9 +300,27 @@ class ModelRunner:
             job.future.set_result(outcome)
         self._check_idle()
 
-    async def drain(self) -> None:
-        """Refuse new inferences and wait for the admitted ones to finish."""
+    def stop(self) -> tuple[int, int]:
+        """Begin shutdown: refuse new inferences, and the queued ones at once (their
+        requests get NotReady); the running ones go on. Returns (running, refused)."""
         self.state = State.STOPPING
+        with self._claim:
+            refused = list(self._waiting)
+            self._waiting.clear()
+            for job in refused:
+                job.status = _Status.SKIPPED
+            running = self._running
+        for job in refused:
+            if not job.future.done():
+                job.future.set_result(None)
+        self._check_idle()
+        return running, len(refused)
+
+    async def drain(self) -> None:
+        """Stop (see stop()) and wait until the running inferences and every admitted
+        request have finished."""
+        if self.state is not State.STOPPING:
+            self.stop()
         if self._idle is None:
             return
         self._check_idle()
