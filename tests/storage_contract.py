@@ -95,6 +95,34 @@ class StorageContract:
         assert first.version != second.version
         assert await storage.read_bytes("k") == b"two, longer"
 
+    @pytest.mark.parametrize(
+        "error",
+        [
+            ConnectionResetError("the client hung up mid-download"),
+            OSError(28, "No space left on device"),
+            Boom("the caller's own bug"),
+        ],
+        ids=type,
+    )
+    async def test_caller_errors_inside_a_reader_pass_unchanged(self, storage, error):
+        """What the caller raises in its with-block or between two items is its own,
+        not relabelled a storage error (only the backend's own steps are)."""
+        await storage.write("e/blob", stream(os.urandom(3 * MiB)))
+        with pytest.raises(type(error)) as caught:
+            async with storage.open_reader("e/blob") as blob:
+                async for _ in blob.chunks():
+                    raise error
+        assert caught.value is error
+        with pytest.raises(type(error)) as caught:
+            async with storage.open_reader("e/blob"):
+                raise error
+        assert caught.value is error
+        with pytest.raises(type(error)) as caught:
+            async for _ in storage.list("e/"):
+                raise error
+        assert caught.value is error
+        assert len(await read_all(storage, "e/blob")) == 3 * MiB  # and the store still works
+
     async def test_not_found_is_raised_on_entry(self, storage):
         with pytest.raises(NotFound):
             async with storage.open_reader("missing/blob"):

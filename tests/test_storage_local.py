@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 
 import pytest
 
-from cog.storage import StorageConfigError, load_storage
+from cog.storage import (
+    BlobReader,
+    CheckedStorage,
+    StorageConfigError,
+    StorageUnavailable,
+    load_storage,
+)
 from cog.storage.local import TMP_PREFIX, LocalStorage
 from tests.storage_contract import StorageContract
 
@@ -48,3 +56,38 @@ def test_unknown_scheme_lists_the_installed_ones():
     assert "file" in str(caught.value) and "s3" in str(caught.value)
     with pytest.raises(StorageConfigError, match="no scheme"):
         load_storage("/just/a/path")
+
+
+class _FailingReader(BlobReader):
+    def __init__(self, blob: BlobReader):
+        self.info = blob.info
+        self._blob = blob
+
+    async def chunks(self):
+        async for chunk in self._blob.chunks():
+            yield chunk
+            raise OSError(errno.EIO, "Input/output error")
+
+
+class _FailingDisk(LocalStorage):
+    """Local storage on a disk whose reads fail after the first chunk (EIO). A fake: a
+    real disk in a test cannot be made to fail that way."""
+
+    @contextlib.asynccontextmanager
+    async def open_reader(self, key):
+        async with super().open_reader(key) as blob:
+            yield _FailingReader(blob)
+
+
+async def test_backend_read_errors_are_translated_but_the_callers_are_not(tmp_path):
+    store = CheckedStorage(_FailingDisk(tmp_path))
+    await store.open()
+    await store.write_bytes("k", os.urandom(3 * 1024 * 1024))
+    with pytest.raises(StorageUnavailable, match="Input/output error"):
+        await store.read_bytes("k")
+    caller_error = OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError) as caught:
+        async with store.open_reader("k") as blob:
+            async for _ in blob.chunks():
+                raise caller_error
+    assert caught.value is caller_error

@@ -1,7 +1,7 @@
 """The Storage contract: where every byte and record the registry server knows lives.
 
 A backend implements a handful of primitives on opaque keys (``packages/<id>.zip``,
-``records/<id>.json``); everything else (key validation, error translation, logging)
+``records/<id>.json``); everything else (key validation, error translation)
 lives once in :class:`CheckedStorage`, which :func:`load_storage` wraps around every
 backend. Backends are found through the ``cog.storage`` entry-point group, keyed by the
 URL scheme they serve, so a third-party package can add one without touching cog.
@@ -14,9 +14,13 @@ them):
 - ``open_reader`` raises :class:`NotFound` on entry, before any byte is produced, so an
   HTTP handler can still answer 404.
 - ``list`` yields every blob under a prefix with an opaque ``version`` that changes when
-  the blob is rewritten, so caches can tell what to reload.
+  the blob is rewritten with other bytes (it may stay for the very same bytes), so caches
+  can tell what to reload; ``write`` returns the version of what it wrote, even when
+  another writer replaces it at once.
 - vendor errors never escape: a backend raises :class:`NotFound`,
-  :class:`StorageUnavailable` or :class:`StorageError`.
+  :class:`StorageUnavailable` or :class:`StorageError`. Only the backend's own steps are
+  translated: an exception the caller raises inside ``open_reader``'s block, or between
+  two items of ``list``/``chunks``, reaches the caller unchanged.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ class StorageConfigError(Exception):
 class BlobInfo:
     key: str
     size: int
-    #: Opaque token that changes whenever the blob is rewritten (mtime+size, an ETag...).
+    #: Opaque token that changes when the blob is rewritten (mtime+size, an ETag...).
     version: str
 
 
@@ -219,10 +223,28 @@ class CheckedStorage(Storage):
 
     @contextlib.asynccontextmanager
     async def open_reader(self, key: str) -> AsyncIterator[BlobReader]:
+        # Only the backend's own steps are translated (entering, reading, closing): an
+        # error the caller raises inside the with-block (its client hung up, its disk is
+        # full) is the caller's, and passes through unchanged.
         validate_key(key)
+        manager = self.backend.open_reader(key)
         with _translated(self.backend):
-            async with self.backend.open_reader(key) as blob:
-                yield blob
+            blob = await manager.__aenter__()
+        try:
+            yield _CheckedReader(blob, self.backend)
+        except BaseException as exc:
+            try:
+                suppressed = await manager.__aexit__(type(exc), exc, exc.__traceback__)
+            except BaseException as raised:
+                translated = _translation(self.backend, raised)
+                if raised is exc or translated is raised:
+                    raise
+                raise translated from raised
+            if not suppressed:
+                raise
+        else:
+            with _translated(self.backend):
+                await manager.__aexit__(None, None, None)
 
     async def stat(self, key: str) -> BlobInfo:
         validate_key(key)
@@ -236,9 +258,37 @@ class CheckedStorage(Storage):
 
     async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
         validate_key(prefix, prefix=True)
-        with _translated(self.backend):
-            async for info in self.backend.list(prefix):
-                yield info
+        async for info in _translated_iteration(self.backend, self.backend.list(prefix)):
+            yield info
+
+
+class _CheckedReader(BlobReader):
+    def __init__(self, blob: BlobReader, backend: Storage) -> None:
+        self.info = blob.info
+        self._blob = blob
+        self._backend = backend
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return _translated_iteration(self._backend, self._blob.chunks())
+
+
+async def _translated_iteration(backend: Storage, items: AsyncIterator) -> AsyncIterator:
+    """The backend's items with its errors translated; only its own steps are, since
+    what the caller does between two items never runs inside this generator."""
+    iterator = items.__aiter__()
+    try:
+        while True:
+            with _translated(backend):
+                try:
+                    item = await iterator.__anext__()
+                except StopAsyncIteration:
+                    return
+            yield item
+    finally:
+        close = getattr(iterator, "aclose", None)
+        if close is not None:
+            with _translated(backend):
+                await close()
 
 
 @contextlib.contextmanager
@@ -248,10 +298,16 @@ def _translated(backend: Storage):
         yield
     except (StorageError, StorageConfigError, GeneratorExit):
         raise
-    except (OSError, ConnectionError) as exc:
-        raise StorageUnavailable(f"{type(backend).__name__}: {exc}") from exc
     except Exception as exc:
-        raise StorageError(f"{type(backend).__name__}: {type(exc).__name__}: {exc}") from exc
+        raise _translation(backend, exc) from exc
+
+
+def _translation(backend: Storage, exc: BaseException) -> BaseException:
+    if isinstance(exc, (StorageError, StorageConfigError)) or not isinstance(exc, Exception):
+        return exc  # ours already, or a cancellation / exit: never relabelled
+    if isinstance(exc, OSError):
+        return StorageUnavailable(f"{type(backend).__name__}: {exc}")
+    return StorageError(f"{type(backend).__name__}: {type(exc).__name__}: {exc}")
 
 
 def _entry_points():
