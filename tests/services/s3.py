@@ -2,12 +2,16 @@
 
 One server per test session, on free loopback ports with a temporary data directory,
 stopped at the end; tests get their own prefix in one shared bucket (creating a bucket
-costs SeaweedFS seconds). COG_TEST_S3_ENDPOINT=http://host:port reuses a running one.
+costs SeaweedFS seconds). It runs with access control on: one identity, whose keys the
+session puts in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, so every S3 test also proves the
+credentials reach S3 from the environment. COG_TEST_S3_ENDPOINT=http://host:port reuses
+a running one (with the credentials already in the environment).
 COG_TEST_SKIP_SERVICES=1 skips S3 tests; otherwise a missing `weed` fails loudly.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -43,10 +47,15 @@ def _free_port() -> int:
 
 
 class SeaweedFS:
-    """A `weed server` with master, volume, filer and S3 gateway on loopback."""
+    """A `weed server` with master, volume, filer and S3 gateway on loopback.
 
-    def __init__(self, data_dir: Path):
+    With credentials (the default), S3 accepts only requests signed with that key pair;
+    credentials=None runs it open to anyone.
+    """
+
+    def __init__(self, data_dir: Path, credentials: dict[str, str] | None = CREDENTIALS):
         self.data_dir = data_dir
+        self.credentials = credentials
         self.ports = {name: _free_port() for name in ("master", "volume", "filer", "s3")}
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.process: subprocess.Popen | None = None
@@ -65,8 +74,15 @@ class SeaweedFS:
             "-filer", f"-filer.port={self.ports['filer']}",
             "-s3", f"-s3.port={self.ports['s3']}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",  # extra listeners on fixed ports
+            # A restart on the same data waits one election timeout (10s by default)
+            # before the lone master leads again.
+            "-master.electionTimeout=1s",
             "-master.volumeSizeLimitMB=256", "-volume.max=50",
         ]  # fmt: skip
+        if self.credentials:
+            config = self.data_dir / "s3-identities.json"
+            config.write_text(json.dumps(identities(self.credentials)))
+            args.append(f"-s3.config={config}")
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -80,13 +96,30 @@ class SeaweedFS:
         raise RuntimeError(f"SeaweedFS S3 did not answer within {timeout}s; see {self.log_path}")
 
     def stop(self) -> None:
+        """Gone at once, as a crashed S3 server or host is: SIGKILL. (SIGTERM would give
+        the same fault five seconds later: weed ignores it that long.) Its data survives
+        for a start() on the same directory, open multipart uploads included."""
         if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            self.process.kill()
+            self.process.wait()
+
+
+def identities(credentials: dict[str, str]) -> dict:
+    """SeaweedFS's S3 identities file (`weed s3 -config`): one key pair, all actions."""
+    return {
+        "identities": [
+            {
+                "name": "cog-test",
+                "credentials": [
+                    {
+                        "accessKey": credentials["AWS_ACCESS_KEY_ID"],
+                        "secretKey": credentials["AWS_SECRET_ACCESS_KEY"],
+                    }
+                ],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
 
 
 def answers(endpoint: str) -> bool:
@@ -114,13 +147,16 @@ def s3_server():
     """The endpoint of a running S3 server; credentials are put in the environment."""
     if os.environ.get("COG_TEST_SKIP_SERVICES") == "1":
         pytest.skip("S3 tests need SeaweedFS and COG_TEST_SKIP_SERVICES=1")
-    for key, value in CREDENTIALS.items():
-        os.environ.setdefault(key, value)
     reuse = os.environ.get("COG_TEST_S3_ENDPOINT")
     if reuse:
+        for key, value in CREDENTIALS.items():
+            os.environ.setdefault(key, value)
         assert answers(reuse), f"COG_TEST_S3_ENDPOINT={reuse} does not answer"
         yield reuse
         return
+    # Our server knows only these keys: whatever else the environment held must not win.
+    os.environ.update(CREDENTIALS)
+    os.environ.pop("AWS_SESSION_TOKEN", None)
     with tempfile.TemporaryDirectory(prefix="cog-weed-") as tmp:
         server = SeaweedFS(Path(tmp)).start()
         try:
