@@ -48,21 +48,27 @@ def _errors(what: str):
 
 
 class _Reader(BlobReader):
-    def __init__(self, info: BlobInfo, db: SQLiteStorage, blob_id: int):
+    """Reads through the connection its open_reader holds, inside one read transaction:
+    a snapshot, so a blob overwritten or deleted meanwhile is still read whole."""
+
+    def __init__(self, info: BlobInfo, connection: sqlite3.Connection, blob_id: int):
         self.info = info
-        self._db = db
+        self._connection = connection
         self._blob_id = blob_id
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        seq = 0
-        while True:
-            rows = await self._db._run(
-                "SELECT data FROM chunks WHERE blob_id = ? AND seq = ?", (self._blob_id, seq)
+        with _errors("reading"):
+            cursor = await asyncio.to_thread(
+                self._connection.execute,
+                "SELECT data FROM chunks WHERE blob_id = ? ORDER BY seq",
+                (self._blob_id,),
             )
-            if not rows:
+        while True:
+            with _errors("reading"):
+                row = await asyncio.to_thread(cursor.fetchone)
+            if row is None:
                 return
-            yield rows[0][0]
-            seq += 1
+            yield row[0]
 
 
 class SQLiteStorage(Storage):
@@ -82,7 +88,11 @@ class SQLiteStorage(Storage):
         return cls(Path(unquote(parts.path)))
 
     def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        # Used from worker threads one call at a time (never two at once), hence
+        # check_same_thread=False. timeout: how long to wait for another writer's lock.
+        connection = sqlite3.connect(
+            self.path, timeout=30, isolation_level=None, check_same_thread=False
+        )
         connection.execute("PRAGMA journal_mode=WAL")
         return connection
 
@@ -132,9 +142,25 @@ class SQLiteStorage(Storage):
                 await self._run(
                     "INSERT INTO chunks VALUES (?, ?, ?)", (blob_id, seq, bytes(buffer))
                 )
+        except BaseException:
+            # Shielded: a cancelled write still removes what it staged.
+            with contextlib.suppress(StorageError):
+                await asyncio.shield(self._run("DELETE FROM chunks WHERE blob_id = ?", (blob_id,)))
+            raise
+        await self._publish(key, blob_id, size)
+        return BlobInfo(key, size, str(blob_id))
 
-            def publish() -> None:
-                with contextlib.closing(self._connect()) as connection:
+    async def _publish(self, key: str, blob_id: int, size: int) -> None:
+        """Point key at the staged chunks, in one transaction in a worker thread.
+
+        From here the thread alone decides what happens to the staged chunks: it commits
+        (they are the key's blob now) or removes them itself. A write cancelled meanwhile
+        waits for that outcome, so it never removes the chunks of a key it published.
+        """
+
+        def publish() -> None:
+            with contextlib.closing(self._connect()) as connection:
+                try:
                     connection.execute("BEGIN IMMEDIATE")
                     old = connection.execute(
                         "SELECT blob_id FROM blobs WHERE key = ?", (key,)
@@ -145,23 +171,50 @@ class SQLiteStorage(Storage):
                     if old:
                         connection.execute("DELETE FROM chunks WHERE blob_id = ?", old)
                     connection.execute("COMMIT")
+                except BaseException:
+                    if connection.in_transaction:
+                        connection.execute("ROLLBACK")
+                    # If this fails too (the database stays locked), open() removes
+                    # the orphans at the next start.
+                    with contextlib.suppress(sqlite3.Error):
+                        connection.execute("DELETE FROM chunks WHERE blob_id = ?", (blob_id,))
+                    raise
 
+        publishing = asyncio.ensure_future(asyncio.to_thread(publish))
+        try:
             with _errors(f"writing {key}"):
-                await asyncio.to_thread(publish)
-        except BaseException:
-            # Shielded: a cancelled write still removes what it staged.
-            with contextlib.suppress(StorageError):
-                await asyncio.shield(self._run("DELETE FROM chunks WHERE blob_id = ?", (blob_id,)))
+                await asyncio.shield(publishing)
+        except asyncio.CancelledError:
+            await asyncio.wait([publishing])
+            if not publishing.cancelled():
+                publishing.exception()  # retrieved: the cancellation is what we report
             raise
-        return BlobInfo(key, size, str(blob_id))
 
     @contextlib.asynccontextmanager
     async def open_reader(self, key: str) -> AsyncIterator[BlobReader]:
-        rows = await self._run("SELECT blob_id, size FROM blobs WHERE key = ?", (key,))
-        if not rows:
-            raise NotFound(key)
-        blob_id, size = rows[0]
-        yield _Reader(BlobInfo(key, size, str(blob_id)), self, blob_id)
+        def start() -> tuple[sqlite3.Connection, tuple | None]:
+            connection = self._connect()
+            try:
+                # One read transaction for the whole read: the snapshot it reads from
+                # starts with this SELECT and holds the blob's chunks until the end.
+                connection.execute("BEGIN")
+                row = connection.execute(
+                    "SELECT blob_id, size FROM blobs WHERE key = ?", (key,)
+                ).fetchone()
+            except BaseException:
+                connection.close()
+                raise
+            return connection, row
+
+        with _errors(f"reading {key}"):
+            connection, row = await asyncio.to_thread(start)
+        try:
+            if row is None:
+                raise NotFound(key)
+            blob_id, size = row
+            yield _Reader(BlobInfo(key, size, str(blob_id)), connection, blob_id)
+        finally:
+            await asyncio.to_thread(connection.close)  # ends the read transaction
 
     async def stat(self, key: str) -> BlobInfo:
         rows = await self._run("SELECT blob_id, size FROM blobs WHERE key = ?", (key,))
