@@ -134,7 +134,7 @@ def _yaml_type(value: Any) -> str:
     return {
         type(None): "nothing (null)",
         bool: "a boolean",
-        int: "a number",
+        int: "an integer",
         float: "a number",
         str: "a string",
         list: "a list",
@@ -169,9 +169,94 @@ def _normalize_examples(doc: dict[str, Any]) -> None:
                 example["output"] = _scalar_text(example["output"])
 
 
+_DROP = object()
+
+
+def _shaped(value: Any, kind: Any, path: str, problems: list[str]) -> Any:
+    """value with every mapping and list of the schema checked for being one (and with
+    text keys); what is not is reported at its field path and left out (_DROP) so that
+    structuring can still report everything else. Scalars are cattrs' to check."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if attrs.has(kind) or origin is dict:
+        if value is None and path != "cog.yaml":  # `environment:` with nothing under it
+            return {}
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {_yaml_type(value)}")
+            return _DROP
+        for key in value:
+            if not isinstance(key, str):
+                problems.append(
+                    f"{path}: keys must be names, got {_yaml_type(key)} ({key!r}); "
+                    "quote it if it is meant as one"
+                )
+        value = {k: v for k, v in value.items() if isinstance(k, str)}
+        if origin is dict:
+            return value
+        fields = typing.get_type_hints(kind)
+        shaped = {}
+        for key, item in value.items():
+            inner = item
+            if key in fields:
+                inner = _shaped(item, fields[key], _join(path, key), problems)
+            if inner is not _DROP:
+                shaped[key] = inner
+        return shaped
+    if origin is tuple and args and args[0] is not str:  # a list of mappings (examples)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {_yaml_type(value)}")
+            return _DROP
+        items = [_shaped(item, args[0], f"{path}[{i}]", problems) for i, item in enumerate(value)]
+        # A bad item stays as an empty one, so that later items keep their numbers.
+        return [{} if item is _DROP else item for item in items]
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return key if path == "cog.yaml" else f"{path}.{key}"
+
+
+def _duplicate_keys(text: str | bytes, source: str) -> list[str]:
+    """Keys given twice in one mapping (YAML keeps the last silently), with positions."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return []  # reported by load_config as the syntax error it is
+    problems: list[str] = []
+    seen_nodes: set[int] = set()
+
+    def walk(node: yaml.Node | None, path: str) -> None:
+        if node is None or id(node) in seen_nodes:  # aliases may repeat a node
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key, item in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in first:
+                        mark, earlier = key.start_mark, first[key.value].start_mark
+                        problems.append(
+                            f"{source}: line {mark.line + 1}, column {mark.column + 1}: "
+                            f"duplicate key {_join(path, key.value)} (first given on line "
+                            f"{earlier.line + 1}); YAML would keep only the last"
+                        )
+                    else:
+                        first[key.value] = key
+                    walk(item, _join(path, key.value))
+                else:
+                    walk(item, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{path}[{i}]")
+
+    walk(root, "cog.yaml")
+    return problems
+
+
 def _format_error(exc: BaseException, _type: Any) -> str:
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        keys = ", ".join(sorted(exc.extra_fields))
+        keys = ", ".join(sorted(str(k) for k in exc.extra_fields))
         return f"unknown key{'s' if len(exc.extra_fields) > 1 else ''}: {keys}"
     if isinstance(exc, KeyError):
         return "is required"
@@ -200,19 +285,24 @@ def load_config(text: str | bytes, source: str = "cog.yaml") -> Config:
         raise ConfigError([f"{source} is empty; it needs at least `model: file.py:ClassName`"])
     if not isinstance(doc, dict):
         raise ConfigError([f"{source}: expected a mapping of keys, got {_yaml_type(doc)}"])
+    problems = _duplicate_keys(text, source)
+    doc = _shaped(doc, Config, "cog.yaml", problems)
     _normalize_examples(doc)
     try:
-        return _loader.structure(doc, Config)
+        config = _loader.structure(doc, Config)
     except cattrs.BaseValidationError as exc:
-        problems = []
         for message in cattrs.transform_error(exc, format_exception=_format_error):
             text, _, path = message.rpartition(" @ ")
             problems.append(f"{_path(path)}: {text}")
+        config = None
+    if problems:
         try:
-            partial = _lenient.structure(doc, Config)
-        except (cattrs.BaseValidationError, TypeError, ValueError, KeyError):
+            partial = config or _lenient.structure(doc, Config)
+        except (cattrs.BaseValidationError, TypeError, ValueError, KeyError, AttributeError):
             partial = None
         raise ConfigError(problems, partial) from None
+    assert config is not None
+    return config
 
 
 # -- validate ---------------------------------------------------------------------------

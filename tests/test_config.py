@@ -109,6 +109,82 @@ def test_load_errors(text, expected):
 
 
 @pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("environment: 5\n", "environment: expected a mapping, got an integer"),
+        ("environment: hello\n", "environment: expected a mapping, got a string"),
+        ("environment: [cpu]\n", "environment: expected a mapping, got a list"),
+        ("examples: {input: 1}\n", "examples: expected a list, got a mapping"),
+        ("examples: x\n", "examples: expected a list, got a string"),
+        ("examples: [1]\n", "examples[0]: expected a mapping, got an integer"),
+        ("examples: [{input: 1}]\n", "examples[0].input: expected a mapping, got an integer"),
+        (
+            "examples:\n  - input: {a: x}\n  - input: [a]\n",
+            "examples[1].input: expected a mapping, got a list",
+        ),
+        ("examples: [{input: {1: a}}]\n", "examples[0].input: keys must be names, got an integer"),
+        ("3: x\n", "cog.yaml: keys must be names, got an integer (3)"),
+    ],
+)
+def test_wrong_shapes_say_what_was_expected_where(text, expected):
+    problems = problems_of("model: infer.py:Model\n" + text)
+    assert any(p.startswith(expected) for p in problems), problems
+    assert not [p for p in problems if "object" in p or "iterable" in p], problems
+
+
+def test_a_wrong_shape_does_not_hide_the_other_problems():
+    problems = problems_of(
+        "model: infer.py:Nope\nbogus: 1\nenvironment: 5\n"
+        "examples:\n  - 1\n  - input: {image: '@nope.png'}\n"
+    )
+    assert problems == [
+        "environment: expected a mapping, got an integer",
+        "examples[0]: expected a mapping, got an integer",
+        "cog.yaml: unknown key: bogus",
+        "model: infer.py defines no class Nope (it defines Model)",
+        "examples[1].input.image: nope.png is not in the package",
+    ]
+
+
+def test_empty_sections_are_the_defaults():
+    config = load_config("model: infer.py:Model\nenvironment:\nexamples:\n")
+    assert config == Config(model="infer.py:Model")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "model: infer.py:Model\nname: a/b\nmodel: other.py:Model\n",
+            "cog.yaml: line 3, column 1: duplicate key model (first given on line 1)",
+        ),
+        (
+            "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+            "  cuda: '11.8'\n  cuda: '12.1'\n",
+            "cog.yaml: line 5, column 3: duplicate key environment.cuda (first given on line 4)",
+        ),
+        (
+            "model: infer.py:Model\nexamples:\n  - input: {text: a, text: b}\n",
+            "cog.yaml: line 3, column 22: duplicate key examples[0].input.text (first given "
+            "on line 3)",
+        ),
+    ],
+)
+def test_duplicate_keys_are_refused_with_their_position(text, expected):
+    problems = problems_of(text)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_yaml_merge_keys_are_not_duplicates():
+    text = (
+        "model: infer.py:Model\nbase: &base {input: {text: a}}\n"
+        "examples:\n  - <<: *base\n    output: x\n"
+    )
+    problems = problems_of(text)
+    assert problems == ["cog.yaml: unknown key: base"], problems
+
+
+@pytest.mark.parametrize(
     ("env", "files", "expected"),
     [
         ("python_packages: [numpy]", {}, "python_packages[0]: 'numpy' is not pinned"),
