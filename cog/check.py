@@ -20,7 +20,7 @@ import aiohttp
 from cog.builders import BuildError, BuilderUnavailable, BuildLog
 from cog.builders.docker import engine
 from cog.config import Config, Example
-from cog.container import ContainerError, ModelContainer, ensure_image
+from cog.container import ContainerError, ModelContainer, ensure_image, remove_stale_containers
 
 
 def _log(line: str) -> BuildLog:
@@ -45,6 +45,8 @@ def example_form(example: Example, zip_path: Path) -> aiohttp.FormData:
 
 
 def output_matches(expected: str, body: bytes, content_type: str, zip_path: Path) -> bool:
+    """An example's expected output against the model's answer: a file (``@path``) byte
+    for byte, JSON by value, text with surrounding whitespace trimmed."""
     if expected.startswith("@"):
         return body == _member(zip_path, expected[1:])
     if content_type == "application/json":
@@ -55,7 +57,8 @@ def output_matches(expected: str, body: bytes, content_type: str, zip_path: Path
     return body.decode(errors="replace").strip() == expected.strip()
 
 
-def _describe(body: bytes, content_type: str) -> str:
+def describe_output(body: bytes, content_type: str) -> str:
+    """The model's answer, short, for an error message."""
     if content_type.startswith(("text/", "application/json")):
         text = body.decode(errors="replace").strip()
         return repr(text[:200] + ("..." if len(text) > 200 else ""))
@@ -92,10 +95,15 @@ async def _check(
     signature: dict[str, Any] | None,
     timeout: float,
 ) -> AsyncIterator[BuildLog]:
+    # Check containers of a server killed mid-check (its own cleanup never ran).
+    for name in await remove_stale_containers(docker, "check"):
+        yield _log(f"Removed {name}, left behind by a cog server that stopped")
     await ensure_image(docker, image)
     yield _log(f"Starting {image}")
     started = time.monotonic()
-    async with ModelContainer(docker, image, role="check") as model:
+    # The longest this check can take: boot, /help, then each example, each bounded.
+    lifetime = timeout * (2 + len(config.examples)) + 60
+    async with ModelContainer(docker, image, role="check", lifetime=lifetime) as model:
         if model.target == "gpu" and not model.device_requests:
             yield _log("This Docker Engine has no NVIDIA runtime: the GPU image runs on the CPU")
         try:
@@ -107,6 +115,8 @@ async def _check(
 
         try:
             served = await asyncio.wait_for(model.help(), timeout)
+        except ContainerError as exc:
+            raise BuildError(str(exc), step="test: /help", output=exc.logs) from None
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             raise BuildError(
                 f"the model did not serve /help: {exc or type(exc).__name__}",
@@ -135,8 +145,13 @@ async def _check(
                     output=model.log_tail(),
                 ) from None
             except aiohttp.ClientError as exc:
+                code = await model.stopped()
+                if code is not None:
+                    await asyncio.sleep(0.2)  # let its last lines reach the log
+                died = f"; its process exited with code {code}" if code is not None else ""
                 raise BuildError(
-                    f"example {number}: the model stopped answering ({exc or type(exc).__name__})",
+                    f"example {number}: the model stopped answering "
+                    f"({exc or type(exc).__name__}){died}",
                     step=step,
                     output=model.log_tail(),
                 ) from None
@@ -157,7 +172,7 @@ async def _check(
             ):
                 raise BuildError(
                     f"example {number}: expected {example.output!r}, "
-                    f"got {_describe(body, content_type)}",
+                    f"got {describe_output(body, content_type)}",
                     step=step,
                     output=model.log_tail(),
                 )

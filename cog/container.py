@@ -2,31 +2,44 @@
 
 Used by the check after a build (:mod:`cog.check`) and by ``cog infer`` (:mod:`cog.infer`).
 The container publishes the model's port 5000 on a random host port and is always
-removed on the way out, also when the caller is cancelled (Ctrl-C, client gone).
+removed on the way out, also when the caller is cancelled (Ctrl-C, client gone), even
+in the middle of its creation: it is named up front, so it can be removed without its ID.
+
+Each container is labelled with its role (``check``, ``infer``), its owner (host, process
+and instance of the cog that started it) and, when bounded, the time after which its owner
+has given up on it. A process killed outright cannot remove its containers: the next one
+to start a container of that role removes them (:func:`remove_stale_containers`), leaving
+alone those of owners still alive, as several servers may share one Docker Engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import json
+import os
+import socket
 import time
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiodocker
 import aiohttp
 
-from cog.builders.docker import (
-    docker_error,
-    engine_stream,
-    json_lines,
-    split_image,
-    stream_error,
-)
+from cog.builders.docker import engine_stream, ensure_image
+
+__all__ = ["ContainerError", "ModelContainer", "ensure_image", "remove_stale_containers"]
 
 MODEL_PORT = "5000/tcp"
 LABEL = "org.cog-models.role"
+#: "<host>/<pid>/<instance>" of the cog process that started the container
+OWNER_LABEL = "org.cog-models.owner"
+#: Unix time after which the owner has surely given up on the container
+EXPIRES_LABEL = "org.cog-models.expires"
+#: This process's instance, told apart from a later process that got the same PID
+INSTANCE = uuid.uuid4().hex[:12]
 TARGET_LABEL = "org.cog-models.target"  # written by cog.builders.dockerfile
 #: every GPU the engine has, as `docker run --gpus all` asks for them
 ALL_GPUS = {"Driver": "", "Count": -1, "Capabilities": [["gpu"]]}
@@ -48,6 +61,58 @@ class ContainerError(Exception):
         self.logs = logs
 
 
+def owner() -> str:
+    return f"{socket.gethostname()}/{os.getpid()}/{INSTANCE}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process, alive
+    return True
+
+
+def abandoned(labels: dict[str, str], state: str, now: float) -> bool:
+    """Whether a cog container was left behind by an owner that is gone.
+
+    Its owner is gone when its time is up, or when it ran on this host in a process that
+    no longer exists. A container of an owner on another host is left to its owner until
+    its time is up; one of an older cog (no owner label) is removed once it has exited.
+    """
+    expires = labels.get(EXPIRES_LABEL, "")
+    if expires:
+        try:
+            if float(expires) < now:
+                return True
+        except ValueError:
+            pass
+    host, _, rest = labels.get(OWNER_LABEL, "").partition("/")
+    pid, _, instance = rest.partition("/")
+    if not host:
+        return state in ("exited", "dead", "created")
+    if instance == INSTANCE or host != socket.gethostname() or not pid.isdigit():
+        return False
+    return not _pid_alive(int(pid))
+
+
+async def remove_stale_containers(docker: aiodocker.Docker, role: str) -> list[str]:
+    """Remove the containers of `role` whose owner is gone; their names."""
+    found = await docker.containers.list(
+        all=True, filters=json.dumps({"label": [f"{LABEL}={role}"]})
+    )
+    now = time.time()
+    removed = []
+    for container in found:
+        info = container._container
+        if abandoned(info.get("Labels") or {}, info.get("State", ""), now):
+            await ModelContainer._delete(container)
+            removed.append(",".join(n.lstrip("/") for n in info.get("Names") or []) or info["Id"])
+    return removed
+
+
 def _published_host(docker: aiodocker.Docker) -> str:
     """Where a port published by this engine can be reached from here."""
     host = docker.docker_host or ""
@@ -56,42 +121,24 @@ def _published_host(docker: aiodocker.Docker) -> str:
     return "127.0.0.1"
 
 
-async def ensure_image(
-    docker: aiodocker.Docker, image: str, progress: Callable[[str], None] | None = None
-) -> None:
-    """Pull image unless the engine has it already."""
-    try:
-        await docker.images.inspect(image)
-        return
-    except aiodocker.DockerError as exc:
-        if exc.status != 404:
-            raise
-    repository, tag = split_image(image)
-    last: dict[str, str] = {}
-    async with engine_stream(
-        docker,
-        "POST",
-        "images/create",
-        params={"fromImage": repository, "tag": tag},
-        headers={"X-Registry-Auth": "e30="},
-    ) as response:
-        async for item in json_lines(response):
-            error = stream_error(item)
-            if error:
-                raise docker_error(404 if "not found" in error else 500, error)
-            status, layer = item.get("status", ""), item.get("id", "")
-            if progress and status and last.get(layer) != status and status != "Downloading":
-                last[layer] = status
-                progress(f"{layer}: {status}" if layer else status)
-
-
 class ModelContainer:
     """``async with ModelContainer(docker, image) as model:`` a running model image."""
 
-    def __init__(self, docker: aiodocker.Docker, image: str, *, role: str = "check"):
+    def __init__(
+        self,
+        docker: aiodocker.Docker,
+        image: str,
+        *,
+        role: str = "check",
+        lifetime: float | None = None,
+    ):
+        """lifetime: seconds after which whoever finds the container may remove it."""
         self.docker = docker
         self.image = image
         self.role = role
+        self.lifetime = lifetime
+        #: given up front, so a container whose creation was interrupted can be removed
+        self.name = f"cog-{role}-{uuid.uuid4().hex[:16]}"
         self.container: Any = None
         #: the image's target (cpu, gpu) from its label; "" for an image cog did not build
         self.target = ""
@@ -112,23 +159,28 @@ class ModelContainer:
         if self.target == "gpu":
             runtimes = (await self.docker.system.info()).get("Runtimes")
             self.device_requests = device_requests(image["Config"]["Labels"], runtimes)
+        labels = {LABEL: self.role, OWNER_LABEL: owner()}
+        if self.lifetime is not None:
+            labels[EXPIRES_LABEL] = f"{time.time() + self.lifetime:.0f}"
+        config = {
+            "Image": self.image,
+            "Labels": labels,
+            "ExposedPorts": {MODEL_PORT: {}},
+            "HostConfig": {
+                "PortBindings": {MODEL_PORT: [{"HostIp": bind, "HostPort": ""}]},
+                "DeviceRequests": self.device_requests,
+            },
+        }
+        # A task of its own: cancelling this coroutine mid-request must not leave the
+        # engine creating a container nobody knows about.
+        creating = asyncio.ensure_future(self.docker.containers.create(config, name=self.name))
         try:
-            self.container = await self.docker.containers.create(
-                {
-                    "Image": self.image,
-                    "Labels": {LABEL: self.role},
-                    "ExposedPorts": {MODEL_PORT: {}},
-                    "HostConfig": {
-                        "PortBindings": {MODEL_PORT: [{"HostIp": bind, "HostPort": ""}]},
-                        "DeviceRequests": self.device_requests,
-                    },
-                }
-            )
+            self.container = await asyncio.shield(creating)
             await self.container.start()
             info = await self.container.show()
             port = info["NetworkSettings"]["Ports"][MODEL_PORT][0]["HostPort"]
         except BaseException:
-            await self._remove()
+            await asyncio.shield(self._discard(creating))
             raise
         self.url = f"http://{_published_host(self.docker)}:{port}"
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
@@ -143,6 +195,16 @@ class ModelContainer:
             await self._session.close()
         await self._remove()
 
+    async def _discard(self, creating: asyncio.Future) -> None:
+        """After a failed or interrupted start: wait for the create request's answer, then
+        remove the container by name (there may be one even if we never saw its ID)."""
+        if not creating.done():
+            await asyncio.wait([creating], timeout=60)
+        if creating.done() and not creating.cancelled():
+            creating.exception()  # retrieved: the caller's own exception is what counts
+        self.container = None
+        await self._delete(self.docker.containers.container(self.name))
+
     async def _remove(self) -> None:
         if self.container is not None:
             # Shielded: removal must finish even when the caller is being cancelled.
@@ -154,7 +216,7 @@ class ModelContainer:
         try:
             await container.delete(force=True)
         except aiodocker.DockerError as exc:
-            if exc.status != 404:
+            if exc.status not in (404, 409):  # gone, or being removed already
                 raise
 
     async def _follow_logs(self) -> None:
@@ -199,6 +261,35 @@ class ModelContainer:
         info = await self.container.show()
         return bool(info["State"]["Running"])
 
+    async def exit_code(self) -> int | None:
+        """The container's exit code if it has stopped, else None (also if unknown)."""
+        try:
+            state = (await self.container.show())["State"]
+        except (aiodocker.DockerError, aiohttp.ClientError):
+            return None
+        return None if state.get("Running") else int(state.get("ExitCode", -1))
+
+    async def stopped(self, wait: float = 3.0) -> int | None:
+        """The exit code once the container has stopped, waiting up to `wait` seconds for
+        it (a model whose process died takes a moment to end); None if it runs on."""
+        deadline = time.monotonic() + wait
+        while (code := await self.exit_code()) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return code
+
+    async def failure(self, doing: str, exc: BaseException) -> ContainerError:
+        """What went wrong while `doing` (e.g. "running the inference"): the model's
+        container died (its exit code and last lines), or the connection's error."""
+        code = await self.stopped()
+        if code is None:
+            what = str(exc) or type(exc).__name__
+            return ContainerError(f"{self.image}: {doing} failed: {what}", self.log_tail())
+        await asyncio.sleep(0.2)  # let its last lines reach the log
+        return ContainerError(
+            f"{self.image}: the model's process exited (code {code}) while {doing}",
+            self.log_tail(),
+        )
+
     async def wait_ready(self, timeout: float) -> AsyncIterator[str]:
         """Poll /ping until ready; yields the model's log lines meanwhile."""
         assert self._session is not None
@@ -239,9 +330,26 @@ class ModelContainer:
             await asyncio.sleep(0.05 if time.monotonic() - started < 3 else 0.25)
 
     async def help(self) -> dict[str, Any]:
+        """The model's input signature; ContainerError if what answers is no cog model."""
         assert self._session is not None
         async with self._session.get(f"{self.url}/help") as response:
-            return await response.json()
+            if response.status != 200:
+                raise ContainerError(
+                    f"{self.image}: /help answered HTTP {response.status}", self.log_tail()
+                )
+            try:
+                doc = await response.json()
+            except aiohttp.ContentTypeError:
+                raise ContainerError(
+                    f"{self.image}: /help answered {response.content_type}, not JSON "
+                    "(is it an image cog built?)",
+                    self.log_tail(),
+                ) from None
+            except ValueError as exc:
+                raise ContainerError(f"{self.image}: /help is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("arguments", {}), dict):
+            raise ContainerError(f"{self.image}: /help is not an input signature: {doc!r:.200}")
+        return doc
 
     def infer(self, form: aiohttp.FormData):
         """POST /infer; use as ``async with model.infer(form) as response``."""

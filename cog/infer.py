@@ -7,6 +7,7 @@ Ctrl-C.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import mimetypes
 import os
@@ -20,7 +21,7 @@ import aiohttp
 import attrs
 
 from cog.builders.docker import engine
-from cog.container import ContainerError, ModelContainer, ensure_image
+from cog.container import ContainerError, ModelContainer, ensure_image, remove_stale_containers
 
 BARE_INPUT = "input"
 
@@ -119,39 +120,65 @@ async def run_inference(
     progress: Callable[[str], None] | None = None,
     timeout: float = 600.0,
 ) -> Output:
+    """Run one inference on image; every failure is an InferenceError (one line, then the
+    model's last lines of output when it has any to tell)."""
     docker = engine(docker_host)
     opened: list = []
     try:
-        await ensure_image(docker, image, progress)
+        # `cog infer` processes killed outright (SIGKILL) leave their container behind.
+        await remove_stale_containers(docker, "infer")
+        try:
+            await ensure_image(docker, image, progress)
+        except aiodocker.DockerError as exc:
+            if exc.status != 404:
+                raise
+            raise InferenceError(f"cannot pull {image}: {exc.message}") from None
         async with ModelContainer(docker, image, role="infer") as model:
             if progress:
                 progress("Waiting for the model to be ready")
             try:
                 async for _ in model.wait_ready(timeout):
                     pass
+                return await _infer(model, inputs, output_path, opened)
             except ContainerError as exc:
-                tail = "\n".join(exc.logs[-10:])
-                raise InferenceError(f"{exc}\n{tail}".strip()) from None
-            arguments = (await model.help()).get("arguments", {})
-            form = _form(resolve_names(parse_inputs(inputs), arguments), opened)
-            async with model.infer(form) as response:
-                if response.status != 200:
-                    raise InferenceError(
-                        f"the model answered HTTP {response.status}: "
-                        f"{_error_text(await response.read())}"
-                    )
-                content_type = response.content_type
-                if content_type.startswith("text/") or content_type == "application/json":
-                    return Output(content_type, text=await response.text())
-                return Output(content_type, path=await _save(response, output_path))
+                raise InferenceError(_with_logs(str(exc), exc.logs)) from None
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                # The model's connection broke: it died, or answered what HTTP cannot be.
+                failure = await model.failure("answering the request", exc)
+                raise InferenceError(_with_logs(str(failure), failure.logs)) from None
     except aiodocker.DockerError as exc:
         raise InferenceError(f"Docker: {exc.message}") from None
-    except aiohttp.ClientConnectorError as exc:
-        raise InferenceError(f"the Docker Engine is not reachable: {exc}") from None
+    except aiohttp.ClientError as exc:
+        raise InferenceError(
+            f"the Docker Engine at {docker.docker_host} is not reachable: {exc}"
+        ) from None
     finally:
         for file in opened:
             file.close()
         await docker.close()
+
+
+def _with_logs(message: str, logs: tuple[str, ...]) -> str:
+    tail = [line for line in logs[-10:] if line.strip()]
+    if not tail:
+        return message
+    return "\n".join([message, "The model's last lines:", *(f"  {line}" for line in tail)])
+
+
+async def _infer(
+    model: ModelContainer, inputs: list[str], output_path: Path | None, opened: list
+) -> Output:
+    arguments = (await model.help()).get("arguments", {})
+    form = _form(resolve_names(parse_inputs(inputs), arguments), opened)
+    async with model.infer(form) as response:
+        if response.status != 200:
+            raise InferenceError(
+                f"the model answered HTTP {response.status}: {_error_text(await response.read())}"
+            )
+        content_type = response.content_type
+        if content_type.startswith("text/") or content_type == "application/json":
+            return Output(content_type, text=await response.text())
+        return Output(content_type, path=await _save(response, output_path))
 
 
 async def _save(response: aiohttp.ClientResponse, output_path: Path | None) -> Path:
@@ -160,12 +187,18 @@ async def _save(response: aiohttp.ClientResponse, output_path: Path | None) -> P
         ext = Path(name).suffix if name else mimetypes.guess_extension(response.content_type)
         output_path = Path(f"output{ext or '.bin'}")
     output_path = output_path.resolve()
-    fd, tmp = tempfile.mkstemp(prefix=".cog-output-", dir=output_path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".cog-output-", dir=output_path.parent)
+    except OSError as exc:
+        raise InferenceError(f"cannot write {output_path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as file:
             async for chunk in response.content.iter_chunked(1024 * 1024):
                 file.write(chunk)
         os.replace(tmp, output_path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise InferenceError(f"cannot write {output_path}: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

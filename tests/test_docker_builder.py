@@ -5,19 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import subprocess
 import uuid
 from pathlib import Path
 
 import aiodocker
 import pytest
 
+import cog
 from cog.builders import BuildError, BuilderSettings, BuilderUnavailable
 from cog.builders.docker import DockerBuilder
 from cog.check import check_image
-from cog.container import ensure_image
+from cog.config import config_to_json
+from cog.container import (
+    EXPIRES_LABEL,
+    LABEL,
+    OWNER_LABEL,
+    ModelContainer,
+    ensure_image,
+    remove_stale_containers,
+)
 from cog.infer import InferenceError, run_inference
 from tests.builder_helpers import EXAMPLES, collect, copy_example, lines, package_request
-from tests.services.docker import registry_digest
+from tests.services.docker import CPU_BASE, containers, registry_digest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -56,6 +68,19 @@ async def test_hello_builds_pushes_and_answers(builder, registry, workdir, no_le
     ]
     assert "Example 3: ok" in " ".join(check_logs)
     assert sum(line.startswith("Example ") for line in check_logs) == len(request.config.examples)
+
+    # The labels, as the engine has them on the built image.
+    inspected = json.loads(
+        subprocess.run(
+            ["docker", "image", "inspect", request.image], capture_output=True, check=True
+        ).stdout
+    )
+    labels = inspected[0]["Config"]["Labels"]
+    assert labels["org.cog-models.package-id"] == request.package_id
+    assert labels["org.cog-models.target"] == "cpu"
+    assert labels["org.cog-models.cog-version"] == cog.__version__
+    assert json.loads(labels["org.cog-models.config"]) == config_to_json(request.config)
+    assert json.loads(labels["org.cog-models.signature"]) == signature
 
     output = await run_inference(request.image, ["name=pytest", "times=2"])
     assert output.text == "Hello, pytest. Hello, pytest."
@@ -234,10 +259,16 @@ async def test_cancelled_build_leaves_no_containers(
     root = _model(tmp_path, yaml_extra="  system_packages: [cowsay]\n")
     request = package_request(root, tmp_path / "p.zip", registry)
     stream = builder.build(request)
+    step_container = None
+    in_apt_step = False
     async for event in stream:
-        if "apt-get" in event.line:
-            await asyncio.sleep(1.0)  # the RUN step's container exists now
+        if event.line.startswith("Step ") and "apt-get" in event.line:
+            in_apt_step = True
+        elif in_apt_step and event.line.strip().startswith("---> Running in "):
+            step_container = event.line.split()[-1]  # the engine started the step's container
             break
+    assert step_container, "the apt-get step never started"
+    assert any(c.startswith(step_container) for c in containers())
     await stream.aclose()
     # no_leaked_containers waits for the engine to remove the interrupted step's container
 
@@ -251,3 +282,209 @@ async def test_infer_reports_bad_inputs(builder, registry, workdir, no_leaked_co
         await run_inference(request.image, ["times=99"])
     with pytest.raises(InferenceError, match="no such file"):
         await run_inference(request.image, ["name=@/nonexistent/file.txt"])
+
+
+async def test_docker_host_from_the_environment(monkeypatch, registry, docker_engine, tmp_path):
+    """No --docker-host: DOCKER_HOST is used, by the builder, the check and cog infer, and
+    an unreachable one is named in a clear error."""
+    request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", registry)
+    monkeypatch.setenv("DOCKER_HOST", docker_engine)  # e.g. unix:///var/run/docker.sock
+    builder = DockerBuilder.from_settings(BuilderSettings(registry=registry))
+    try:
+        _, built = await collect(builder.build(request))
+    finally:
+        await builder.close()
+    assert [b.image for b in built] == [request.image]
+
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:1")
+    builder = DockerBuilder.from_settings(BuilderSettings(registry=registry))
+    try:
+        with pytest.raises(BuilderUnavailable) as caught:
+            await collect(builder.build(request))
+    finally:
+        await builder.close()
+    assert "the Docker Engine at tcp://127.0.0.1:1 is not reachable" in str(caught.value)
+    with pytest.raises(BuilderUnavailable, match=r"tcp://127\.0\.0\.1:1"):
+        async for _ in check_image(request.image, request.package_zip, request.config, None):
+            pass
+    with pytest.raises(InferenceError, match=r"tcp://127\.0\.0\.1:1"):
+        await run_inference(request.image, ["name=x"])
+
+
+DYING_MODEL = """\
+import os
+
+import cog
+
+
+class Model(cog.Model):
+    @cog.input("input", type=str, default="x")
+    @cog.input("other", type=str)
+    def run(self, input, other):
+        if input == "die":
+            print("about to die", flush=True)
+            os._exit(3)
+        return f"{input}|{other}"
+"""
+
+
+@pytest.fixture(scope="module")
+def dying_model(registry, base_images, tmp_path_factory):
+    """An image whose run() prints a line, then kills its process when its input is 'die';
+    it has an input named `input` (with a default) and another required one."""
+    root = tmp_path_factory.mktemp("dying") / "model"
+    root.mkdir()
+    (root / "cog.yaml").write_text("name: test/dying\nmodel: infer.py:Model\n")
+    (root / "infer.py").write_text(DYING_MODEL)
+    request = package_request(root, root.parent / "p.zip", registry)
+
+    async def build() -> None:
+        builder = DockerBuilder.from_settings(BuilderSettings(registry=registry))
+        try:
+            await collect(builder.build(request))
+        finally:
+            await builder.close()
+
+    asyncio.run(build())
+    return request.image
+
+
+async def test_infer_of_a_model_that_dies_is_one_clear_error(dying_model, no_leaked_containers):
+    # A bare value goes to the input named `input`, although `other` is the only required.
+    output = await run_inference(dying_model, ["hello", "other=o"])
+    assert output.text == "hello|o"
+    with pytest.raises(InferenceError) as caught:
+        await run_inference(dying_model, ["die", "other=o"])
+    message = str(caught.value)
+    first, *rest = message.splitlines()
+    assert (
+        first == f"{dying_model}: the model's process exited (code 3) while answering the request"
+    )
+    assert "about to die" in "\n".join(rest)
+    # no_leaked_containers: the container is removed
+
+
+async def test_stale_check_containers_are_removed_only_when_their_owner_is_gone(
+    docker_engine, base_images, no_leaked_containers
+):
+    """A server killed outright leaves its check container; the next check removes it, but
+    not one of a server still running (several may share an engine)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its PID belongs to no process now
+    host = socket.gethostname()
+    owners = {
+        "dead-here": {OWNER_LABEL: f"{host}/{gone.pid}/0123456789ab"},
+        "alive-here": {OWNER_LABEL: f"{host}/{os.getpid()}/0123456789ab"},
+        "elsewhere": {OWNER_LABEL: "other-host/1/0123456789ab"},
+        "elsewhere-expired": {OWNER_LABEL: "other-host/1/0123456789ab", EXPIRES_LABEL: "1"},
+    }
+    docker = aiodocker.Docker(url=docker_engine)
+    made = []
+    try:
+        for name, labels in owners.items():
+            container = await docker.containers.create(
+                {"Image": CPU_BASE, "Cmd": ["sleep", "300"], "Labels": {LABEL: "check", **labels}},
+                name=f"cog-test-{name}-{uuid.uuid4().hex[:8]}",
+            )
+            await container.start()
+            made.append(container)
+        removed = await remove_stale_containers(docker, "check")
+        left = {c["Names"][0].lstrip("/") for c in await docker.containers.list(all=True)}
+    finally:
+        for container in made:
+            await ModelContainer._delete(container)
+        await docker.close()
+
+    def kind(name: str) -> str:  # cog-test-<kind>-<random>
+        return name.removeprefix("cog-test-").rsplit("-", 1)[0]
+
+    assert sorted(map(kind, removed)) == ["dead-here", "elsewhere-expired"]
+    assert {"alive-here", "elsewhere"} <= {kind(n) for n in left if n.startswith("cog-test-")}
+    assert not {kind(n) for n in left if n.startswith("cog-test-")} & {"dead-here"}
+
+
+async def test_a_cancel_during_create_leaves_no_container(
+    dying_model, docker_engine, no_leaked_containers
+):
+    """Cancelled at many points of starting a container, also while the engine is still
+    creating it (when cog does not know its ID yet): nothing is left behind."""
+    docker = aiodocker.Docker(url=docker_engine)
+    cancelled = 0
+    try:
+        for attempt in range(12):
+            model = ModelContainer(docker, dying_model, role="infer")
+            entering = asyncio.ensure_future(model.__aenter__())
+            await asyncio.sleep(attempt * 0.005)
+            entering.cancel()
+            try:
+                await entering
+            except asyncio.CancelledError:
+                cancelled += 1
+            else:
+                await model.__aexit__(None, None, None)
+    finally:
+        await docker.close()
+    assert cancelled >= 3
+
+
+async def test_gpu_image_with_the_wheels_strategy(
+    registry, base_images, tmp_path, no_leaked_containers
+):
+    """A GPU image needs no CUDA base image with the wheels strategy, so it is built here
+    for real: the smallest honest case, a model without a framework on CUDA 11.7 and
+    cuDNN 8.5 (NVIDIA's CUDA runtime, cuDNN and cuBLAS wheels, about 835 MB to download).
+    The dynamic loader sees the libraries, and the check runs the image on the CPU."""
+    root = _model(tmp_path, yaml_extra="  architectures: [gpu]\n  cuda: '11.7'\n  cudnn: '8.5'\n")
+    request = package_request(root, tmp_path / "p.zip", registry, target="gpu")
+    builder = DockerBuilder.from_settings(BuilderSettings(registry=registry))
+    try:
+        logs, built = await collect(builder.build(request))
+    finally:
+        await builder.close()
+    assert [b.image for b in built] == [request.image]
+    assert any("nvidia-cudnn-cu11==8.5.*" in line for line in lines(logs))
+    loader = subprocess.run(
+        ["docker", "run", "--rm", request.image, "ldconfig", "-p"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for library in ("libcudart.so.11.0", "libcudnn.so.8", "libcublas.so.11", "libcublasLt.so.11"):
+        assert library in loader, f"{library} not known to the dynamic loader"
+    check = [
+        e.line async for e in check_image(request.image, request.package_zip, request.config, None)
+    ]
+    assert "This Docker Engine has no NVIDIA runtime: the GPU image runs on the CPU" in check
+    assert any(line.startswith("Model ready after") for line in check)
+
+
+@pytest.mark.parametrize("python_version", ["3.11", "3.10"])
+async def test_image_strategy_gives_the_packages_python_or_says_it_cannot(
+    registry, base_images, tmp_path, python_version, no_leaked_containers
+):
+    """The image strategy on a Debian base (the CUDA images' part that matters here: a
+    distribution's Python): 3.11 is Debian's and is used; 3.10 is not packaged, and the
+    build stops at that step saying so, instead of labelling a 3.11 image as 3.10."""
+    root = _model(tmp_path, yaml_extra="  architectures: [gpu]\n  cuda: '12.1'\n")
+    cog_yaml = root / "cog.yaml"
+    cog_yaml.write_text(cog_yaml.read_text().replace("'3.11'", f"'{python_version}'"))
+    request = package_request(root, tmp_path / "p.zip", registry, target="gpu")
+    settings = BuilderSettings(
+        registry=registry, gpu_strategy="image", base_images={"gpu": CPU_BASE}
+    )
+    builder = DockerBuilder.from_settings(settings)
+    try:
+        if python_version == "3.10":
+            with pytest.raises(BuildError) as caught:
+                await collect(builder.build(request))
+            assert "python3.10 -m venv /opt/cog" in caught.value.step
+            assert any("has no Python 3.10" in line for line in caught.value.output)
+            return
+        _, built = await collect(builder.build(request))
+    finally:
+        await builder.close()
+    assert [b.image for b in built] == [request.image]
+    python = subprocess.run(
+        ["docker", "run", "--rm", request.image, "python", "-c",
+         "import sys; print(sys.prefix, sys.version_info[:2])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split(maxsplit=1)  # fmt: skip
+    assert python == ["/opt/cog", "(3, 11)\n"]

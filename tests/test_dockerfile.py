@@ -1,4 +1,6 @@
-"""Dockerfile generation: golden files, layer order, GPU rewrites, the context tar.
+"""Dockerfile generation: golden files, layer order, GPU rewrites, the context tar; and the
+builders' other logic that needs no Docker engine (settings, the check's comparisons,
+`cog infer`'s input names, which stale containers to remove).
 
 Golden files live in tests/golden/; after an intended change, regenerate them with
     COG_UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_dockerfile.py
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -25,8 +28,17 @@ from cog.builders.dockerfile import (
     gpu_packages,
 )
 from cog.builders.runtime import runtime_wheel
+from cog.check import describe_output, output_matches
 from cog.config import check_config
-from cog.container import TARGET_LABEL, device_requests
+from cog.container import (
+    EXPIRES_LABEL,
+    OWNER_LABEL,
+    TARGET_LABEL,
+    abandoned,
+    device_requests,
+    owner,
+)
+from cog.infer import InferenceError, RawInput, parse_inputs, resolve_names
 from tests.builder_helpers import package_request
 from tests.registry_helpers import raw_zip
 from tests.test_cli import COG, free_port
@@ -504,8 +516,6 @@ def test_base_image_templates_are_checked_when_the_settings_are_made(template, p
 def test_cog_server_refuses_a_bad_base_image_template(tmp_path):
     """The real `cog server` process: one line naming the placeholder, exit 1, before it
     listens (it used to start, then answer every build with a 500)."""
-    import subprocess
-
     result = subprocess.run(
         [COG, "server", "--port", str(free_port()), "--storage", f"file://{tmp_path}",
          "--base-image", "cpu=x:{pyver}"],
@@ -517,3 +527,69 @@ def test_cog_server_refuses_a_bad_base_image_template(tmp_path):
         "(allowed: {python_version}, {cuda}, {cudnn}, {cudnn_major}, {nvidia_tag})"
     ]
     assert "listening" not in result.stdout
+
+
+# -- the check's and `cog infer`'s own logic, without an engine ------------------------
+
+
+ARGUMENTS = {
+    "input": {"type": "str", "default": "x"},
+    "other": {"type": "str"},
+    "scale": {"type": "int", "default": 2},
+}
+
+
+def test_a_bare_input_goes_to_the_input_named_input():
+    """`-i value` / `-i @file` without a name: to `input` when the model has one (even with
+    another required input), else its only required input, else its only input."""
+    inputs = parse_inputs(["hello", "other=o", "scale=3"])
+    assert resolve_names(inputs, ARGUMENTS) == [("input", "hello"), ("other", "o"), ("scale", "3")]
+    without = {k: v for k, v in ARGUMENTS.items() if k != "input"}
+    assert resolve_names(parse_inputs(["@a.png"]), without) == [("other", "@a.png")]
+    assert resolve_names(parse_inputs(["v"]), {"only": {"default": 1}}) == [("only", "v")]
+    # Not a name: values with '=' that do not start with an identifier stay whole.
+    assert parse_inputs(["a b=c", "@x=y.png"]) == [
+        RawInput(None, "a b=c"),
+        RawInput(None, "@x=y.png"),
+    ]
+
+
+def test_an_input_nobody_can_place_is_a_clear_error():
+    two_required = {"a": {"type": "str"}, "b": {"type": "str"}}
+    with pytest.raises(InferenceError, match=r"cannot tell which input 'v' is for.*inputs: a, b"):
+        resolve_names(parse_inputs(["v"]), two_required)
+    with pytest.raises(InferenceError, match=r"no input 'nope' \(inputs: a, b\)"):
+        resolve_names(parse_inputs(["nope=1"]), two_required)
+
+
+def test_example_outputs_are_compared_as_the_readme_says(tmp_path):
+    zip_path = tmp_path / "p.zip"
+    zip_path.write_bytes(raw_zip({"cog.yaml": "model: infer.py:Model\n", "out.png": b"\x89PNG1"}))
+    # text: trimmed on both sides, otherwise exact
+    assert output_matches("hello", b"  hello\n", "text/plain", zip_path)
+    assert not output_matches("hello", b"Hello", "text/plain", zip_path)
+    # JSON: by value, not by spelling
+    assert output_matches('{"a": [1, 2]}', b'{"a":[1,2]}', "application/json", zip_path)
+    assert not output_matches('{"a": 1}', b'{"a": 2}', "application/json", zip_path)
+    assert not output_matches("not json", b"{}", "application/json", zip_path)
+    # files: byte for byte against the package's file
+    assert output_matches("@out.png", b"\x89PNG1", "image/png", zip_path)
+    assert not output_matches("@out.png", b"\x89PNG2", "image/png", zip_path)
+    assert describe_output(b"x" * 300, "text/plain") == repr("x" * 200 + "...")
+    assert describe_output(b"\x89PNG", "image/png") == "4 bytes of image/png"
+
+
+def test_stale_containers_are_those_whose_owner_is_gone():
+    import socket
+
+    host, now = socket.gethostname(), 1000.0
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert abandoned({OWNER_LABEL: f"{host}/{gone.pid}/abc"}, "running", now)
+    assert not abandoned({OWNER_LABEL: f"{host}/{os.getpid()}/abc"}, "running", now)
+    assert not abandoned({OWNER_LABEL: owner()}, "exited", now)  # ours: we remove it
+    assert not abandoned({OWNER_LABEL: "elsewhere/1/abc"}, "exited", now)
+    assert abandoned({OWNER_LABEL: "elsewhere/1/abc", EXPIRES_LABEL: "999"}, "running", now)
+    assert not abandoned({OWNER_LABEL: "elsewhere/1/abc", EXPIRES_LABEL: "1001"}, "running", now)
+    # an older cog's container (no owner): once it has exited
+    assert abandoned({}, "exited", now) and not abandoned({}, "running", now)

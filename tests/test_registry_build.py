@@ -8,6 +8,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -18,16 +19,19 @@ from cog.events import NDJSON
 from cog.registry.app import ServerSettings, make_app
 from cog.registry.builds import BuildOptions
 from tests.registry_helpers import EXAMPLES, form, package_bytes
+from tests.services.docker import containers
 from tests.test_cli import COG, cog_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def server_settings(tmp_path: Path, registry: str, **build) -> ServerSettings:
+def server_settings(
+    tmp_path: Path, registry: str, builder: BuilderSettings | None = None, **build
+) -> ServerSettings:
     return ServerSettings(
         storage_url=f"file://{tmp_path / 'store'}",
         builder="docker",
-        builder_settings=BuilderSettings(registry=registry),
+        builder_settings=builder or BuilderSettings(registry=registry),
         build=BuildOptions(registry=registry, check_timeout=120, **build),
         tmp_dir=tmp_path / "spool",
     )
@@ -45,19 +49,27 @@ async def stream_upload(client, data: bytes) -> list[dict]:
     return [json.loads(line) async for line in response.content if line.strip()]
 
 
-def model_dir(tmp_path: Path, *, output: str = "HI", setup: str = "pass", extra: str = "") -> Path:
+def model_dir(
+    tmp_path: Path,
+    *,
+    output: str = "HI",
+    setup: str = "pass",
+    extra: str = "",
+    run: str = "return text.upper()",
+    examples: bool = True,
+) -> Path:
     root = tmp_path / "model"
-    root.mkdir(exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     (root / "cog.yaml").write_text(
         "name: test/upper\nmodel: infer.py:Model\n"
         f"environment:\n  python_version: '3.11'\n{extra}"
-        f"examples:\n  - input: {{text: hi}}\n    output: {output}\n"
+        + (f"examples:\n  - input: {{text: hi}}\n    output: {output}\n" if examples else "")
     )
     (root / "infer.py").write_text(
         "import cog\n\nclass Model(cog.Model):\n"
         f"    def setup(self):\n        {setup}\n\n"
         '    @cog.input("text", type=str)\n'
-        "    def run(self, text):\n        return text.upper()\n"
+        f"    def run(self, text):\n        {run}\n"
     )
     return root
 
@@ -96,7 +108,15 @@ async def test_upload_builds_pushes_and_checks_live(client, registry, no_leaked_
     response = await client.post(f"/v1/packages/{package_id[:9]}/build", headers={"Accept": NDJSON})
     rebuilt = [json.loads(line) async for line in response.content if line.strip()]
     assert rebuilt[0]["message"] == "Fetching package from storage"
-    assert any("Using cache" in e.get("line", "") for e in rebuilt)
+    build_lines = [e["line"].strip() for e in rebuilt if e.get("stage") == "build"]
+    # The same package, so every step is cached: the runtime's pip install and the model's
+    # files too (the context tar is byte-for-byte the same).
+    for step in ("pip install", "COPY package/"):
+        at = next(
+            i for i, line in enumerate(build_lines) if line.startswith("Step ") and step in line
+        )
+        assert build_lines[at + 1] == "---> Using cache", build_lines[at : at + 3]
+    assert not any(line.startswith("---> Running in") for line in build_lines)
     assert rebuilt[-1]["type"] == "package" and rebuilt[-1]["package"]["Status"] == "ready"
 
 
@@ -122,12 +142,81 @@ async def test_failing_example_keeps_the_package_failed(client, tmp_path, no_lea
     assert "example 1" in body["error"] and body["package"]["Status"] == "failed"
 
 
-async def test_setup_failure_is_reported_with_the_models_error(client, tmp_path):
-    data, _ = package_bytes(model_dir(tmp_path, setup="raise ValueError('no weights here')"))
+async def assert_failed_at(client, package_id: str, step: str, *needles: str) -> dict:
+    """The package is kept as failed, its Error names the step, and its build log (read
+    back from storage) has the failure's words."""
+    doc = await (await client.get(f"/v1/packages/{package_id}")).json()
+    assert doc["Status"] == "failed", doc
+    assert f"(step: {step}" in doc["Error"], doc["Error"]
+    response = await client.get(f"/v1/packages/{package_id}/log")
+    assert response.status == 200
+    log = [json.loads(line) for line in (await response.read()).splitlines()]
+    text = json.dumps(log)
+    assert log[-1]["type"] == "error" and log[-1]["package"]["Status"] == "failed"
+    for needle in needles:
+        assert needle in text, needle
+    return doc
+
+
+async def test_setup_failure_is_reported_with_the_models_error(
+    client, tmp_path, no_leaked_containers
+):
+    data, package_id = package_bytes(
+        model_dir(tmp_path, setup="raise ValueError('no weights here')")
+    )
     events = await stream_upload(client, data)
-    assert events[-1]["type"] == "error"
+    assert events[-1]["type"] == "error" and events[-1]["status"] == 422
     everything = json.dumps(events)
     assert "setup failed" in everything and "no weights here" in everything
+    await assert_failed_at(client, package_id, "test: setup", "no weights here")
+
+
+@pytest.mark.parametrize(
+    ("extra", "step", "needle"),
+    [
+        ("  system_packages: [no-such-package-cog-test]\n", "Step 3/", "no-such-package-cog-test"),
+        ("  python_packages: ['cog-no-such-dist-xyz==0.0.1']\n", "Step 3/", "cog-no-such-dist-xyz"),
+    ],
+    ids=["system-package", "pip-requirement"],
+)
+async def test_bad_packages_fail_the_build_naming_the_step(
+    client, tmp_path, no_leaked_containers, extra, step, needle
+):
+    data, package_id = package_bytes(model_dir(tmp_path, extra=extra))
+    events = await stream_upload(client, data)
+    final = events[-1]
+    assert final["type"] == "error" and final["status"] == 422, final
+    doc = await assert_failed_at(client, package_id, step, needle)
+    assert ("apt-get install" if "system" in extra else "pip install") in doc["Error"]
+
+
+async def test_unreachable_docker_engine_is_503_and_failed(
+    aiohttp_client, tmp_path, registry, no_leaked_containers
+):
+    builder = BuilderSettings(registry=registry, docker_host="unix:///nonexistent/docker.sock")
+    client = await aiohttp_client(make_app(server_settings(tmp_path, registry, builder)))
+    data, package_id = package_bytes(model_dir(tmp_path))
+    events = await stream_upload(client, data)
+    assert events[-1]["type"] == "error" and events[-1]["status"] == 503
+    await assert_failed_at(client, package_id, "base image", "unix:///nonexistent/docker.sock")
+
+
+async def test_a_base_image_the_engine_lacks_is_the_servers_problem(
+    aiohttp_client, tmp_path, registry, no_leaked_containers
+):
+    """Not the package's fault (503, not 422), and it says what to do."""
+    base = f"{registry}/cog-test/no-such-base:{uuid.uuid4().hex[:8]}"
+    builder = BuilderSettings(registry=registry, base_images={"cpu": base})
+    client = await aiohttp_client(make_app(server_settings(tmp_path, registry, builder)))
+    data, package_id = package_bytes(model_dir(tmp_path))
+    events = await stream_upload(client, data)
+    final = events[-1]
+    assert final["type"] == "error" and final["status"] == 503
+    assert final["message"].startswith(
+        f"base image {base} not found on the Docker engine; build it "
+        "(contrib/setup-machine.sh) or set --base-image"
+    )
+    await assert_failed_at(client, package_id, "base image", base)
 
 
 async def test_unreachable_registry_is_503_and_failed(
@@ -197,3 +286,37 @@ def test_cog_build_and_infer_as_a_user(tmp_path, registry, base_images):
         failed = cog("infer", package_id[:8], "-i", "width=5000", cwd=elsewhere)
         assert failed.returncode == 1
         assert "width" in failed.stderr and "Traceback" not in failed.stderr
+
+        # A package whose build fails: non-zero exit, the failing step and its output.
+        broken = model_dir(
+            tmp_path / "broken", extra="  system_packages: [no-such-package-cog-test]\n"
+        )
+        built = cog("build", cwd=broken)
+        assert built.returncode == 1, built.stdout + built.stderr
+        assert "no-such-package-cog-test" in built.stdout
+        assert built.stderr.startswith("cog: error: docker build failed")
+        assert "apt-get install" in built.stderr and "Traceback" not in built.stderr
+
+        # Built and pushed, then its example failed: `cog infer` runs it, with a warning.
+        wrong = model_dir(tmp_path / "wrong", output="nope")
+        built = cog("build", cwd=wrong)
+        assert built.returncode == 1
+        _, package_id = package_bytes(wrong)  # the same zip as `cog build` made
+        ran = cog("infer", package_id[:12], "-i", "text=hi", cwd=elsewhere)
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout == "HI\n"
+        assert ran.stderr.startswith(
+            f"cog: warning: package {package_id[:12]} is failed: example 1"
+        )
+        assert len(ran.stderr.splitlines()) == 1
+
+        # A model whose process dies during run(): one error, exit 1, no container left.
+        dying = model_dir(tmp_path / "dying", run="import os; os._exit(3)", examples=False)
+        built = cog("build", cwd=dying)
+        assert built.returncode == 0, built.stdout + built.stderr
+        before = containers()
+        died = cog("infer", built.stdout.split()[-1][:12], "-i", "hi", cwd=elsewhere)
+        assert died.returncode == 1
+        assert died.stderr.startswith("cog: error: ") and "Traceback" not in died.stderr
+        assert "the model's process exited (code 3) while answering the request" in died.stderr
+        assert containers() <= before

@@ -13,8 +13,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiodocker
 import aiohttp
@@ -30,7 +31,7 @@ from cog.builders import (
     BuiltImage,
 )
 from cog.builders.context import build_context
-from cog.builders.dockerfile import dockerfile_for_request
+from cog.builders.dockerfile import base_image, dockerfile_for_request
 
 TAIL = 20
 #: aiodocker's status for "could not connect to the engine at all"
@@ -78,15 +79,22 @@ def split_image(image: str) -> tuple[str, str]:
 
 
 def engine(docker_host: str | None) -> aiodocker.Docker:
-    """A client of the Docker Engine at docker_host (None: DOCKER_HOST or the socket)."""
+    """A client of the Docker Engine at docker_host (None: DOCKER_HOST or the socket).
+
+    As the docker CLI: DOCKER_HOST wins over a docker context (aiodocker's order is the
+    other way round)."""
     try:
-        return aiodocker.Docker(url=docker_host)
+        return aiodocker.Docker(url=docker_host or os.environ.get("DOCKER_HOST") or None)
     except (ValueError, OSError) as exc:
         raise BuilderUnavailable(f"no usable Docker Engine address: {exc}") from None
 
 
-def unreachable(docker: aiodocker.Docker, exc: object) -> BuilderUnavailable:
-    return BuilderUnavailable(f"the Docker Engine at {docker.docker_host} is not reachable: {exc}")
+def unreachable(
+    docker: aiodocker.Docker, exc: object, step: str | None = None
+) -> BuilderUnavailable:
+    return BuilderUnavailable(
+        f"the Docker Engine at {docker.docker_host} is not reachable: {exc}", step=step
+    )
 
 
 async def push_image(docker: aiodocker.Docker, image: str) -> AsyncIterator[BuildEvent]:
@@ -126,15 +134,52 @@ async def push_image(docker: aiodocker.Docker, image: str) -> AsyncIterator[Buil
                     yield BuildLog(stage="push", line=line)
     except aiodocker.DockerError as exc:
         if exc.status == CONNECTION_FAILED:
-            raise unreachable(docker, exc.message) from None
+            raise unreachable(docker, exc.message, "push") from None
         message = str(exc.message if hasattr(exc, "message") else exc)
         kind = BuilderUnavailable if _UNREACHABLE.search(message) else BuildError
         raise kind(f"pushing {image} failed: {message}", step="push", output=tuple(tail)) from None
     except aiohttp.ClientError as exc:
-        raise unreachable(docker, exc) from None
+        raise unreachable(docker, exc, "push") from None
     if not digest:
         raise BuildError(f"pushing {image} reported no digest", step="push", output=tuple(tail))
     yield BuiltImage(image=image, digest=digest)
+
+
+async def ensure_image(
+    docker: aiodocker.Docker, image: str, progress: Callable[[str], None] | None = None
+) -> None:
+    """Pull image unless the engine has it already."""
+    try:
+        await docker.images.inspect(image)
+        return
+    except aiodocker.DockerError as exc:
+        if exc.status != 404:
+            raise
+    async with contextlib.aclosing(pull_image(docker, image)) as pulling:
+        async for line in pulling:
+            if progress:
+                progress(line)
+
+
+async def pull_image(docker: aiodocker.Docker, image: str) -> AsyncIterator[str]:
+    """Pull image through the engine, yielding compact progress lines as they come."""
+    repository, tag = split_image(image)
+    last: dict[str, str] = {}
+    async with engine_stream(
+        docker,
+        "POST",
+        "images/create",
+        params={"fromImage": repository, "tag": tag},
+        headers={"X-Registry-Auth": "e30="},
+    ) as response:
+        async for item in json_lines(response):
+            error = stream_error(item)
+            if error:
+                raise docker_error(404 if "not found" in error else 500, error)
+            status, layer = item.get("status", ""), item.get("id", "")
+            if status and last.get(layer) != status and status != "Downloading":
+                last[layer] = status
+                yield f"{layer}: {status}" if layer else status
 
 
 def docker_error(status: int, message: str) -> aiodocker.DockerError:
@@ -190,11 +235,47 @@ class DockerBuilder(Builder):
                 async for event in stage:
                     yield event
 
+    async def _base_image(self, docker: aiodocker.Docker, base: str) -> AsyncIterator[BuildLog]:
+        """Make sure the engine has the base image; pull it (progress as log lines) if not.
+
+        A base image nobody can get is the server's setup, not the package's fault."""
+        try:
+            await docker.images.inspect(base)
+            return
+        except aiodocker.DockerError as exc:
+            if exc.status == CONNECTION_FAILED:
+                raise unreachable(docker, exc.message, "base image") from None
+            if exc.status != 404:
+                raise BuildError(f"base image {base}: {exc.message}", step="base image") from None
+        except aiohttp.ClientError as exc:
+            raise unreachable(docker, exc, "base image") from None
+        yield BuildLog(stage="build", line=f"Pulling base image {base}")
+        tail: collections.deque[str] = collections.deque(maxlen=TAIL)
+        try:
+            async with contextlib.aclosing(pull_image(docker, base)) as pulling:
+                async for line in pulling:
+                    tail.append(line)
+                    yield BuildLog(stage="build", line=line)
+        except (aiodocker.DockerError, aiohttp.ClientError) as exc:
+            reason = getattr(exc, "message", None) or str(exc)
+            raise BuilderUnavailable(
+                f"base image {base} not found on the Docker engine; build it "
+                "(contrib/setup-machine.sh) or set --base-image (pulling it failed: "
+                f"{reason})",
+                step="base image",
+                output=tuple(tail),
+            ) from None
+
     async def _engine_build(
         self, docker: aiodocker.Docker, request: BuildRequest
     ) -> AsyncIterator[BuildLog]:
+        dockerfile = self.dockerfile(request)
+        base = base_image(request.config, request.target, self.settings)
+        async with contextlib.aclosing(self._base_image(docker, base)) as preparing:
+            async for line in preparing:
+                yield line
         params = {"t": request.image, "rm": "1", "forcerm": "1", "pull": "0"}
-        context = build_context(request.package_zip, self.dockerfile(request))
+        context = build_context(request.package_zip, dockerfile)
         tail: collections.deque[str] = collections.deque(maxlen=TAIL)
         step: str | None = None
         try:
@@ -232,15 +313,15 @@ class DockerBuilder(Builder):
                     yield BuildLog(stage="build", line=pending)
         except aiodocker.DockerError as exc:
             if exc.status == CONNECTION_FAILED:
-                raise unreachable(docker, exc.message) from None
+                raise unreachable(docker, exc.message, step or "build") from None
             raise BuildError(f"docker build failed: {exc.message}", step=step) from None
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, OSError) as exc:
-            raise unreachable(docker, exc) from None
+            raise unreachable(docker, exc, step or "build") from None
         finally:
             await context.aclose()
 
 
-__all__ = ["DockerBuilder", "engine", "push_image", "split_image"]
+__all__ = ["DockerBuilder", "engine", "ensure_image", "pull_image", "push_image", "split_image"]
 
 
 @contextlib.asynccontextmanager

@@ -345,6 +345,13 @@ async def infer(args: argparse.Namespace) -> int:
             f"package {package['ID'][:12]} has no image (status: {package.get('Status')}"
             f"{'; ' + package['Error'] if package.get('Error') else ''})"
         )
+    if package.get("Status") not in (None, "ready"):
+        # e.g. built and pushed, then its check failed: the image may not work.
+        reason = f": {package['Error'].splitlines()[0]}" if package.get("Error") else ""
+        print(
+            f"cog: warning: package {package['ID'][:12]} is {package['Status']}{reason}",
+            file=sys.stderr,
+        )
 
     def progress(line: str) -> None:
         if is_tty(sys.stderr):
