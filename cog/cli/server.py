@@ -105,7 +105,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="TARGET=IMAGE",
         help="base image template per target (cpu, gpu), with {python_version}, {cuda}, "
-        "{cudnn} and {nvidia_tag} (NVIDIA's tag for the CUDA/cuDNN pair) placeholders, "
+        "{cudnn}, {cudnn_major} and {nvidia_tag} (NVIDIA's tag for the CUDA/cuDNN pair) "
+        "placeholders, "
         "e.g. cpu=registry.local/python:{python_version}-slim",
     )
     p.add_argument(
