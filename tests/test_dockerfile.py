@@ -86,6 +86,8 @@ def render(
     return text if stamped else text.replace(cog.__version__, "VERSION")
 
 
+# The GPU cases name their cuDNN major: the golden files then follow neither the table's
+# cuDNN refinements ("8" -> "8.9") nor its picks, which test_config covers.
 CASES = {
     "cpu-minimal": ("model: infer.py:Model\n", "cpu", "wheels", {}),
     "cpu-packages": (
@@ -98,6 +100,7 @@ CASES = {
     ),
     "gpu-wheels-torch": (
         "model: infer.py:Model\nenvironment:\n  architectures: [cpu, gpu]\n"
+        "  cudnn: '8'\n"
         "  python_packages: ['torch==2.1.0', 'torchvision==0.16.0', 'pillow==11.3.0']\n",
         "gpu",
         "wheels",
@@ -105,15 +108,17 @@ CASES = {
     ),
     "gpu-image-torch": (
         "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "  cudnn: '9'\n"
         "  python_packages: ['torch==2.4.1', 'torchvision==0.19.1']\n",
         "gpu",
         "image",
         {},
     ),
     # torch pinned in the requirements file: rewritten there too (torch 1.7: CUDA 11.0,
-    # which only the image strategy can give).
+    # whose image NVIDIA no longer publishes: a site's own base image).
     "gpu-image-torch-requirements": (
         "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "  cudnn: '8'\n"
         "  python_version: '3.10'\n  python_requirements: requirements.txt\n",
         "gpu",
         "image",
@@ -126,6 +131,7 @@ CASES = {
     # torch brings its own nvidia-* wheels: none installed beside them, registered after.
     "gpu-wheels-torch-requirements": (
         "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "  cudnn: '8'\n"
         "  python_requirements: requirements.txt\n  python_packages: ['torchvision==0.16.0']\n",
         "gpu",
         "wheels",
@@ -141,6 +147,7 @@ CASES = {
     ),
     "gpu-wheels-tf-and-cuda": (
         "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "  cudnn: '8'\n"
         "  python_packages: ['tensorflow==2.15.0']\n",
         "gpu",
         "wheels",
@@ -149,6 +156,7 @@ CASES = {
     # TensorFlow before the and-cuda extra: every library it loads, explicitly.
     "gpu-wheels-tf-explicit": (
         "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "  cudnn: '8'\n"
         "  python_requirements: requirements.txt\n",
         "gpu",
         "wheels",
@@ -156,12 +164,13 @@ CASES = {
     ),
     "gpu-image-tf1": (
         "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "  cudnn: '7'\n"
         "  python_packages: ['tensorflow==1.15.0']\n",
         "gpu",
         "image",
         {},
         # CUDA 10.0: NVIDIA no longer publishes it; a site's own base image
-        "site.local/cuda:{cuda}-cudnn{cudnn}-runtime",
+        "site.local/cuda:{cuda}-cudnn{cudnn_major}-runtime",
     ),
 }
 
