@@ -7,7 +7,8 @@ For each package size (MiB of random "weights", so nothing compresses) and each 
 - `cog build` of the model directory through the CLI (zip + upload), timed; the upload
   alone (the same zip through the client library) next to `sha256sum` of that zip;
 - download of the package (`GET /v1/packages/<id>.zip`) to a file;
-- the server's peak RSS (VmHWM) after both.
+- the server's peak RSS (VmHWM) during the timed upload, and during the download: the
+  peak is reset (/proc/<pid>/clear_refs) before each, and read after it.
 Then the listing latency of `GET /v1/packages/` with --records packages in storage
 (records written straight into storage, as many uploads would have left them).
 """
@@ -46,6 +47,12 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def reset_peak_rss(pid: int) -> None:
+    """VmHWM starts again from the current RSS (Linux 4.0+), so the next reading is the
+    peak of what runs in between."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def model_dir(root: Path, size_mib: int) -> Path:
     root.mkdir(parents=True)
     (root / "cog.yaml").write_text("name: bench/weights\nmodel: infer.py:Model\n")
@@ -74,7 +81,7 @@ def timed(argv: list[str], **kwargs) -> float:
     return time.perf_counter() - started
 
 
-async def upload_and_download(url: str, zip_path: Path, dest: Path) -> tuple[float, float]:
+async def upload(url: str, zip_path: Path) -> tuple[float, str]:
     package_id = ""
     async with RegistryClient(url) as client:
         started = time.perf_counter()
@@ -83,11 +90,14 @@ async def upload_and_download(url: str, zip_path: Path, dest: Path) -> tuple[flo
                 raise RuntimeError(event["message"])
             if event["type"] == "package":
                 package_id = event["package"]["ID"]
-        upload = time.perf_counter() - started
+        return time.perf_counter() - started, package_id
+
+
+async def download(url: str, package_id: str, dest: Path) -> float:
+    async with RegistryClient(url) as client:
         started = time.perf_counter()
         await client.download(package_id, dest)
-        download = time.perf_counter() - started
-    return upload, download
+        return time.perf_counter() - started
 
 
 def bench_size(size_mib: int, storages: dict[str, str], work: Path) -> list[dict]:
@@ -108,7 +118,12 @@ def bench_size(size_mib: int, storages: dict[str, str], work: Path) -> list[dict
             subprocess.run([COG, "--remote", url, "delete", package_id], check=True, env=env,
                            capture_output=True)  # fmt: skip
             dest = work / f"down-{name}-{size_mib}.zip"
-            upload, download = asyncio.run(upload_and_download(url, zip_path, dest))
+            reset_peak_rss(process.pid)
+            upload_s, package_id = asyncio.run(upload(url, zip_path))
+            upload_rss = peak_rss_mib(process.pid)
+            reset_peak_rss(process.pid)
+            download_s = asyncio.run(download(url, package_id, dest))
+            download_rss = peak_rss_mib(process.pid)
             assert dest.stat().st_size == zip_path.stat().st_size
             dest.unlink()
             direct_write, direct_read = asyncio.run(direct(storage, zip_path))
@@ -117,14 +132,15 @@ def bench_size(size_mib: int, storages: dict[str, str], work: Path) -> list[dict
                     "size_mib": round(zip_mib),
                     "storage": name,
                     "cog_build_s": round(build, 2),
-                    "upload_s": round(upload, 2),
-                    "upload_mib_s": round(zip_mib / upload),
+                    "upload_s": round(upload_s, 2),
+                    "upload_mib_s": round(zip_mib / upload_s),
                     "sha256sum_mib_s": round(zip_mib / sha),
-                    "upload_vs_sha256sum": f"{(zip_mib / upload) / (zip_mib / sha):.0%}",
-                    "download_mib_s": round(zip_mib / download),
+                    "upload_vs_sha256sum": f"{(zip_mib / upload_s) / (zip_mib / sha):.0%}",
+                    "download_mib_s": round(zip_mib / download_s),
                     "store_direct_write_mib_s": round(zip_mib / direct_write),
                     "store_direct_read_mib_s": round(zip_mib / direct_read),
-                    "server_peak_rss_mib": round(peak_rss_mib(process.pid), 1),
+                    "server_peak_rss_upload_mib": round(upload_rss, 1),
+                    "server_peak_rss_download_mib": round(download_rss, 1),
                 }
             )
         finally:
@@ -214,8 +230,8 @@ def main() -> None:
     parser.add_argument("--no-s3", action="store_true")
     parser.add_argument("--records", type=int, default=10_000)
     args = parser.parse_args()
-    for key, value in CREDENTIALS.items():
-        os.environ.setdefault(key, value)
+    # The SeaweedFS started here accepts only these keys.
+    os.environ.update(CREDENTIALS)
     with tempfile.TemporaryDirectory(prefix="cog-bench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         weed = None if args.no_s3 else SeaweedFS(work / "weed").start()

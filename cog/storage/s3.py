@@ -207,8 +207,9 @@ class S3Storage(Storage):
         self._client = None
         #: upload IDs of this process's multipart uploads in progress: never swept
         self._uploading: set[str] = set()
-        #: the periodic sweep, and aborts that outlive a cancelled write
-        self._tasks: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
+        #: aborts of failed writes, shielded: they outlive a cancelled write
+        self._aborts: set[asyncio.Task] = set()
 
     def __repr__(self) -> str:
         where = f" at {self.endpoint}" if self.endpoint else ""
@@ -280,24 +281,19 @@ class S3Storage(Storage):
             raise
         if self.abort_incomplete_after:
             await self.abort_abandoned_uploads()
-            self._spawn(self._sweep_every(self.abort_incomplete_after))
+            self._sweeper = asyncio.create_task(self._sweep_every(self.abort_incomplete_after))
 
     async def close(self) -> None:
-        sweeps = [task for task in self._tasks if not task.get_name().startswith("abort ")]
-        for task in sweeps:
-            task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
         # Aborts of cancelled writes are let finish: they are what keeps S3 clean.
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._aborts, return_exceptions=True)
         if self._stack is not None:
             await self._stack.aclose()
             self._stack = None
             self._client = None
-
-    def _spawn(self, coroutine, name: str = "sweep") -> asyncio.Task:
-        task = asyncio.create_task(coroutine, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     def _key(self, key: str) -> str:
         return self.prefix + key
@@ -343,7 +339,10 @@ class S3Storage(Storage):
     async def _sweep_every(self, seconds: float) -> None:
         while True:
             await asyncio.sleep(seconds)
-            await self.abort_abandoned_uploads()
+            try:
+                await self.abort_abandoned_uploads()
+            except Exception:  # a bug here must not end the sweeps for good
+                log.exception("sweep of abandoned multipart uploads failed", storage=repr(self))
 
     async def _abort(self, key: str, upload_id: str) -> None:
         try:
@@ -445,7 +444,10 @@ class S3Storage(Storage):
             await asyncio.gather(*in_flight, return_exceptions=True)
             # Shielded so a cancelled write still aborts; a failed abort is logged, and
             # the sweep catches the upload later.
-            await asyncio.shield(self._spawn(self._abort(key, upload_id), f"abort {upload_id}"))
+            aborting = asyncio.create_task(self._abort(key, upload_id))
+            self._aborts.add(aborting)
+            aborting.add_done_callback(self._aborts.discard)
+            await asyncio.shield(aborting)
             raise
         finally:
             self._uploading.discard(upload_id)
