@@ -86,6 +86,30 @@ def torchvision_for(torch_version: str) -> str | None:
     return _table()["torchvision"].get(_release(torch_version))
 
 
+def cudnn_major(cudnn: str) -> str:
+    """'8.1' -> '8'. cuDNN keeps its ABI within a major version."""
+    return cudnn.split(".")[0]
+
+
+def same_pair(a: CudaPair, b: CudaPair) -> bool:
+    """The same CUDA with the same cuDNN major (8.1 and 8 are the same pair)."""
+    return a.cuda == b.cuda and cudnn_major(a.cudnn) == cudnn_major(b.cudnn)
+
+
+def known_pairs() -> list[CudaPair]:
+    """Every pair some table publishes (a framework release, or an NVIDIA image), once
+    each, with the cuDNN as precisely as it is published; sorted."""
+    table = _table()
+    pairs = {CudaPair(**entry) for entry in table["tensorflow"].values()}
+    pairs |= {
+        CudaPair(cuda=e["cuda"], cudnn=e["cudnn"])
+        for entries in table["torch"].values()
+        for e in entries
+    }
+    pairs |= {CudaPair(*key.split("/")) for key in table["nvidia_cuda_images"]}
+    return sorted(pairs, key=_pair_key)
+
+
 def known_tensorflow() -> list[str]:
     return sorted(_table()["tensorflow"], key=version_key)
 

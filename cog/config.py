@@ -449,12 +449,54 @@ def pinned_versions(config: Config, files: PackageFiles) -> dict[str, str]:
     return pins
 
 
-def _same(a: compat.CudaPair, b: compat.CudaPair) -> bool:
-    return a.cuda == b.cuda and a.cudnn.split(".")[0] == b.cudnn.split(".")[0]
-
-
 def _pairs(pairs: Sequence[compat.CudaPair]) -> str:
     return ", ".join(str(p) for p in pairs)
+
+
+def _known_pair(cuda: str, cudnn: str) -> compat.CudaPair:
+    """The pair for an explicit cuda and/or cudnn with no framework pinned: one that some
+    table publishes (cudnn compared by major version), completed from the tables."""
+    default = compat.default_gpu()
+    if not cuda and not cudnn:
+        return default
+    major = compat.cudnn_major
+    known = compat.known_pairs()
+    if cuda:
+        with_cuda = [p for p in known if p.cuda == cuda]
+        if not with_cuda:
+            versions = sorted({p.cuda for p in known}, key=compat.version_key)
+            raise ConfigError(
+                [
+                    f"environment.cuda: CUDA {cuda} is not in cog's CUDA table (known: "
+                    f"{', '.join(versions)})"
+                ]
+            )
+        if cudnn:
+            if not any(major(p.cudnn) == major(cudnn) for p in with_cuda):
+                majors = sorted({major(p.cudnn) for p in with_cuda}, key=compat.version_key)
+                raise ConfigError(
+                    [
+                        f"environment.cudnn: CUDA {cuda} with cuDNN {cudnn} is not a known pair "
+                        f"(CUDA {cuda} comes with cuDNN {' or '.join(majors)})"
+                    ]
+                )
+            return compat.CudaPair(cuda, cudnn)
+        # The default's cuDNN if this CUDA comes with it, else the newest it comes with.
+        if any(major(p.cudnn) == major(default.cudnn) for p in with_cuda):
+            return compat.CudaPair(cuda, default.cudnn)
+        return max(with_cuda, key=lambda p: compat.version_key(p.cudnn))
+    with_cudnn = [p for p in known if major(p.cudnn) == major(cudnn)]
+    if not with_cudnn:
+        majors = sorted({major(p.cudnn) for p in known}, key=compat.version_key)
+        raise ConfigError(
+            [
+                f"environment.cudnn: cuDNN {cudnn} is not in cog's CUDA table (known: cuDNN "
+                f"{', '.join(majors)})"
+            ]
+        )
+    cudas = {p.cuda for p in with_cudnn}
+    chosen = default.cuda if default.cuda in cudas else max(cudas, key=compat.version_key)
+    return compat.CudaPair(chosen, cudnn)
 
 
 def complete_config(config: Config, files: PackageFiles) -> Config:
@@ -490,33 +532,31 @@ def complete_config(config: Config, files: PackageFiles) -> Config:
         if candidates is None:
             candidates = torch_pairs
         else:
-            candidates = [p for p in torch_pairs if any(_same(p, c) for c in candidates)]
+            # TensorFlow's pair, as precisely as it publishes it, if torch has wheels for it.
+            candidates = [c for c in candidates if any(compat.same_pair(p, c) for p in torch_pairs)]
             if not candidates:
                 raise ConfigError([f"environment: no CUDA fits both: {'; '.join(reasons)}"])
-    if env.cuda:
-        if candidates is not None:
-            fitting = [
-                p
-                for p in candidates
-                if p.cuda == env.cuda
-                and (not env.cudnn or p.cudnn.split(".")[0] == env.cudnn.split(".")[0])
-            ]
-            if not fitting:
-                asked = f"CUDA {env.cuda}" + (f" / cuDNN {env.cudnn}" if env.cudnn else "")
-                raise ConfigError([f"environment.cuda: {asked} does not fit: {'; '.join(reasons)}"])
-            chosen = fitting[0]
-        else:
-            chosen = compat.CudaPair(env.cuda, env.cudnn or compat.default_gpu().cudnn)
-    elif candidates:
+    major = compat.cudnn_major
+    if candidates is None:
+        chosen = _known_pair(env.cuda, env.cudnn)
+    elif env.cuda:
+        fitting = [
+            p
+            for p in candidates
+            if p.cuda == env.cuda and (not env.cudnn or major(p.cudnn) == major(env.cudnn))
+        ]
+        if not fitting:
+            asked = f"CUDA {env.cuda}" + (f" / cuDNN {env.cudnn}" if env.cudnn else "")
+            raise ConfigError([f"environment.cuda: {asked} does not fit: {'; '.join(reasons)}"])
+        chosen = fitting[0]
+    else:
         if env.cudnn:
-            candidates = [p for p in candidates if p.cudnn.split(".")[0] == env.cudnn.split(".")[0]]
+            candidates = [p for p in candidates if major(p.cudnn) == major(env.cudnn)]
             if not candidates:
                 raise ConfigError(
                     [f"environment.cudnn: cuDNN {env.cudnn} does not fit: {'; '.join(reasons)}"]
                 )
         chosen = candidates[0]
-    else:
-        chosen = compat.default_gpu()
     return attrs.evolve(
         config,
         environment=attrs.evolve(env, cuda=chosen.cuda, cudnn=env.cudnn or chosen.cudnn),

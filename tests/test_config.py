@@ -278,9 +278,11 @@ def gpu(packages: list[str], extra: str = "", files: dict[str, str] | None = Non
 
 def test_tensorflow_pins_one_pair():
     env = gpu(["tensorflow==2.4.0"])
-    assert (env.cuda, env.cudnn) == ("11.0", "8")
+    assert (env.cuda, env.cudnn) == ("11.0", "8.0")
     env = gpu(["tensorflow==1.15.0"])
-    assert (env.cuda, env.cudnn) == ("10.0", "7")
+    assert (env.cuda, env.cudnn) == ("10.0", "7.4")
+    env = gpu(["tensorflow==2.10.1"])
+    assert (env.cuda, env.cudnn) == ("11.2", "8.1")
 
 
 def test_torch_picks_its_newest_cuda():
@@ -292,7 +294,7 @@ def test_torch_picks_its_newest_cuda():
 
 def test_torch_and_tensorflow_must_agree():
     env = gpu(["torch==1.7.1", "tensorflow==2.4.0"])
-    assert env.cuda == "11.0"
+    assert (env.cuda, env.cudnn) == ("11.0", "8.0")  # TensorFlow's pair, as it publishes it
     env = gpu(["torch==1.7.1", "tensorflow==2.3.0"])
     assert env.cuda == "10.1"
     with pytest.raises(ConfigError) as caught:
@@ -315,6 +317,41 @@ def test_explicit_cudnn_alone_picks_a_cuda_with_it():
     assert (env.cuda, env.cudnn) == ("10.2", "7")  # the newest CUDA whose wheels carry cuDNN 7
     with pytest.raises(ConfigError, match=r"cuDNN 8 does not fit.*torch==2.5.1"):
         gpu(["torch==2.5.1"], "  cudnn: '8'\n")
+
+
+@pytest.mark.parametrize(
+    ("extra", "pair"),
+    [
+        ("  cuda: '11.8'\n", ("11.8", "8")),
+        ("  cuda: '12.5'\n", ("12.5", "9.3")),  # only TensorFlow publishes it: its cuDNN
+        ("  cuda: '10.0'\n", ("10.0", "7.4")),
+        ("  cuda: '11.8'\n  cudnn: '9'\n", ("11.8", "9")),  # torch 2.4+ cu118
+        ("  cuda: '11.2'\n  cudnn: '8.1.1'\n", ("11.2", "8.1.1")),
+        ("  cudnn: '7'\n", ("10.2", "7")),  # the newest CUDA with cuDNN 7
+        ("  cudnn: '9'\n", ("12.1", "9")),  # the default CUDA, which has one
+    ],
+)
+def test_explicit_pair_without_a_framework_is_a_known_one(extra, pair):
+    env = gpu([], extra)
+    assert (env.cuda, env.cudnn) == pair
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            "  cuda: '11.8'\n  cudnn: '7'\n",
+            "environment.cudnn: CUDA 11.8 with cuDNN 7 is not a known pair "
+            "(CUDA 11.8 comes with cuDNN 8 or 9)",
+        ),
+        ("  cuda: '11.4'\n", "environment.cuda: CUDA 11.4 is not in cog's CUDA table (known: "),
+        ("  cudnn: '4'\n", "environment.cudnn: cuDNN 4 is not in cog's CUDA table"),
+    ],
+)
+def test_explicit_pair_nobody_publishes_is_an_error(extra, message):
+    with pytest.raises(ConfigError) as caught:
+        gpu([], extra)
+    assert caught.value.problems[0].startswith(message), caught.value.problems
 
 
 def test_unknown_framework_version_is_an_error():
@@ -343,6 +380,24 @@ def test_compat_table_covers_the_promised_range():
     for version in ("1.0", "1.15", "2.0", "2.10", "2.19"):
         assert compat.tensorflow_pair(f"{version}.0"), version
     assert compat.torch_cuda_suffix("1.7.1", "11.0") == "cu110"
+    # Values, from the frameworks' own tables: PyTorch's wheel variants per release, and
+    # TensorFlow's tested build configurations (cuDNN as precisely as it publishes it).
+    torch = {v: [p.cuda for p in compat.torch_pairs(v)] for v in ("1.7.1", "1.13.1", "2.6.0")}
+    assert torch == {  # newest first
+        "1.7.1": ["11.0", "10.2", "10.1", "9.2"],
+        "1.13.1": ["11.7", "11.6"],
+        "2.6.0": ["12.6", "12.4", "11.8"],
+    }
+    tf = {v: compat.tensorflow_pair(v) for v in ("1.4.0", "1.15.5", "2.3.0", "2.4.1", "2.10.0")}
+    assert {v: (p.cuda, p.cudnn) for v, p in tf.items()} == {
+        "1.4.0": ("8.0", "6"),
+        "1.15.5": ("10.0", "7.4"),
+        "2.3.0": ("10.1", "7.6"),
+        "2.4.1": ("11.0", "8.0"),
+        "2.10.0": ("11.2", "8.1"),
+    }
+    assert compat.tensorflow_pair("2.14.0") == compat.CudaPair("11.8", "8.7")
+    assert compat.tensorflow_pair("2.18.0") == compat.CudaPair("12.5", "9.3")
     assert compat.torch_cuda_suffix("1.7.1", "12.1") is None
     assert compat.tensorflow_gpu_package("1.15.0") == "tensorflow_gpu"
     assert compat.tensorflow_gpu_package("2.4.0") == "tensorflow"
