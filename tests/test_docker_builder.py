@@ -488,3 +488,25 @@ async def test_image_strategy_gives_the_packages_python_or_says_it_cannot(
         capture_output=True, text=True, check=True,
     ).stdout.split(maxsplit=1)  # fmt: skip
     assert python == ["/opt/cog", "(3, 11)\n"]
+
+
+async def test_infer_of_an_image_that_is_no_cog_model(base_images, registry, no_leaked_containers):
+    """Something answers /ping on port 5000, but /help is not JSON: one clear error (was
+    aiohttp's ContentTypeError traceback)."""
+    image = f"{registry}/cog-test/not-a-model:1"
+    dockerfile = (
+        f"FROM {CPU_BASE}\n"
+        "RUN mkdir /fake && echo '{}' > /fake/ping && echo '<html>hi</html>' > /fake/help\n"
+        'CMD ["python3", "-m", "http.server", "5000", "--directory", "/fake"]\n'
+    )
+    subprocess.run(
+        ["docker", "build", "-q", "--force-rm", "-t", image, "-"],
+        input=dockerfile.encode(),
+        check=True,
+        capture_output=True,
+    )
+    with pytest.raises(InferenceError) as caught:
+        await run_inference(image, ["x"])
+    assert str(caught.value).startswith(
+        f"{image}: /help answered application/octet-stream, not JSON (is it an image cog built?)"
+    )
