@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import aiohttp
+import attrs
 import pytest
 from structlog.testing import capture_logs
 
@@ -500,19 +501,47 @@ async def test_one_log_line_per_request(client, hello):
 
 
 async def test_package_from_another_server_appears_within_ttl(aiohttp_client, settings, hello):
-    """Two apps on one storage: what one stores, the other lists (index refresh)."""
+    """Two apps on one storage: what one stores, the other lists, through its background
+    refresh alone (only the listing is asked for; a lookup would sync the index)."""
     data, package_id = hello
     one = await aiohttp_client(make_app(settings))
     two = await aiohttp_client(make_app(settings))
     assert (await (await two.get("/v1/packages/")).json()) == []
     await upload(one, data)
-    assert (await two.get(f"/v1/packages/{package_id[:7]}")).status == 200  # miss -> refresh
     for _ in range(20):
         await asyncio.sleep(settings.cache_ttl)
         listing = await (await two.get("/v1/packages/")).json()
         if listing:
             break
     assert [p["ID"] for p in listing] == [package_id]
+
+
+class ListingsSeen(CheckedStorage):
+    """Real local storage that remembers the prefixes it was asked to list."""
+
+    def __init__(self, url: str):
+        super().__init__(load_storage(url).backend)
+        self.listed: list[str] = []
+
+    async def list(self, prefix=""):
+        self.listed.append(prefix)
+        async for info in super().list(prefix):
+            yield info
+
+
+async def test_a_lookup_that_misses_lists_only_its_prefix(aiohttp_client, settings, hello):
+    """Another server's package is found by prefix at once, and a prefix that matches
+    nothing costs a listing of that prefix, not of every record in the store."""
+    data, package_id = hello
+    one = await aiohttp_client(make_app(settings))
+    storage = ListingsSeen(settings.storage_url)
+    two = await aiohttp_client(make_app(attrs.evolve(settings, cache_ttl=3600), storage=storage))
+    await two.get("/v1/packages/")
+    await upload(one, data)
+    storage.listed.clear()
+    assert (await two.get(f"/v1/packages/{package_id[:7]}")).status == 200
+    assert (await two.get("/v1/packages/ffffff0")).status == 404
+    assert storage.listed == [f"records/{package_id[:7]}", "records/ffffff0"]
 
 
 async def test_a_record_whose_zip_is_gone_is_404_and_an_upload_restores_it(client, hello):

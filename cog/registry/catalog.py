@@ -2,9 +2,10 @@
 
 Storage is the only source of truth (several servers may share one bucket). The index
 makes listing and prefix lookups cheap; it is refreshed in the background every
-``ttl`` seconds and on any lookup that misses, so a package written by another server
-is visible here within ``ttl`` seconds (and at once when asked for by ID). A refresh
-lists ``records/`` and reloads only the records whose storage version changed.
+``ttl`` seconds, so a package written by another server is listed here within ``ttl``
+seconds; a lookup by ID or prefix that misses the index syncs the records under that
+prefix at once. A refresh lists ``records/`` (or ``records/<prefix>``) and reloads only
+the records whose storage version changed.
 
 Keys in Storage::
 
@@ -78,15 +79,20 @@ class Catalog:
 
     async def refresh(self) -> None:
         """Bring the index in line with Storage (one refresh at a time)."""
+        await self._sync()
+
+    async def _sync(self, prefix: str = "") -> None:
+        """Bring the index in line with Storage for the IDs starting with prefix: one
+        listing of ``records/<prefix>``, then only the changed records are read."""
         async with self._lock:
             started = time.monotonic()
             seen: dict[str, str] = {}
-            async for info in self.storage.list(RECORDS):
+            async for info in self.storage.list(RECORDS + prefix):
                 package_id = info.key[len(RECORDS) :].removesuffix(".json")
                 if is_package_id(package_id):
                     seen[package_id] = info.version
             stale = [pid for pid, version in seen.items() if self._versions.get(pid) != version]
-            gone = [pid for pid in self._records if pid not in seen]
+            gone = [pid for pid in self._matching(prefix) if pid not in seen]
             semaphore = asyncio.Semaphore(self._concurrency)
 
             async def load(package_id: str) -> None:
@@ -98,14 +104,16 @@ class Catalog:
             await asyncio.gather(*(load(pid) for pid in stale))
             for package_id in gone:
                 self._forget(package_id)
-            self._refreshed_at = time.monotonic()
+            if not prefix:
+                self._refreshed_at = time.monotonic()
             if stale or gone:
                 log.debug(
                     "catalog refreshed",
+                    prefix=prefix or None,
                     loaded=len(stale),
                     removed=len(gone),
                     total=len(self._records),
-                    seconds=round(self._refreshed_at - started, 3),
+                    seconds=round(time.monotonic() - started, 3),
                 )
 
     async def run_refresher(self) -> None:
@@ -157,7 +165,9 @@ class Catalog:
             return await self.get(ref)
         matches = self._matching(ref)
         if len(matches) != 1:
-            await self.refresh()
+            # Only the records under this prefix: a lookup that misses (or a random
+            # prefix sent on purpose) costs one short listing, not a listing of the store.
+            await self._sync(ref)
             matches = self._matching(ref)
         if not matches:
             raise PackageNotFound(ref)
