@@ -92,7 +92,6 @@ async def test_failing_step_keeps_the_package_failed_with_its_log(client, engine
     assert doc["Status"] == "failed" and "exit code: 100" in doc["Error"]
     log = (await (await client.get(f"/v1/packages/{package_id}/log")).read()).decode()
     assert "Unable to locate package no-such-package-cog-test" in log
-    await asyncio.sleep(0.2)  # see below: the log handler closes its reader after the body
 
 
 async def test_a_build_the_client_left_says_in_its_log_which_step_was_cancelled(
@@ -120,10 +119,6 @@ async def test_a_build_the_client_left_says_in_its_log_which_step_was_cancelled(
         await asyncio.sleep(0.2)
     assert doc["Status"] == "failed"
     stored = await (await client.get(f"/v1/packages/{package_id}/log")).read()
-    # The body is all there before the handler has closed the stored log (in a thread):
-    # let it, so the app's teardown does not cancel that close (LocalStorage.open_reader
-    # then leaves the file open: a ResourceWarning, an error here).
-    await asyncio.sleep(0.2)
     log = [json.loads(line) for line in stored.splitlines()]
     [cancelled] = [e["line"] for e in log if "build cancelled" in e.get("line", "")]
     assert cancelled.startswith(f"buildkit at {engine_addr}: build cancelled during step #")

@@ -123,7 +123,10 @@ class LocalStorage(Storage):
         try:
             yield _FileReader(_info(key, st), file)
         finally:
-            await asyncio.to_thread(file.close)
+            # Closing a file opened for reading does not wait on the disk, and must
+            # happen even when the reader's task is being cancelled (a thread hop here
+            # could be cancelled before it runs, leaving the file open).
+            file.close()
 
     async def stat(self, key: str) -> BlobInfo:
         try:
