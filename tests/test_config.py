@@ -375,19 +375,22 @@ def test_gpu_without_framework_gets_the_default_pair():
 
 
 def test_compat_table_covers_the_promised_range():
-    for version in ("1.4", "1.8", "1.13", "2.0", "2.5", "2.8"):
+    for version in ("1.4", "1.8", "1.13", "2.0", "2.5", "2.8", "2.9"):
         assert compat.torch_pairs(f"{version}.0"), version
     for version in ("1.0", "1.15", "2.0", "2.10", "2.19"):
         assert compat.tensorflow_pair(f"{version}.0"), version
     assert compat.torch_cuda_suffix("1.7.1", "11.0") == "cu110"
     # Values, from the frameworks' own tables: PyTorch's wheel variants per release, and
     # TensorFlow's tested build configurations (cuDNN as precisely as it publishes it).
-    torch = {v: [p.cuda for p in compat.torch_pairs(v)] for v in ("1.7.1", "1.13.1", "2.6.0")}
+    releases = ("1.7.1", "1.13.1", "2.6.0", "2.9.1")
+    torch = {v: [p.cuda for p in compat.torch_pairs(v)] for v in releases}
     assert torch == {  # newest first
         "1.7.1": ["11.0", "10.2", "10.1", "9.2"],
         "1.13.1": ["11.7", "11.6"],
         "2.6.0": ["12.6", "12.4", "11.8"],
+        "2.9.1": ["13.0", "12.8", "12.6"],
     }
+    assert compat.torch_cuda_suffix("2.9.1", "13.0") == "cu130"
     tf = {v: compat.tensorflow_pair(v) for v in ("1.4.0", "1.15.5", "2.3.0", "2.4.1", "2.10.0")}
     assert {v: (p.cuda, p.cudnn) for v, p in tf.items()} == {
         "1.4.0": ("8.0", "6"),
