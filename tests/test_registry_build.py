@@ -127,7 +127,8 @@ async def test_failing_example_keeps_the_package_failed(client, tmp_path, no_lea
     assert final["type"] == "error" and final["status"] == 422
     assert "example 1" in final["message"] and "'HI'" in final["message"]
     assert final["package"]["Status"] == "failed"
-    assert any(e.get("stage") == "error" and "Build failed" in e["line"] for e in events)
+    failed = [e for e in events if e.get("stage") == "error" and "Build failed" in e["line"]]
+    assert failed and failed[0]["target"] == "cpu"  # the check of the CPU image failed
 
     doc = await (await client.get(f"/v1/packages/{package_id}")).json()
     assert doc["Status"] == "failed" and "example 1" in doc["Error"]

@@ -302,6 +302,7 @@ class Packages:
                 for target in record.config.environment.architectures:
                     image = self._image_name(record, target)
                     where.phase = f"building the {target.upper()} image {image}"
+                    where.target = target
                     yield emit(events.status(f"Building {target.upper()} image {image}"))
                     request = BuildRequest(
                         package_id=record.id,
@@ -328,6 +329,7 @@ class Packages:
                             where.phase = f"{event['message'][:1].lower()}{event['message'][1:]}"
                         elif event["type"] == "log":
                             where.saw(event["line"])
+                            where.target = event.get("target", where.target)
                         yield emit(event)
                         await beat()
             record = record.evolve(status=Status.READY, artifacts=tuple(artifacts), error="")
@@ -340,7 +342,7 @@ class Packages:
             if exc.output:
                 lines += ["Last lines of its output:", *(f"  {line}" for line in exc.output)]
             for line in lines:
-                yield emit(events.log("error", line))
+                yield emit(events.log("error", line, where.target))
             status = 503 if isinstance(exc, BuilderUnavailable) else 422
             yield emit(events.error(str(exc), status, record_to_json(record)))
         except BaseException as exc:
@@ -348,10 +350,10 @@ class Packages:
             if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                 reason = where.cancelled(self._builder_label())
                 if reason != where.said_while_cancelling:  # not in the log in its words
-                    live.publish(events.log("error", reason))
+                    live.publish(events.log("error", reason, where.target))
             else:
                 reason = f"internal error: {exc}"
-                live.publish(events.log("error", f"Build failed: {reason}"))
+                live.publish(events.log("error", f"Build failed: {reason}", where.target))
             record = record.evolve(status=Status.FAILED, artifacts=tuple(artifacts), error=reason)
             live.publish(events.error(reason, 500, record_to_json(record)))
             await asyncio.shield(self.catalog.put(record))
@@ -410,6 +412,8 @@ class _Whereabouts:
     def __init__(self) -> None:
         self.phase = "starting"
         self.last_line = ""
+        #: the architecture being built or checked, for the failure's log lines
+        self.target: str | None = None
         #: the builder's last line once the cancellation had begun: its own account of it
         self.said_while_cancelling: str | None = None
 
