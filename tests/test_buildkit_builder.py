@@ -154,6 +154,26 @@ async def test_missing_exporter_is_a_missing_feature(registry, base_images, engi
     assert 'exporter "image"' in message and "exporter=moby" in message
 
 
+async def test_a_missing_base_image_is_the_servers_setup(
+    registry, base_images, engine_addr, tmp_path
+):
+    # The engine has no such image and Docker Hub is unreachable: a 503-class error that
+    # names the image and what to do, not the package's fault.
+    settings = BuilderSettings(
+        registry=registry,
+        base_images={"cpu": f"cog-test/no-such-base:{uuid.uuid4().hex[:8]}"},
+        options={"addr": engine_addr},
+    )
+    request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", registry)
+    async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+        with pytest.raises(BuilderUnavailable) as caught:
+            await collect(builder.build(request))
+    message = str(caught.value)
+    assert message.startswith(f"buildkit at {engine_addr}: base image ")
+    assert "cog-test/no-such-base" in message and "--base-image" in message
+    assert caught.value.step.startswith("[internal] load metadata for ")
+
+
 # ---- TLS: a real TLS listener in front of the embedded BuildKit ------------------------
 
 

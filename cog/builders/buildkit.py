@@ -687,6 +687,10 @@ def _push_engine(
     return None, False
 
 
+#: BuildKit's name for the vertex that resolves a FROM image
+RESOLVE_BASE = "[internal] load metadata for "
+
+
 class BuildKitBuilder(Builder):
     name = "buildkit"
 
@@ -854,6 +858,14 @@ class BuildKitBuilder(Builder):
             return BuilderUnavailable(
                 f"{self.label} lacks a feature cog needs: {details}"
                 + (hint if "exporter" in details else "")
+            )
+        if step and step.startswith(RESOLVE_BASE):
+            # The FROM image cannot be had: the server's setup, not the package's fault.
+            return BuilderUnavailable(
+                f"{self.label}: base image {step.removeprefix(RESOLVE_BASE)} not found where "
+                "BuildKit looks for it; build it there (contrib/setup-machine.sh for a "
+                f"Docker Engine's BuildKit) or set --base-image ({details})",
+                step=step,
             )
         if code == grpc.StatusCode.CANCELLED:
             running = ", ".join(progress.running_steps()) or None
