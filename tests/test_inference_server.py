@@ -365,6 +365,21 @@ async def test_unusable_filenames_are_made_safe(aiohttp_client, temp_root, sent,
     assert (await response.json())["names"][0] == stored
 
 
+async def test_an_input_name_that_is_no_file_name_is_not_used_as_one(aiohttp_client, temp_root):
+    class Kwargs(cog.Model):
+        @cog.input("../up/../and away", type=cog.Path)
+        def run(self, **inputs):
+            (path,) = inputs.values()
+            return str(path)
+
+    _, client = await started_client(aiohttp_client, Kwargs)
+    response = await client.post("/infer", data=form(**{"../up/../and away": ("..", b"1")}))
+    assert response.status == 200, await response.text()
+    path = pathlib.Path(await response.text())
+    assert path.parent.parent.parent.parent == temp_root
+    assert path.parts[-3:] == ("inputs", "input-1", "file")
+
+
 async def test_400_lists_every_problem(aiohttp_client, temp_root):
     class Strict(cog.Model):
         @cog.input("text", type=str)

@@ -271,7 +271,7 @@ async def _read_multipart(
         else:
             given.add(name)
             folder = inputs.folder_for(name)
-            stored = _safe_filename(filename, name)
+            stored = _safe_filename(filename, name if _FOLDER_NAME.match(name) else "file")
             await _store(part, inputs, (folder, stored))
             inputs.values[name] = Path(inputs.directory(), folder, stored)
 
