@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import io
+import json
+import urllib.error
+import urllib.request
+import uuid
 import zipfile
 from pathlib import Path
 
 import aiohttp
 
+from cog.events import NDJSON
 from cog.package import write_package
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,3 +64,40 @@ def form(data: bytes, field: str = "file") -> aiohttp.FormData:
 
 async def stored_keys(storage) -> list[str]:
     return sorted([info.key async for info in storage.list("")])
+
+
+def post_package(url: str, data: bytes) -> tuple[int, dict]:
+    """Upload a zip to a server process as `curl -F file=@pkg.zip URL/v1/packages/upload`
+    does: the status and the JSON answer."""
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="p.zip"\r\n'
+            "Content-Type: application/zip\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{url}/v1/packages/upload",
+        data=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+async def upload_then_hang_up(client, data: bytes, marker: bytes) -> None:
+    """Upload with a live build stream and leave, as a user pressing Ctrl-C does, once a
+    line holding marker has arrived."""
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            client.make_url("/v1/packages/upload"), data=form(data), headers={"Accept": NDJSON}
+        )
+        async for line in response.content:
+            if marker in line:
+                break
+        response.close()

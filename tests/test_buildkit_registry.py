@@ -11,14 +11,13 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from cog.builders import BuilderSettings
 from cog.events import NDJSON
 from cog.registry.app import ServerSettings, make_app
 from cog.registry.builds import BuildOptions
-from tests.registry_helpers import EXAMPLES, form, package_bytes
+from tests.registry_helpers import EXAMPLES, form, package_bytes, upload_then_hang_up
 from tests.test_buildkit_builder import (
     SlowBuilder,
     engine_addr,
@@ -103,14 +102,7 @@ async def test_a_build_the_client_left_says_in_its_log_which_step_was_cancelled(
     app = make_app(settings, builder=builder)
     client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
     data, package_id = package_bytes(EXAMPLES / "hello")
-    async with aiohttp.ClientSession() as session:
-        response = await session.post(
-            client.make_url("/v1/packages/upload"), data=form(data), headers={"Accept": NDJSON}
-        )
-        async for line in response.content:
-            if f"start-{builder.marker}".encode() in line:
-                break
-        response.close()  # the user pressed Ctrl-C
+    await upload_then_hang_up(client, data, f"start-{builder.marker}".encode())
     await eventually(lambda: not running(builder.marker), "stopped in BuildKit")
     for _ in range(100):
         doc = await (await client.get(f"/v1/packages/{package_id}")).json()

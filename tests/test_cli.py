@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry_helpers import make_model_dir, raw_zip
+from tests.registry_helpers import make_model_dir, post_package, raw_zip
 
 COG = str(Path(sys.executable).parent / "cog")
 
@@ -228,29 +228,6 @@ def test_delete_json(server, env, tmp_path):
     assert result == {"ID": package_id, "Deleted": True}
 
 
-def post_zip(url: str, data: bytes) -> tuple[int, dict]:
-    """Upload a zip as `curl -F file=@pkg.zip URL/v1/packages/upload` does."""
-    boundary = "cogtestboundary"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="p.zip"\r\n'
-            "Content-Type: application/zip\r\n\r\n"
-        ).encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    request = urllib.request.Request(
-        f"{url}/v1/packages/upload",
-        data=body,
-        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 @pytest.mark.parametrize(
     ("options", "refusal"),
     [
@@ -268,7 +245,7 @@ def test_package_limits_are_server_options(env, tmp_path, options, refusal):
     members = {p.name: p.read_bytes() for p in model.iterdir()}
     data = raw_zip({**members, "zeros.bin": bytes(3 * 1024 * 1024)})
     with cog_server(tmp_path, env, "--builder", "none", *options) as url:
-        status, body = post_zip(url, data)
+        status, body = post_package(url, data)
     if refusal is None:
         assert status == 200 and body["Status"] == "ready", body
     else:

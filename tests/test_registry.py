@@ -26,7 +26,14 @@ from cog.registry.app import STORAGE, ServerSettings, make_app
 from cog.registry.catalog import record_key
 from cog.registry.records import encode_record
 from cog.storage import CheckedStorage, load_storage
-from tests.registry_helpers import form, make_model_dir, package_bytes, raw_zip, stored_keys
+from tests.registry_helpers import (
+    form,
+    make_model_dir,
+    package_bytes,
+    raw_zip,
+    stored_keys,
+    upload_then_hang_up,
+)
 
 SEED_KEYS = {"ID", "Name", "Artifacts", "Config"}
 ENV_KEYS = {
@@ -668,14 +675,7 @@ async def test_a_cancelled_build_names_its_builder_and_step(
     builder = StuckBuilder(last_words)
     app = make_app(settings, builder=builder)
     client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
-    async with aiohttp.ClientSession() as session:
-        response = await session.post(
-            client.make_url("/v1/packages/upload"), data=form(data), headers={"Accept": NDJSON}
-        )
-        async for line in response.content:
-            if b"Step 1/2" in line:
-                break
-        response.close()  # the user pressed Ctrl-C
+    await upload_then_hang_up(client, data, b"Step 1/2")
     for _ in range(100):
         doc = await (await client.get(f"/v1/packages/{package_id}")).json()
         if doc["Status"] != "building":

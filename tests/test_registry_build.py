@@ -11,14 +11,13 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from cog.builders import BuilderSettings
 from cog.events import NDJSON
 from cog.registry.app import ServerSettings, make_app
 from cog.registry.builds import BuildOptions
-from tests.registry_helpers import EXAMPLES, form, package_bytes
+from tests.registry_helpers import EXAMPLES, form, package_bytes, upload_then_hang_up
 from tests.services.docker import containers
 from tests.test_cli import COG, cog_server
 
@@ -236,17 +235,7 @@ async def test_unreachable_registry_is_503_and_failed(
 async def test_client_going_away_cancels_the_build(client, tmp_path, no_leaked_containers):
     root = model_dir(tmp_path, extra="  system_packages: [cowsay]\n")
     data, package_id = package_bytes(root)
-    session = aiohttp.ClientSession()
-    try:
-        response = await session.post(
-            client.make_url("/v1/packages/upload"), data=form(data), headers={"Accept": NDJSON}
-        )
-        async for line in response.content:
-            if b"apt-get" in line:
-                break
-        response.close()  # the user pressed Ctrl-C
-    finally:
-        await session.close()
+    await upload_then_hang_up(client, data, b"apt-get")
     for _ in range(100):
         await asyncio.sleep(0.2)
         doc = await (await client.get(f"/v1/packages/{package_id}")).json()

@@ -14,14 +14,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from cog.storage import load_storage
-from tests.registry_helpers import make_model_dir, package_bytes
+from tests.registry_helpers import make_model_dir, package_bytes, post_package
 from tests.services.s3 import SeaweedFS, storage_url
 from tests.test_cli import COG, free_port, wait_for
 
@@ -45,28 +44,6 @@ def cog_server(storage: str, log: Path, ttl: float = TTL):
         finally:
             process.terminate()
             process.wait(timeout=15)
-
-
-def upload(server: str, data: bytes) -> tuple[int, dict]:
-    boundary = uuid.uuid4().hex
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="p.zip"\r\n'
-            "Content-Type: application/zip\r\n\r\n"
-        ).encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    request = urllib.request.Request(
-        f"{server}/v1/packages/upload",
-        data=body,
-        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -99,7 +76,7 @@ def test_two_servers_one_bucket(s3_server, tmp_path):
         slow = servers.enter_context(cog_server(storage, tmp_path / "slow.log", ttl=3600))
         assert listed(two) == listed(slow) == []
         data, package_id = package_bytes(make_model_dir(tmp_path / "m"))
-        status, doc = upload(one, data)
+        status, doc = post_package(one, data)
         assert status == 200 and doc["ID"] == package_id
         uploaded = time.monotonic()
 
@@ -121,7 +98,7 @@ def test_two_servers_one_bucket(s3_server, tmp_path):
         # The same new package through both at once: one package.
         data2, id2 = package_bytes(make_model_dir(tmp_path / "m2", extra="# two\n"))
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            results = list(pool.map(lambda server: upload(server, data2), (one, two)))
+            results = list(pool.map(lambda server: post_package(server, data2), (one, two)))
         assert [status for status, _ in results] == [200, 200]
         assert {doc["ID"] for _, doc in results} == {id2}
 
@@ -196,7 +173,7 @@ def test_s3_killed_mid_upload_is_503_and_stores_no_record(s3_server, tmp_path):
         try:
             pool = concurrent.futures.ThreadPoolExecutor(1)
             with cog_server(storage, log) as server, pool:
-                uploading = pool.submit(upload, server, data)
+                uploading = pool.submit(post_package, server, data)
                 asyncio.run(kill_once_the_upload_is_under_way(uploading))
                 status, body = uploading.result()
                 assert status == 503, body
@@ -210,7 +187,7 @@ def test_s3_killed_mid_upload_is_503_and_stores_no_record(s3_server, tmp_path):
                 while asyncio.run(open_uploads(watch_url)):
                     assert time.monotonic() < deadline, "the multipart upload was not swept"
                     time.sleep(0.2)
-                status, body = upload(server, data)  # and works again once S3 is back
+                status, body = post_package(server, data)  # and works again once S3 is back
                 assert status == 200, body
             events = log_events(log)
             assert any("not aborted" in event for event in events)
