@@ -6,7 +6,9 @@ For each package size (MiB of random "weights", so nothing compresses) and each 
 (local disk; S3 on a SeaweedFS started here), a fresh `cog server --builder none`:
 - `cog build` of the model directory through the CLI (zip + upload), timed; the upload
   alone (the same zip through the client library) next to `sha256sum` of that zip;
-- download of the package (`GET /v1/packages/<id>.zip`) to a file;
+- download of the package (`GET /v1/packages/<id>.zip`) to a file through the client
+  library (which checks the bytes against the ID: SHA-256 on the client's CPU), and the
+  same download by `curl -o /dev/null` (the server's own speed, without that check);
 - the server's peak RSS (VmHWM) during the timed upload, and during the download: the
   peak is reset (/proc/<pid>/clear_refs) before each, and read after it.
 Then the listing latency of `GET /v1/packages/` with --records packages in storage
@@ -125,6 +127,9 @@ def bench_size(size_mib: int, storages: dict[str, str], work: Path) -> list[dict
             download_s = asyncio.run(download(url, package_id, dest))
             download_rss = peak_rss_mib(process.pid)
             assert dest.stat().st_size == zip_path.stat().st_size
+            curl_s = timed(
+                ["curl", "-sf", "-o", "/dev/null", f"{url}/v1/packages/{package_id}.zip"]
+            )
             dest.unlink()
             direct_write, direct_read = asyncio.run(direct(storage, zip_path))
             rows.append(
@@ -137,6 +142,7 @@ def bench_size(size_mib: int, storages: dict[str, str], work: Path) -> list[dict
                     "sha256sum_mib_s": round(zip_mib / sha),
                     "upload_vs_sha256sum": f"{(zip_mib / upload_s) / (zip_mib / sha):.0%}",
                     "download_mib_s": round(zip_mib / download_s),
+                    "download_curl_mib_s": round(zip_mib / curl_s),
                     "store_direct_write_mib_s": round(zip_mib / direct_write),
                     "store_direct_read_mib_s": round(zip_mib / direct_read),
                     "server_peak_rss_upload_mib": round(upload_rss, 1),
