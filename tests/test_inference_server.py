@@ -11,12 +11,14 @@ import pathlib
 import sys
 import tempfile
 import threading
+import time
 
 import aiohttp
 import pytest
 
 import cog
 from cog.server import InferenceServer, console
+from cog.server.inputs import RequestInputs, _store
 from cog.server.model_ref import ModelRef
 from cog.server.runner import ModelRunner, State
 
@@ -286,6 +288,50 @@ async def test_a_client_leaving_mid_download_cleans_up(aiohttp_client, temp_root
     await eventually(lambda: not list(temp_root.iterdir()), "the request directory to go")
     response = await client.post("/infer", data=form(size="3"))
     assert await response.read() == written(3)
+
+
+async def test_a_request_cancelled_while_its_upload_is_written_leaves_nothing(
+    temp_root, monkeypatch
+):
+    """The client leaves (the handler is cancelled) while a worker thread is still at the
+    upload's first batch: the thread is waited for, its file closed, and the request's
+    directory removed, not made again by the thread after the cleanup.
+
+    Two stand-ins, as no real part can be made to do this on cue: a slow disk (a sleep in
+    the thread that creates the file) and a multipart part that has sent two batches and
+    then stalls (aiohttp's own server delivers the cancellation only when it next reads)."""
+    creating = threading.Event()
+    opened: list = []
+    real_create = RequestInputs._create
+
+    def slow_create(self, folder, name):
+        creating.set()
+        time.sleep(0.5)
+        f = real_create(self, folder, name)
+        opened.append(f)
+        return f
+
+    monkeypatch.setattr(RequestInputs, "_create", slow_create)
+
+    class StalledPart:
+        def __init__(self):
+            self.chunks = [b"x" * (1 << 20), b"y" * (1 << 20)]
+
+        async def read_chunk(self, size):
+            if self.chunks:
+                return self.chunks.pop(0)
+            await asyncio.Event().wait()  # the rest never comes
+
+    inputs = RequestInputs()
+    storing = asyncio.ensure_future(_store(StalledPart(), inputs, ("inputs/image", "big.bin")))
+    await eventually(creating.is_set, "the first batch to reach the disk")
+    storing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await storing
+    inputs.cleanup()  # what read_inputs does next
+    await asyncio.sleep(0.7)  # any thread still running is done by now
+    assert list(temp_root.iterdir()) == []
+    assert opened and all(f.closed for f in opened)
 
 
 @pytest.mark.parametrize(

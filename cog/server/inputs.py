@@ -9,8 +9,9 @@ to run() as cog.Path, so two files of the same name never collide, nor do they w
 files a model writes in the directory itself. Every problem with the form is collected, so a
 client hears about all of them in one 400 answer.
 
-The disk is only touched in worker threads, a batch of about a megabyte at a time, while
-the next batch arrives from the network: the event loop never waits for a write.
+Uploads are written in worker threads, a batch of about a megabyte at a time, while the
+next batch arrives from the network: the event loop never waits for a write. (Removing
+the directory afterwards, a few unlinks, happens on the loop.)
 """
 
 from __future__ import annotations
@@ -309,7 +310,9 @@ async def _store(part: BodyPartReader, inputs: RequestInputs, where: tuple[str, 
 async def _written(writing: asyncio.Future[BinaryIO], where: tuple[str, str]) -> BinaryIO:
     """The file, once the batch is written; a disk error as BadBody (a client's is not)."""
     try:
-        return await writing
+        # Shielded: a cancelled request must not cancel the future of a thread that goes
+        # on writing (the cleanup below waits for it and closes its file).
+        return await asyncio.shield(writing)
     except OSError as e:
         status = 507 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 500
         raise BadBody(

@@ -90,7 +90,8 @@ async def _send_file(
             await response.write(chunk)
             if reading is None:
                 break
-            chunk, reading = await reading, None
+            # Shielded: on cancellation the thread's read goes on; finally waits for it.
+            chunk, reading = await asyncio.shield(reading), None
             if not chunk:  # the headers promised more: the connection must be dropped
                 raise RuntimeError(f"the file {path} became shorter while it was sent")
             left -= len(chunk)
