@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import multiprocessing
 import os
 import pathlib
 import re
@@ -223,3 +224,44 @@ def test_a_model_file_named_like_a_stdlib_module_does_not_shadow_it(tmp_path, mo
     finally:
         sys.modules.pop("_cog_model_queue", None)
         sys.modules["queue"] = queue
+
+
+def test_a_model_file_is_the_module_its_name_says(tmp_path, monkeypatch):
+    """Registered as `infer`, as `import infer` would: a sibling importing it gets the
+    same module (not a second copy), and a spawned process can import its classes."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("infer", "helper"):  # other tests' model files of these names
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    write_package(
+        tmp_path,
+        "",
+        config="model: infer.py:Model\n",
+        **{
+            "infer.py": """
+            import cog
+
+            def square(x):
+                return x * x
+
+            class Model(cog.Model):
+                def run(self):
+                    import helper
+                    return helper.model_class() is Model
+            """,
+            "helper.py": """
+            def model_class():
+                from infer import Model
+                return Model
+            """,
+        },
+    )
+    try:
+        model_class = ModelRef.from_directory(str(tmp_path)).load()
+        assert model_class.__module__ == "infer"
+        assert model_class().run() is True  # the sibling saw this very class
+        square = sys.modules["infer"].square
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            assert pool.map(square, [3]) == [9]  # the child imported `infer` by its name
+    finally:
+        sys.modules.pop("infer", None)
+        sys.modules.pop("helper", None)

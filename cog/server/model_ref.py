@@ -62,11 +62,13 @@ class ModelRef:
         """Import the file and return the class, its declarations checked.
 
         The file's directory goes on ``sys.path`` (a model imports its sibling modules).
-        The module is registered under a private name (``_cog_model_infer``), not the file's
-        stem: a model file called ``queue.py`` or ``json.py`` must not replace the standard
-        library's module of that name for everything imported later (``python infer.py``
-        registers it as ``__main__`` for the same reason). Raises ModelLoadError, or
-        SignatureError for wrongly declared inputs.
+        The module is registered under its own name (``infer``), as ``import infer`` would
+        do: a sibling's ``from infer import x`` gets this module rather than a second copy,
+        and processes started with spawn (a DataLoader's workers, say) can import what they
+        unpickle. A file named like a module that is imported already or part of the
+        standard library (``queue.py``, ``json.py``) gets a private name instead
+        (``_cog_model_queue``), so it replaces nothing that is imported later. Raises
+        ModelLoadError, or SignatureError for wrongly declared inputs.
         """
         path = os.path.abspath(self.path)
         if not os.path.isfile(path):
@@ -75,7 +77,9 @@ class ModelRef:
         if folder not in sys.path:
             sys.path.insert(0, folder)
         stem = os.path.splitext(os.path.basename(path))[0]
-        module_name = "_cog_model_" + re.sub(r"\W", "_", stem)  # a dot would mean a package
+        module_name = stem
+        if not stem.isidentifier() or stem in sys.modules or stem in sys.stdlib_module_names:
+            module_name = "_cog_model_" + re.sub(r"\W", "_", stem)  # a dot means a package
         spec = importlib.util.spec_from_file_location(module_name, path)
         if spec is None or spec.loader is None:
             raise ModelLoadError(f"cannot import {self.file}")
