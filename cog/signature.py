@@ -197,7 +197,7 @@ def _show(value: Any) -> str:
         return shown
     if isinstance(value, str):
         return f"{value[:_SHOWN]!r}... ({len(value)} characters)"
-    return f"{shown[:_SHOWN]}... ({len(shown)} digits)"
+    return f"{shown[:_SHOWN]}... ({len(shown.lstrip('-'))} digits)"
 
 
 @attrs.frozen
