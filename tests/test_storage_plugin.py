@@ -103,6 +103,33 @@ async def test_a_read_sees_one_snapshot_while_the_blob_is_overwritten(sqlite_sto
     assert await orphan_chunks(sqlite_storage) == 0
 
 
+async def test_a_read_cancelled_midway_ends_its_read_transaction(sqlite_storage):
+    """The client of a download goes away: the reader's task is cancelled mid-read. Its
+    connection is closed all the same, so its snapshot no longer pins SQLite's log (a
+    checkpoint of the whole log can complete)."""
+    await sqlite_storage.write("k", stream(os.urandom(4 * MiB)))
+    first = asyncio.Event()
+
+    async def read():
+        async with sqlite_storage.open_reader("k") as blob:
+            async for _ in blob.chunks():
+                first.set()
+                await asyncio.sleep(3600)  # a slow client
+
+    reading = asyncio.create_task(read())
+    await first.wait()
+    await sqlite_storage.write("other", stream(os.urandom(MiB)))  # log after the snapshot
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    other = sqlite3.connect(sqlite_storage.backend.path, isolation_level=None)
+    try:
+        busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        other.close()
+    assert busy == 0
+
+
 def test_the_plugin_is_found_by_its_scheme(plugin_installed):
     store = load_storage("sqlite:///tmp/x.db")
     assert type(store.backend).__module__ == "cog_sqlite_storage"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from cog.storage import (
@@ -49,23 +51,24 @@ def _errors(what: str):
 
 class _Reader(BlobReader):
     """Reads through the connection its open_reader holds, inside one read transaction:
-    a snapshot, so a blob overwritten or deleted meanwhile is still read whole."""
+    a snapshot, so a blob overwritten or deleted meanwhile is still read whole. Every call
+    on the connection runs in the reader's one worker thread (``run``), in order."""
 
-    def __init__(self, info: BlobInfo, connection: sqlite3.Connection, blob_id: int):
+    def __init__(self, info: BlobInfo, run: Callable[..., Awaitable[Any]], blob_id: int):
         self.info = info
-        self._connection = connection
+        self._run = run
         self._blob_id = blob_id
 
     async def chunks(self) -> AsyncIterator[bytes]:
         with _errors("reading"):
-            cursor = await asyncio.to_thread(
-                self._connection.execute,
+            cursor = await self._run(
+                "execute",
                 "SELECT data FROM chunks WHERE blob_id = ? ORDER BY seq",
                 (self._blob_id,),
             )
         while True:
             with _errors("reading"):
-                row = await asyncio.to_thread(cursor.fetchone)
+                row = await self._run(cursor.fetchone)
             if row is None:
                 return
             yield row[0]
@@ -88,8 +91,9 @@ class SQLiteStorage(Storage):
         return cls(Path(unquote(parts.path)))
 
     def _connect(self) -> sqlite3.Connection:
-        # Used from worker threads one call at a time (never two at once), hence
-        # check_same_thread=False. timeout: how long to wait for another writer's lock.
+        # Used from worker threads one call at a time (a reader's calls all go to its own
+        # worker thread), hence check_same_thread=False. timeout: how long to wait for
+        # another writer's lock.
         connection = sqlite3.connect(
             self.path, timeout=30, isolation_level=None, check_same_thread=False
         )
@@ -192,29 +196,47 @@ class SQLiteStorage(Storage):
 
     @contextlib.asynccontextmanager
     async def open_reader(self, key: str) -> AsyncIterator[BlobReader]:
-        def start() -> tuple[sqlite3.Connection, tuple | None]:
-            connection = self._connect()
-            try:
-                # One read transaction for the whole read: the snapshot it reads from
-                # starts with this SELECT and holds the blob's chunks until the end.
-                connection.execute("BEGIN")
-                row = connection.execute(
-                    "SELECT blob_id, size FROM blobs WHERE key = ?", (key,)
-                ).fetchone()
-            except BaseException:
-                connection.close()
-                raise
-            return connection, row
+        # One worker thread owns the connection: a read the caller's cancellation left
+        # running finishes before the close that follows it, and the close runs even when
+        # the reader's task is cancelled (shielded), ending the read transaction.
+        worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cog-sqlite")
+        loop = asyncio.get_running_loop()
+        opened: list[sqlite3.Connection] = []
 
-        with _errors(f"reading {key}"):
-            connection, row = await asyncio.to_thread(start)
+        def call(what: str | Callable[..., Any], *args: Any) -> Any:
+            if isinstance(what, str):  # a method of the connection
+                what = getattr(opened[0], what)
+            return what(*args)
+
+        def start() -> tuple | None:
+            opened.append(self._connect())
+            # One read transaction for the whole read: the snapshot it reads from
+            # starts with this SELECT and holds the blob's chunks until the end.
+            opened[0].execute("BEGIN")
+            return (
+                opened[0]
+                .execute("SELECT blob_id, size FROM blobs WHERE key = ?", (key,))
+                .fetchone()
+            )
+
+        def close() -> None:
+            for connection in opened:
+                connection.close()
+
+        def run(what: str | Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+            return loop.run_in_executor(worker, call, what, *args)
+
         try:
+            with _errors(f"reading {key}"):
+                row = await run(start)
             if row is None:
                 raise NotFound(key)
             blob_id, size = row
-            yield _Reader(BlobInfo(key, size, str(blob_id)), connection, blob_id)
+            yield _Reader(BlobInfo(key, size, str(blob_id)), run, blob_id)
         finally:
-            await asyncio.to_thread(connection.close)  # ends the read transaction
+            closing = run(close)
+            worker.shutdown(wait=False)
+            await asyncio.shield(closing)
 
     async def stat(self, key: str) -> BlobInfo:
         rows = await self._run("SELECT blob_id, size FROM blobs WHERE key = ?", (key,))
