@@ -4,6 +4,7 @@ an engine that answers /grpc without switching protocols (a real HTTP server too
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import tarfile
@@ -14,7 +15,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from cog.builders import BuilderConfigError, BuilderSettings, BuilderUnavailable, load_builder
+from cog.builders import (
+    BuilderConfigError,
+    BuilderSettings,
+    BuilderUnavailable,
+    being_cancelled,
+    load_builder,
+)
 from cog.builders.buildkit import (
     Address,
     BuildKitBuilder,
@@ -330,6 +337,34 @@ async def test_closing_the_server_during_a_build_keeps_the_builds_own_error(pack
     finally:
         await server.close()
     assert url.startswith("http://127.0.0.1:")
+
+
+# ---- cancellation ----------------------------------------------------------------------
+
+
+async def test_being_cancelled_tells_a_cancelled_task_and_is_false_where_python_cannot():
+    seen = []
+
+    async def body() -> None:
+        seen.append(being_cancelled())
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            seen.append(being_cancelled())
+            raise
+
+    task = asyncio.ensure_future(body())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == [False, True]
+
+    class Python310Task:
+        """A fake: Python 3.10's tasks have no cancelling() (3.11 added it), and the
+        tests run on an interpreter whose tasks all have it."""
+
+    assert being_cancelled(Python310Task()) is False  # type: ignore[arg-type]
 
 
 # ---- the engine that pushes a moby export ----------------------------------------------

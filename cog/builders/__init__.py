@@ -13,6 +13,7 @@ Builders are found through the ``cog.builders`` entry-point group (``docker``,
 from __future__ import annotations
 
 import abc
+import asyncio
 import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -191,6 +192,16 @@ class Builder(abc.ABC):
         Cancelling the iteration (client gone, server shutting down) must cancel the
         build in the backend too and leave no containers behind.
         """
+
+
+def being_cancelled(task: asyncio.Task | None = None) -> bool:
+    """Whether `task` (default: the current one) is being cancelled: its client left, or
+    the server is stopping. Always False on Python 3.10, which cannot tell
+    (``Task.cancelling()`` is 3.11's); callers must not depend on it there."""
+    if task is None:
+        task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is not None and cancelling() > 0
 
 
 def _entry_points():

@@ -91,6 +91,7 @@ from cog.builders import (
     BuildLog,
     BuildRequest,
     BuiltImage,
+    being_cancelled,
 )
 from cog.builders.buildkit_pb import messages as pb
 from cog.builders.buildkit_pb import method_path
@@ -539,6 +540,8 @@ class BuildKitConnection:
         self.tls = tls
         self.tunnel: EngineTunnel | None = None
         self.channel: grpc.aio.Channel | None = None
+        #: set by close(): a call cancelled after this was cancelled by the closing channel
+        self.closed = False
 
     async def open(self) -> None:
         options = [
@@ -563,6 +566,7 @@ class BuildKitConnection:
             self.channel = grpc.aio.insecure_channel(target, options=options)
 
     async def close(self) -> None:
+        self.closed = True
         if self.channel is not None:
             await self.channel.close()  # cancels calls still running
             self.channel = None
@@ -988,10 +992,11 @@ class BuildKitBuilder(Builder):
 
     async def _solve(self, request: Any, context_url: str, result: dict) -> AsyncIterator[str]:
         """Run Solve with Status alongside: progress lines, then result filled in."""
-        assert self._connection is not None
+        connection = self._connection
+        assert connection is not None
         progress = Progress()
-        solve_call = self._connection.solve(request)
-        status_call = self._connection.status(request.Ref)
+        solve_call = connection.solve(request)
+        status_call = connection.status(request.Ref)
         queue: asyncio.Queue = asyncio.Queue(maxsize=64)  # bounded: BuildKit waits for us
         end = object()
 
@@ -1047,10 +1052,10 @@ class BuildKitBuilder(Builder):
             except grpc.aio.AioRpcError as exc:
                 raise self._solve_error(exc, progress, context_url) from None
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # our consumer's cancellation: below
-                # grpcio cancels calls of a channel being closed: close() while building.
+                # grpcio cancels the calls of a channel being closed: close() while
+                # building. Anything else is our consumer's cancellation (below).
+                if being_cancelled() or not connection.closed:
+                    raise
                 raise BuilderUnavailable(
                     f"{self.label}: the build was cancelled: the connection to BuildKit was "
                     "closed (is the server stopping?)",

@@ -13,6 +13,7 @@ from aiohttp import web
 
 import cog
 from cog import events
+from cog.builders import being_cancelled
 from cog.config import Config, ConfigError, check_config
 from cog.package import PackageArchive, PackageLimits, short_id
 from cog.registry.app import (
@@ -247,8 +248,7 @@ async def stream_ndjson(
             async for event in stream:
                 await response.write(events.encode(event))
         except ConnectionResetError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if being_cancelled():
                 # The client left, which cancelled this request (a builder may say one
                 # last line first): end as the cancellation, not an error aiohttp logs.
                 raise asyncio.CancelledError from None
