@@ -588,9 +588,12 @@ class DeleteDuringUpload(CheckedStorage):
         return await super().write(key, chunks)
 
 
-async def test_upload_racing_another_servers_delete_never_leaves_a_record_without_zip(
+async def test_a_zip_deleted_before_the_record_is_written_is_stored_again(
     aiohttp_client, settings, hello
 ):
+    """Another server's delete removes the zip between this upload's look at it and its
+    record: the upload looks again and stores the zip again. (A zip deleted after that
+    second look is the 404 case above, mended by the next upload.)"""
     data, package_id = hello
     one = await aiohttp_client(make_app(settings))
     racing = DeleteDuringUpload(settings.storage_url, package_id)

@@ -214,6 +214,9 @@ class Packages:
         # Another server's delete of this package may have removed the zip after we saw it
         # (its record first, then its zip): look again now that our record exists, and
         # write it back if it went. Packages are content-addressed, so rewriting is safe.
+        # This narrows the race, it does not close it (the other delete may remove the zip
+        # after this look, too): a record whose zip is gone answers 404 for the download
+        # and is mended by uploading the package again.
         if not await self.storage.exists(key):
             log.warning("package zip deleted while it was uploaded again; storing it again")
             yield events.status("Storing package (a delete removed the stored copy meanwhile)")
@@ -324,12 +327,7 @@ class Packages:
                                 )
                                 yield emit(events.status(f"Pushed {item.image} ({item.digest})"))
                 if self.options.check_images:
-                    async for event in self._check(record, zip_path, artifacts):
-                        if event["type"] == "status":
-                            where.phase = f"{event['message'][:1].lower()}{event['message'][1:]}"
-                        elif event["type"] == "log":
-                            where.saw(event["line"])
-                            where.target = event.get("target", where.target)
+                    async for event in self._check(record, zip_path, artifacts, where):
                         yield emit(event)
                         await beat()
             record = record.evolve(status=Status.READY, artifacts=tuple(artifacts), error="")
@@ -369,7 +367,11 @@ class Packages:
                 live.discard()
 
     async def _check(
-        self, record: PackageRecord, zip_path: Path, artifacts: list[Artifact]
+        self,
+        record: PackageRecord,
+        zip_path: Path,
+        artifacts: list[Artifact],
+        where: _Whereabouts,
     ) -> AsyncIterator[Event]:
         from cog.check import check_image  # needs aiodocker: only where checks run
 
@@ -378,6 +380,7 @@ class Packages:
         if artifact is None:
             return
         target = artifact.target.removeprefix("docker-")
+        where.phase, where.target = f"testing the model in {artifact.uri}", target
         yield events.status(f"Testing the model in {artifact.uri}")
         async with contextlib.aclosing(
             check_image(
@@ -390,6 +393,7 @@ class Packages:
             )
         ) as stream:
             async for item in stream:
+                where.saw(item.line)
                 yield events.log(item.stage, item.line, target)
 
     def _builder_label(self) -> str:
