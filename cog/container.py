@@ -5,11 +5,12 @@ The container publishes the model's port 5000 on a random host port and is alway
 removed on the way out, also when the caller is cancelled (Ctrl-C, client gone), even
 in the middle of its creation: it is named up front, so it can be removed without its ID.
 
-Each container is labelled with its role (``check``, ``infer``), its owner (host, process
-and instance of the cog that started it) and, when bounded, the time after which its owner
-has given up on it. A process killed outright cannot remove its containers: the next one
-to start a container of that role removes them (:func:`remove_stale_containers`), leaving
-alone those of owners still alive, as several servers may share one Docker Engine.
+Each container is labelled with its role (``check``, ``infer``), its owner (host, PID
+namespace, process and instance of the cog that started it) and, when bounded, the time
+after which its owner has given up on it. A process killed outright cannot remove its
+containers: the next one to start a container of that role removes them
+(:func:`remove_stale_containers`), leaving alone those of owners still alive, as several
+servers may share one Docker Engine.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ __all__ = ["ContainerError", "ModelContainer", "ensure_image", "remove_stale_con
 
 MODEL_PORT = "5000/tcp"
 LABEL = "org.cog-models.role"
-#: "<host>/<pid>/<instance>" of the cog process that started the container
+#: "<host>/<pid namespace>/<pid>/<instance>" of the cog process that started the container
 OWNER_LABEL = "org.cog-models.owner"
 #: Unix time after which the owner has surely given up on the container
 EXPIRES_LABEL = "org.cog-models.expires"
@@ -61,8 +62,18 @@ class ContainerError(Exception):
         self.logs = logs
 
 
+def pid_namespace() -> str:
+    """This process's PID namespace, e.g. "pid:[4026531836]"; "" where there is none to
+    read (not Linux). Two cogs in containers with --network host share a hostname, not
+    the PIDs they see."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def owner() -> str:
-    return f"{socket.gethostname()}/{os.getpid()}/{INSTANCE}"
+    return f"{socket.gethostname()}/{pid_namespace()}/{os.getpid()}/{INSTANCE}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -78,9 +89,11 @@ def _pid_alive(pid: int) -> bool:
 def abandoned(labels: dict[str, str], state: str, now: float) -> bool:
     """Whether a cog container was left behind by an owner that is gone.
 
-    Its owner is gone when its time is up, or when it ran on this host in a process that
-    no longer exists. A container of an owner on another host is left to its owner until
-    its time is up; one of an older cog (no owner label) is removed once it has exited.
+    Its owner is gone when its time is up, or when it ran on this host, in this PID
+    namespace, in a process that no longer exists. A container of an owner elsewhere (on
+    another host, or in another PID namespace, where its PID means another process) is
+    left to its owner until its time is up; so is one whose owner label cog cannot read.
+    One of an older cog (no owner label) is removed once it has exited.
     """
     expires = labels.get(EXPIRES_LABEL, "")
     if expires:
@@ -89,11 +102,15 @@ def abandoned(labels: dict[str, str], state: str, now: float) -> bool:
                 return True
         except ValueError:
             pass
-    host, _, rest = labels.get(OWNER_LABEL, "").partition("/")
-    pid, _, instance = rest.partition("/")
-    if not host:
+    label = labels.get(OWNER_LABEL, "")
+    if not label:
         return state in ("exited", "dead", "created")
-    if instance == INSTANCE or host != socket.gethostname() or not pid.isdigit():
+    parts = label.split("/")
+    if len(parts) != 4:
+        return False
+    host, namespace, pid, instance = parts
+    here = (socket.gethostname(), pid_namespace())
+    if instance == INSTANCE or (host, namespace) != here or not pid.isdigit():
         return False
     return not _pid_alive(int(pid))
 

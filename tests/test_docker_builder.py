@@ -25,6 +25,7 @@ from cog.container import (
     OWNER_LABEL,
     ModelContainer,
     ensure_image,
+    pid_namespace,
     remove_stale_containers,
 )
 from cog.infer import InferenceError, run_inference
@@ -368,15 +369,22 @@ async def test_stale_check_containers_are_removed_only_when_their_owner_is_gone(
     docker_engine, base_images, no_leaked_containers
 ):
     """A server killed outright leaves its check container; the next check removes it, but
-    not one of a server still running (several may share an engine)."""
+    not one of a server still running (several may share an engine), nor one of a server
+    in another PID namespace (a container with --network host: same hostname, and a PID
+    that is another process here)."""
     gone = subprocess.Popen(["true"])
     gone.wait()  # its PID belongs to no process now
-    host = socket.gethostname()
+    here = f"{socket.gethostname()}/{pid_namespace()}"
+    other_namespace = f"{socket.gethostname()}/pid:[1]"
     owners = {
-        "dead-here": {OWNER_LABEL: f"{host}/{gone.pid}/0123456789ab"},
-        "alive-here": {OWNER_LABEL: f"{host}/{os.getpid()}/0123456789ab"},
-        "elsewhere": {OWNER_LABEL: "other-host/1/0123456789ab"},
-        "elsewhere-expired": {OWNER_LABEL: "other-host/1/0123456789ab", EXPIRES_LABEL: "1"},
+        "dead-here": {OWNER_LABEL: f"{here}/{gone.pid}/0123456789ab"},
+        "alive-here": {OWNER_LABEL: f"{here}/{os.getpid()}/0123456789ab"},
+        "other-namespace": {OWNER_LABEL: f"{other_namespace}/{gone.pid}/0123456789ab"},
+        "elsewhere": {OWNER_LABEL: "other-host/pid:[1]/1/0123456789ab"},
+        "elsewhere-expired": {
+            OWNER_LABEL: "other-host/pid:[1]/1/0123456789ab",
+            EXPIRES_LABEL: "1",
+        },
     }
     docker = aiodocker.Docker(url=docker_engine)
     made = []
@@ -399,7 +407,9 @@ async def test_stale_check_containers_are_removed_only_when_their_owner_is_gone(
         return name.removeprefix("cog-test-").rsplit("-", 1)[0]
 
     assert sorted(map(kind, removed)) == ["dead-here", "elsewhere-expired"]
-    assert {"alive-here", "elsewhere"} <= {kind(n) for n in left if n.startswith("cog-test-")}
+    assert {"alive-here", "other-namespace", "elsewhere"} <= {
+        kind(n) for n in left if n.startswith("cog-test-")
+    }
     assert not {kind(n) for n in left if n.startswith("cog-test-")} & {"dead-here"}
 
 

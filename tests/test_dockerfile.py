@@ -37,6 +37,7 @@ from cog.container import (
     abandoned,
     device_requests,
     owner,
+    pid_namespace,
 )
 from cog.infer import InferenceError, RawInput, parse_inputs, resolve_names
 from tests.builder_helpers import package_request
@@ -592,13 +593,20 @@ def test_stale_containers_are_those_whose_owner_is_gone():
     import socket
 
     host, now = socket.gethostname(), 1000.0
+    here = f"{host}/{pid_namespace()}"
+    assert pid_namespace().startswith("pid:[")  # Linux: the namespace is readable
     gone = subprocess.Popen(["true"])
     gone.wait()
-    assert abandoned({OWNER_LABEL: f"{host}/{gone.pid}/abc"}, "running", now)
-    assert not abandoned({OWNER_LABEL: f"{host}/{os.getpid()}/abc"}, "running", now)
+    assert abandoned({OWNER_LABEL: f"{here}/{gone.pid}/abc"}, "running", now)
+    assert not abandoned({OWNER_LABEL: f"{here}/{os.getpid()}/abc"}, "running", now)
     assert not abandoned({OWNER_LABEL: owner()}, "exited", now)  # ours: we remove it
-    assert not abandoned({OWNER_LABEL: "elsewhere/1/abc"}, "exited", now)
-    assert abandoned({OWNER_LABEL: "elsewhere/1/abc", EXPIRES_LABEL: "999"}, "running", now)
-    assert not abandoned({OWNER_LABEL: "elsewhere/1/abc", EXPIRES_LABEL: "1001"}, "running", now)
+    # Same host, another PID namespace (--network host): its PIDs are not ours to check.
+    assert not abandoned({OWNER_LABEL: f"{host}/pid:[1]/{gone.pid}/abc"}, "running", now)
+    # A label of another shape (no namespace): cog cannot tell, so it leaves it alone.
+    assert not abandoned({OWNER_LABEL: f"{host}/{gone.pid}/abc"}, "running", now)
+    assert not abandoned({OWNER_LABEL: "elsewhere/pid:[1]/1/abc"}, "exited", now)
+    elsewhere = "elsewhere/pid:[1]/1/abc"
+    assert abandoned({OWNER_LABEL: elsewhere, EXPIRES_LABEL: "999"}, "running", now)
+    assert not abandoned({OWNER_LABEL: elsewhere, EXPIRES_LABEL: "1001"}, "running", now)
     # an older cog's container (no owner): once it has exited
     assert abandoned({}, "exited", now) and not abandoned({}, "running", now)
