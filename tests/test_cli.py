@@ -261,3 +261,20 @@ def test_package_limit_options_are_checked(env):
         result = cog("server", option, value, env=env, check=False)
         assert result.returncode == 2, (option, result)
         assert f"argument {option}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_server_defaults_are_the_servers_own():
+    """`cog server` with no options means what ServerSettings and PackageLimits default
+    to: the flags' defaults are copies, and this keeps them from drifting apart."""
+    from cog.cli.main import build_parser
+    from cog.cli.server import settings_from_args
+    from cog.package import PackageLimits
+    from cog.registry.app import ServerSettings
+
+    settings = settings_from_args(build_parser().parse_args(["server"]))
+    assert settings.package_limits == PackageLimits()
+    defaults = ServerSettings()
+    assert (settings.max_upload_bytes, settings.cache_ttl) == (
+        defaults.max_upload_bytes,
+        defaults.cache_ttl,
+    )

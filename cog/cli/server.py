@@ -120,7 +120,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-upload-size",
         type=parse_size,
-        default="4G",
+        default="4GiB",
         help="largest package zip accepted (default: %(default)s)",
     )
     # What an uploaded zip may expand to (cog.package.PackageLimits): zip-bomb limits.
