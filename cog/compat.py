@@ -70,7 +70,7 @@ def tensorflow_gpu_package(version: str) -> str:
 
 def nvidia_cuda_image_tag(cuda: str, cudnn: str) -> str | None:
     """The nvidia/cuda tag (runtime, with cuDNN) for this pair, if NVIDIA publishes one."""
-    return _table()["nvidia_cuda_images"].get(f"{cuda}/{cudnn.split('.')[0]}")
+    return _table()["nvidia_cuda_images"].get(f"{cuda}/{cudnn_major(cudnn)}")
 
 
 def known_nvidia_cuda_images() -> list[CudaPair]:
@@ -99,14 +99,9 @@ def same_pair(a: CudaPair, b: CudaPair) -> bool:
 def known_pairs() -> list[CudaPair]:
     """Every pair some table publishes (a framework release, or an NVIDIA image), once
     each, with the cuDNN as precisely as it is published; sorted."""
-    table = _table()
-    pairs = {CudaPair(**entry) for entry in table["tensorflow"].values()}
-    pairs |= {
-        CudaPair(cuda=e["cuda"], cudnn=e["cudnn"])
-        for entries in table["torch"].values()
-        for e in entries
-    }
-    pairs |= {CudaPair(*key.split("/")) for key in table["nvidia_cuda_images"]}
+    pairs = {tensorflow_pair(release) for release in known_tensorflow()}
+    pairs |= {pair for release in known_torch() for pair in torch_pairs(release)}
+    pairs |= set(known_nvidia_cuda_images())
     return sorted(pairs, key=_pair_key)
 
 

@@ -377,7 +377,7 @@ def test_gpu_without_framework_gets_the_default_pair():
 def test_compat_table_covers_the_promised_range():
     for version in ("1.4", "1.8", "1.13", "2.0", "2.5", "2.8", "2.9"):
         assert compat.torch_pairs(f"{version}.0"), version
-    for version in ("1.0", "1.15", "2.0", "2.10", "2.19"):
+    for version in ("1.0", "1.15", "2.0", "2.10", "2.19", "2.20", "2.21"):
         assert compat.tensorflow_pair(f"{version}.0"), version
     assert compat.torch_cuda_suffix("1.7.1", "11.0") == "cu110"
     # Values, from the frameworks' own tables: PyTorch's wheel variants per release, and

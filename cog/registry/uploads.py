@@ -157,13 +157,11 @@ _MALFORMED = (ValueError, AssertionError, HttpProcessingError, web.RequestPayloa
 async def _parsing(step: Awaitable[T]) -> T:
     """Await one step of reading the multipart body; a malformed body is an UploadError.
 
-    Only the parser's errors are translated: a client that goes away, a cancelled request
-    and our own UploadErrors pass through unchanged.
+    Only the parser's errors are translated: a client that goes away or a cancelled
+    request passes through unchanged.
     """
     try:
         return await step
-    except UploadError:
-        raise
     except web.RequestPayloadError as exc:
         raise UndecodableBody(f"malformed upload body: {_describe(exc)}") from None
     except _MALFORMED as exc:
