@@ -17,6 +17,8 @@ from cog.config import (
     config_from_json,
     config_to_json,
     load_config,
+    pinned,
+    requirement_specs,
     validate_config,
 )
 
@@ -366,6 +368,40 @@ def test_pins_in_the_requirements_file_count():
         files={"requirements.txt": "# deps\ntensorflow==2.12.0  # gpu\n-i https://x\n"},
     )
     assert env.cuda == "11.8"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["\ufefftorch==1.7.1\n", "torch==1.7.1\t# the CPU build on PyPI\n"],
+    ids=["byte-order-mark", "tab-before-comment"],
+)
+def test_pins_in_the_requirements_file_as_pip_reads_them(text):
+    env = gpu([], "  python_requirements: requirements.txt\n", files={"requirements.txt": text})
+    assert env.cuda == "11.0"  # torch 1.7.1's
+
+
+def test_requirement_specs_are_the_lines_pip_installs():
+    text = (
+        "\ufeffnumpy==1.26.4\n\n# a comment\n-r more.txt\n--index-url https://x/simple\n"
+        "torch==2.1.0\t# cpu\nrequests  # any\npkg @ https://h/p.whl#sha256=ab  # url\n"
+    )
+    specs = requirement_specs(text)
+    assert specs == [
+        "numpy==1.26.4",
+        "",
+        "",
+        "",
+        "",
+        "torch==2.1.0",
+        "requests",
+        "pkg @ https://h/p.whl#sha256=ab",
+    ]
+    assert len(specs) == len(text.splitlines())  # one per line, for rewriting in place
+    assert pinned([*specs, "Torch_Audio[x] == 2.1.0 ; python_version < '3.12'"]) == {
+        "numpy": "1.26.4",
+        "torch": "2.1.0",
+        "torch-audio": "2.1.0",
+    }
 
 
 def test_gpu_without_framework_gets_the_default_pair():

@@ -40,6 +40,7 @@ from cog.container import (
     pid_namespace,
 )
 from cog.infer import InferenceError, RawInput, parse_inputs, resolve_names
+from cog.package import PackageArchive
 from tests.builder_helpers import package_request
 from tests.registry_helpers import raw_zip
 from tests.test_cli import COG, free_port
@@ -285,6 +286,30 @@ def test_requirements_pins_are_rewritten_for_gpu_images(tmp_path):
     # Nothing to rewrite: the file is copied as written on GPU images too.
     (root / "deps" / "requirements.txt").write_text("numpy==2.1.0\n")
     assert 'COPY ["package/deps/requirements.txt"' in _real_dockerfile(root, tmp_path, "gpu")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["\ufefftorch==2.5.1\n", "torch==2.5.1\t# the CPU build on PyPI\n"],
+    ids=["byte-order-mark", "tab-before-comment"],
+)
+def test_requirements_pins_are_read_alike_by_the_config_and_the_dockerfile(tmp_path, text):
+    """The pin that picks the CUDA (config completion, from the package's files and from
+    the stored zip as the server reads it) is the pin the GPU Dockerfile rewrites."""
+    root = tmp_path / "model"
+    root.mkdir()
+    (root / "cog.yaml").write_text(
+        "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "  python_requirements: requirements.txt\n"
+    )
+    (root / "requirements.txt").write_bytes(text.encode())  # "\ufeff": EF BB BF
+    (root / "infer.py").write_text(MODEL)
+    request = package_request(root, tmp_path / "p.zip", "r:5000", target="gpu")
+    with PackageArchive.open(request.package_zip) as archive:
+        stored = check_config(archive.read_text("cog.yaml"), archive)
+    assert request.config.environment.cuda == stored.environment.cuda == "12.4"
+    dockerfile = dockerfile_for_request(request, BuilderSettings(registry="r:5000"))
+    assert "printf '%s\\n' torch==2.5.1+cu124 >" in dockerfile
 
 
 def test_wheels_strategy_installs_cuda_once():

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import re
 import shlex
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -61,7 +60,15 @@ from collections.abc import Mapping, Sequence
 import cog
 from cog.builders import BuildError, BuilderSettings, BuildRequest
 from cog.builders.runtime import RUNTIME_REQUIREMENTS, runtime_wheel
-from cog.config import Config, config_to_json
+from cog.config import (
+    Config,
+    config_to_json,
+    parse_pin,
+    pinned,
+    requirement_key,
+    requirement_names,
+    requirement_specs,
+)
 
 WORKDIR = "/src"
 #: The virtualenv the GPU ``image`` strategy installs the package's Python into
@@ -74,8 +81,6 @@ _LAST_ON_WHEELS_PAGE = (2, 3)
 #: The first TensorFlow with the ``and-cuda`` extra (NVIDIA's wheels as dependencies)
 TF_AND_CUDA = (2, 14)
 LABEL_PREFIX = "org.cog-models"
-_PIN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*==\s*([^\s;]+)\s*$")
-_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 _TORCH_FAMILY = {"torch", "torchvision", "torchaudio"}
 _PIP = "python -m pip install --no-cache-dir"
 #: Every NVIDIA library directory pip put in site-packages (nvidia/<library>/lib), for
@@ -86,10 +91,6 @@ _REGISTER_NVIDIA_LIBS = (
     "for d in glob.glob(sysconfig.get_path(k) + '/nvidia/*/lib')})))\" "
     "> /etc/ld.so.conf.d/cog-nvidia.conf && ldconfig"
 )
-
-
-def _key(name: str) -> str:
-    return name.lower().replace("_", "-")
 
 
 def base_image(config: Config, target: str, settings: BuilderSettings) -> str:
@@ -121,30 +122,6 @@ def base_image(config: Config, target: str, settings: BuilderSettings) -> str:
     )
 
 
-def requirement_lines(text: str) -> list[str]:
-    """The requirement specs of a requirements file: no comments, options or blank lines."""
-    specs = []
-    for line in text.splitlines():
-        line = line.split(" #", 1)[0].strip()
-        if line and not line.startswith(("#", "-")):
-            specs.append(line)
-    return specs
-
-
-def pinned(specs: Sequence[str]) -> dict[str, str]:
-    """name (lowercase, '-' for '_') -> version, for every `name==version` of specs."""
-    pins = {}
-    for spec in specs:
-        match = _PIN.match(spec.split(";", 1)[0])
-        if match:
-            pins[_key(match.group(1))] = match.group(3)
-    return pins
-
-
-def _named(specs: Sequence[str]) -> set[str]:
-    return {_key(m.group(1)) for m in map(_NAME.match, specs) if m}
-
-
 def gpu_packages(
     packages: Sequence[str],
     cuda: str,
@@ -167,12 +144,12 @@ def gpu_packages(
     for spec in packages:
         requirement, semicolon, marker = spec.partition(";")
         marker = f" ;{marker}" if semicolon else ""
-        match = _PIN.match(requirement)
-        if not match:
+        pin = parse_pin(requirement)
+        if not pin:
             rewritten.append(spec)
             continue
-        name, extras, version = match.group(1), match.group(2) or "", match.group(3)
-        key = _key(name)
+        name, extras, version = pin
+        key = requirement_key(name)
         if key in _TORCH_FAMILY and "+" not in version and suffix:
             if key == "torchaudio" and compat.version_key(version) < (0, 8):
                 # torchaudio before 0.8 had one wheel for every CUDA, without a suffix.
@@ -237,7 +214,7 @@ def _framework_cuda_wheels(env, specs: Sequence[str], pins: Mapping[str, str]) -
     """The wheels strategy's explicit CUDA wheels: none when the framework brings them."""
     from cog import compat
 
-    if "torch" in _named(specs):
+    if "torch" in requirement_names(specs):
         return []  # torch's CUDA wheels depend on the nvidia-* wheels they need
     tf = pins.get("tensorflow") or pins.get("tensorflow-gpu")
     if tf and compat.version_key(tf)[:2] >= TF_AND_CUDA:
@@ -315,11 +292,13 @@ def dockerfile_for(
             f"{_quote(sorted(env.system_packages))} && rm -rf /var/lib/apt/lists/*"
         )
 
-    requirement_specs = requirement_lines(requirements) if requirements is not None else []
-    pins = pinned([*env.python_packages, *requirement_specs])
+    specs = [*env.python_packages]
+    if requirements is not None:
+        specs += filter(None, requirement_specs(requirements))
+    pins = pinned(specs)
     wheels_gpu = gpu and strategy == "wheels"
     if wheels_gpu:
-        wheels = _framework_cuda_wheels(env, [*env.python_packages, *requirement_specs], pins)
+        wheels = _framework_cuda_wheels(env, specs, pins)
         if wheels:
             lines.append(f"RUN {_PIP} {_quote(wheels)}")
 
@@ -363,8 +342,8 @@ def _requirements_layers(path: str, text: str | None, rewrite: dict | None) -> l
     (rewrite: gpu_packages' arguments) whose file pins torch/tensorflow, rewritten and
     written by the Dockerfile itself, so every builder gets it without a context change."""
     if rewrite is not None and text is not None:
-        original = text.splitlines()
-        specs = [line.split(" #", 1)[0].strip() for line in original]
+        original = text.removeprefix("\ufeff").splitlines()
+        specs = requirement_specs(text)  # one per line of original
         rewritten, extra = gpu_packages(specs, **rewrite)
         changes = [(old, new) for old, new in zip(specs, rewritten) if old != new]
         if changes:
@@ -395,7 +374,7 @@ def _read_requirements(request: BuildRequest) -> str | None:
     except (KeyError, OSError, zipfile.BadZipFile) as exc:
         raise BuildError(f"cannot read {path} from the package: {exc}", step="Dockerfile") from None
     try:
-        return data.decode()
+        return data.decode("utf-8-sig")  # as the package's config reads it
     except UnicodeDecodeError:
         raise BuildError(f"{path} is not UTF-8 text", step="Dockerfile") from None
 
