@@ -145,16 +145,8 @@ async def _check(
                     output=model.log_tail(),
                 ) from None
             except aiohttp.ClientError as exc:
-                code = await model.stopped()
-                if code is not None:
-                    await asyncio.sleep(0.2)  # let its last lines reach the log
-                died = f"; its process exited with code {code}" if code is not None else ""
-                raise BuildError(
-                    f"example {number}: the model stopped answering "
-                    f"({exc or type(exc).__name__}){died}",
-                    step=step,
-                    output=model.log_tail(),
-                ) from None
+                failure = await model.failure(f"answering example {number}", exc)
+                raise BuildError(str(failure), step=step, output=failure.logs) from None
             for line in model.new_log_lines():
                 yield _log(f"model: {line}")
             if status != 200:
