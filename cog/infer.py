@@ -20,7 +20,7 @@ import aiodocker
 import aiohttp
 import attrs
 
-from cog.builders.docker import engine
+from cog.builders.docker import CONNECTION_FAILED, engine, unreachable
 from cog.container import ContainerError, ModelContainer, ensure_image, remove_stale_containers
 
 BARE_INPUT = "input"
@@ -147,11 +147,11 @@ async def run_inference(
                 failure = await model.failure("answering the request", exc)
                 raise InferenceError(_with_logs(str(failure), failure.logs)) from None
     except aiodocker.DockerError as exc:
+        if exc.status == CONNECTION_FAILED:
+            raise InferenceError(unreachable(docker, exc.message).message) from None
         raise InferenceError(f"Docker: {exc.message}") from None
     except aiohttp.ClientError as exc:
-        raise InferenceError(
-            f"the Docker Engine at {docker.docker_host} is not reachable: {exc}"
-        ) from None
+        raise InferenceError(unreachable(docker, exc).message) from None
     finally:
         for file in opened:
             file.close()

@@ -19,8 +19,15 @@ from pathlib import Path
 import pytest
 
 import cog
-from cog.builders import DEFAULT_BASE_IMAGES, BuilderConfigError, BuildError, BuilderSettings
+from cog.builders import (
+    DEFAULT_BASE_IMAGES,
+    BuilderConfigError,
+    BuildError,
+    BuilderSettings,
+    BuilderUnavailable,
+)
 from cog.builders.context import build_context
+from cog.builders.docker import DockerBuilder
 from cog.builders.dockerfile import (
     cuda_wheels,
     dockerfile_for,
@@ -39,9 +46,9 @@ from cog.container import (
     owner,
     pid_namespace,
 )
-from cog.infer import InferenceError, RawInput, parse_inputs, resolve_names
+from cog.infer import InferenceError, RawInput, parse_inputs, resolve_names, run_inference
 from cog.package import PackageArchive
-from tests.builder_helpers import package_request
+from tests.builder_helpers import EXAMPLES, collect, package_request
 from tests.registry_helpers import raw_zip
 from tests.test_cli import COG, free_port
 
@@ -635,3 +642,21 @@ def test_stale_containers_are_those_whose_owner_is_gone():
     assert not abandoned({OWNER_LABEL: elsewhere, EXPIRES_LABEL: "1001"}, "running", now)
     # an older cog's container (no owner): once it has exited
     assert abandoned({}, "exited", now) and not abandoned({}, "running", now)
+
+
+async def test_an_unreachable_engine_is_named_as_the_operator_set_it(monkeypatch, tmp_path):
+    """aiodocker calls every socket unix://localhost; the messages name the real one, for
+    the builder and `cog infer` alike (a socket nobody listens on: a real fault)."""
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent.sock")
+    said = "the Docker Engine at unix:///nonexistent.sock is not reachable: "
+    builder = DockerBuilder.from_settings(BuilderSettings(registry="r:5000"))
+    request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", "r:5000")
+    try:
+        with pytest.raises(BuilderUnavailable) as caught:
+            await collect(builder.build(request))
+    finally:
+        await builder.close()
+    assert str(caught.value).startswith(said)
+    with pytest.raises(InferenceError) as failed:
+        await run_inference("r:5000/cog-test:nope", ["x"])
+    assert str(failed.value).startswith(said)

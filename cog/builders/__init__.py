@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -37,6 +38,15 @@ DEFAULT_BASE_IMAGES = {
 #: "8.9"), {cudnn_major} only its major version ("8"), as NVIDIA's image tags have it.
 BASE_IMAGE_PLACEHOLDERS = ("python_version", "cuda", "cudnn", "cudnn_major", "nvidia_tag")
 GPU_STRATEGIES = ("wheels", "image")
+#: The Docker Engine when neither --docker-host nor DOCKER_HOST names one
+DEFAULT_ENGINE = "unix:///var/run/docker.sock"
+
+
+def engine_address(docker_host: str | None) -> str:
+    """The Docker Engine cog uses: ``--docker-host``, else ``DOCKER_HOST``, else the local
+    socket, in the docker CLI's order (cog reads no docker context). Every part of cog that
+    talks to an engine (builders, the check, ``cog infer``) resolves it here."""
+    return docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_ENGINE
 
 
 def template_problem(template: str) -> str | None:
@@ -110,7 +120,7 @@ class BuilderSettings:
     #: "wheels": CUDA/cuDNN from NVIDIA's pip wheels on the CPU base (no CUDA image needed);
     #: "image": an NVIDIA CUDA/cuDNN base image
     gpu_strategy: str = attrs.field(default="wheels", validator=_check_strategy)
-    #: Docker Engine address (unix:///var/run/docker.sock, tcp://...); None: DOCKER_HOST/default
+    #: Docker Engine address (unix:///var/run/docker.sock, tcp://...); None: see engine_address
     docker_host: str | None = None
     #: builder-specific options (`cog server --builder-opt key=value`), e.g. buildkit address
     options: Mapping[str, str] = attrs.field(factory=dict)

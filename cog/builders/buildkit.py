@@ -92,6 +92,7 @@ from cog.builders import (
     BuildRequest,
     BuiltImage,
     being_cancelled,
+    engine_address,
 )
 from cog.builders.buildkit_pb import messages as pb
 from cog.builders.buildkit_pb import method_path
@@ -99,7 +100,6 @@ from cog.builders.context import build_context
 from cog.builders.dockerfile import dockerfile_for_request
 
 DEFAULT_ADDR = "docker-grpc://"
-DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 TAIL = 20
 #: after Solve has answered, how long to wait for the Status stream's last messages
 STATUS_GRACE = 3.0
@@ -180,7 +180,7 @@ def parse_address(text: str, docker_host: str | None = None) -> Address:
         elif url.netloc:
             engine = f"tcp://{url.netloc}"
         else:
-            engine = docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_ENGINE
+            engine = engine_address(docker_host)
         return Address(text, "docker-grpc", engine=engine, host=_engine_host(engine, text))
     raise BuilderConfigError(
         f"BuildKit address {text!r}: use tcp://HOST:PORT, unix:///PATH or docker-grpc://[ENGINE]"
@@ -954,8 +954,7 @@ class BuildKitBuilder(Builder):
 
         if self._docker is None:
             self._docker = engine(self.push_engine)
-        # aiodocker's own name for a socket is unix://localhost: say the operator's.
-        where = self.push_engine or os.environ.get("DOCKER_HOST") or DEFAULT_ENGINE
+        where = engine_address(self.push_engine)
         yield BuildLog(
             stage="push",
             line=f"Image {digest or request.image} is in the Docker Engine at {where}; "

@@ -1,11 +1,12 @@
 """The Docker builder: builds through a Docker Engine's API and pushes with it (aiodocker).
 
 The Engine address comes from ``--docker-host``, else ``DOCKER_HOST``, else the local
-socket, as the docker CLI does. The build context is streamed to ``POST /build`` as a tar
-made on the fly from the package zip (:mod:`cog.builders.context`); the engine's output
-and the push progress come back line by line as :class:`~cog.builders.BuildLog` events.
-Closing the event iterator closes the connection, which makes the engine stop the build
-(intermediate containers are always removed: ``forcerm``).
+socket, as the docker CLI does (:func:`cog.builders.engine_address`). The build context is
+streamed to ``POST /build`` as a tar made on the fly from the package zip
+(:mod:`cog.builders.context`); the engine's output and the push progress come back line
+by line as :class:`~cog.builders.BuildLog` events. Closing the event iterator closes the
+connection, which makes the engine stop the build (intermediate containers are always
+removed: ``forcerm``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import os
 import re
 from collections.abc import AsyncIterator, Callable
 
@@ -29,6 +29,7 @@ from cog.builders import (
     BuildLog,
     BuildRequest,
     BuiltImage,
+    engine_address,
 )
 from cog.builders.context import build_context
 from cog.builders.dockerfile import base_image, dockerfile_for_request
@@ -79,21 +80,26 @@ def split_image(image: str) -> tuple[str, str]:
 
 
 def engine(docker_host: str | None) -> aiodocker.Docker:
-    """A client of the Docker Engine at docker_host (None: DOCKER_HOST or the socket).
-
-    As the docker CLI: DOCKER_HOST wins over a docker context (aiodocker's order is the
-    other way round)."""
+    """A client of the Docker Engine at engine_address(docker_host)."""
     try:
-        return aiodocker.Docker(url=docker_host or os.environ.get("DOCKER_HOST") or None)
+        return aiodocker.Docker(url=engine_address(docker_host))
     except (ValueError, OSError) as exc:
         raise BuilderUnavailable(f"no usable Docker Engine address: {exc}") from None
+
+
+def address_of(docker: aiodocker.Docker) -> str:
+    """The engine's address as the operator wrote it, for messages: aiodocker's own
+    docker_host is unix://localhost for every socket."""
+    if isinstance(docker.connector, aiohttp.UnixConnector):
+        return f"unix://{docker.connector.path}"
+    return docker.docker_host
 
 
 def unreachable(
     docker: aiodocker.Docker, exc: object, step: str | None = None
 ) -> BuilderUnavailable:
     return BuilderUnavailable(
-        f"the Docker Engine at {docker.docker_host} is not reachable: {exc}", step=step
+        f"the Docker Engine at {address_of(docker)} is not reachable: {exc}", step=step
     )
 
 
@@ -321,7 +327,15 @@ class DockerBuilder(Builder):
             await context.aclose()
 
 
-__all__ = ["DockerBuilder", "engine", "ensure_image", "pull_image", "push_image", "split_image"]
+__all__ = [
+    "DockerBuilder",
+    "address_of",
+    "engine",
+    "ensure_image",
+    "pull_image",
+    "push_image",
+    "split_image",
+]
 
 
 @contextlib.asynccontextmanager
