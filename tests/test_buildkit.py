@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from cog.builders import (
+    DEFAULT_ENGINE,
     BuilderConfigError,
     BuilderSettings,
     BuilderUnavailable,
@@ -377,18 +378,21 @@ async def test_being_cancelled_tells_a_cancelled_task_and_is_false_where_python_
         ({"addr": "docker-grpc://10.0.0.5:2375", "context_host": "10.0.0.7"}, None,
          "tcp://10.0.0.5:2375"),
         ({"addr": "unix:///run/buildkit/bk.sock"}, "unix:///local.sock", "unix:///local.sock"),
-        ({"addr": "unix:///run/buildkit/bk.sock"}, None, None),  # DOCKER_HOST or the socket
+        ({"addr": "unix:///run/buildkit/bk.sock"}, None, DEFAULT_ENGINE),  # no DOCKER_HOST
         ({"addr": "unix:///b.sock", "docker_host": "tcp://10.0.0.5:2375"}, None,
          "tcp://10.0.0.5:2375"),
         ({"addr": "tcp://127.0.0.1:1234", "docker_host": "tcp://10.0.0.5:2375"},
          "unix:///local.sock", "tcp://10.0.0.5:2375"),
     ],
 )  # fmt: skip
-def test_a_moby_export_is_pushed_by_the_engine_that_holds_it(options, docker_host, engine):
+def test_a_moby_export_is_pushed_by_the_engine_that_holds_it(
+    monkeypatch, options, docker_host, engine
+):
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
     builder = BuildKitBuilder.from_settings(
         BuilderSettings(registry="127.0.0.1:5000", docker_host=docker_host, options=options)
     )
-    assert (builder.push_engine, builder.push_engine_known) == (engine, True)
+    assert builder.push_engine == engine
 
 
 def test_a_tcp_buildkit_has_no_known_engine_without_docker_host():
@@ -401,7 +405,7 @@ def test_a_tcp_buildkit_has_no_known_engine_without_docker_host():
             options={"addr": "tcp://127.0.0.1:1234"},
         )
     )
-    assert builder.push_engine_known is False
+    assert builder.push_engine is None
 
 
 @pytest.mark.parametrize(

@@ -656,14 +656,13 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _push_engine(
-    address: Address, exporter: str, settings: BuilderSettings
-) -> tuple[str | None, bool]:
+def _push_engine(address: Address, exporter: str, settings: BuilderSettings) -> str | None:
     """Which Docker Engine pushes a ``moby`` export: the one whose BuildKit built it.
 
     docker-grpc:// names it; a unix:// BuildKit is on this machine, so its engine is the
     local one (``--docker-host``) unless ``docker_host`` says otherwise; behind tcp:// it
-    is another machine's engine, which only the operator can name (``docker_host``).
+    is another machine's engine, which only the operator can name (``docker_host``):
+    None without it.
     """
     option = settings.options.get("docker_host") or None
     if address.scheme == "docker-grpc":
@@ -672,23 +671,23 @@ def _push_engine(
                 f"buildkit option docker_host: {address.text} names its Docker Engine "
                 "already (docker-grpc://ENGINE); leave docker_host out"
             )
-        return address.engine, True
+        return address.engine
     if option:
         if urllib.parse.urlsplit(option).scheme not in ("unix", "tcp", "http", "https"):
             raise BuilderConfigError(
                 f"buildkit option docker_host={option!r}: expected unix:///PATH or "
                 "tcp://HOST:PORT (a Docker Engine API address)"
             )
-        return option, True
+        return option
     if address.scheme == "unix":
-        return settings.docker_host, True
+        return engine_address(settings.docker_host)
     if exporter == "moby":
         raise BuilderConfigError(
             f"buildkit exporter=moby with {address.text}: the image stays in the Docker "
             "Engine of that BuildKit; set --builder-opt docker_host=<that engine's API "
             "address, e.g. tcp://HOST:2375> so cog can push it"
         )
-    return None, False
+    return None
 
 
 #: BuildKit's name for the vertex that resolves a FROM image
@@ -708,17 +707,15 @@ class BuildKitBuilder(Builder):
         context: ContextServer,
         connect_timeout: float,
         push_engine: str | None = None,
-        push_engine_known: bool = True,
     ):
         self.settings = settings
         self.address = address
         self.tls = tls
         self.exporter = exporter
         self.connect_timeout = connect_timeout
-        #: the Docker Engine holding a moby export, which pushes it (None: DOCKER_HOST or
-        #: the local socket); not known for a moby worker behind tcp:// without docker_host
+        #: the Docker Engine holding a moby export, which pushes it; None when cog cannot
+        #: know it (behind tcp:// without docker_host: only a moby worker needs it)
         self.push_engine = push_engine
-        self.push_engine_known = push_engine_known
         self.label = f"buildkit at {address.text}"
         self._context = context
         self._connection: BuildKitConnection | None = None
@@ -775,7 +772,6 @@ class BuildKitBuilder(Builder):
                 "of this machine that BuildKit can reach> (or context_url=...) so it can fetch "
                 "build contexts from this server"
             )
-        push_engine, push_engine_known = _push_engine(address, exporter, settings)
         context = ContextServer(host, port, context_url)
         return cls(
             settings,
@@ -784,8 +780,7 @@ class BuildKitBuilder(Builder):
             exporter=exporter,
             context=context,
             connect_timeout=connect_timeout,
-            push_engine=push_engine,
-            push_engine_known=push_engine_known,
+            push_engine=_push_engine(address, exporter, settings),
         )
 
     # -- lifecycle: nothing here talks to BuildKit, so a server starts while it is down --
@@ -930,7 +925,7 @@ class BuildKitBuilder(Builder):
 
     async def build(self, request: BuildRequest) -> AsyncIterator[BuildEvent]:
         daemon = await self.probe()
-        if daemon.exporter == "moby" and not self.push_engine_known:
+        if daemon.exporter == "moby" and self.push_engine is None:
             raise BuilderUnavailable(self._no_push_engine(daemon))
         ref = f"cog-{secrets.token_hex(12)}"
         yield BuildLog(stage="build", line=f"{self.label}: {daemon.describe()}")
@@ -952,9 +947,10 @@ class BuildKitBuilder(Builder):
             return
         from cog.builders.docker import engine, push_image  # aiodocker only for this path
 
+        where = self.push_engine
+        assert where is not None  # a moby export without one was refused at the start
         if self._docker is None:
-            self._docker = engine(self.push_engine)
-        where = engine_address(self.push_engine)
+            self._docker = engine(where)
         yield BuildLog(
             stage="push",
             line=f"Image {digest or request.image} is in the Docker Engine at {where}; "
