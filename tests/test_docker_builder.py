@@ -238,6 +238,28 @@ async def test_unreachable_engine_is_builder_unavailable(registry, tmp_path):
         await builder.close()
 
 
+async def test_a_base_image_name_the_engine_refuses_is_the_servers_setup(
+    registry, tmp_path, no_leaked_containers
+):
+    """An operator's --base-image template that makes no valid image reference (the engine
+    answers 400, not 404): 503-class, naming the image, not the package's fault."""
+    builder = DockerBuilder.from_settings(
+        BuilderSettings(registry=registry, base_images={"cpu": "Python:{python_version}-slim"})
+    )
+    request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", registry)
+    try:
+        with pytest.raises(BuilderUnavailable) as caught:
+            await collect(builder.build(request))
+    finally:
+        await builder.close()
+    assert caught.value.step == "base image"
+    assert str(caught.value).startswith(
+        f"base image Python:{request.config.environment.python_version}-slim: the Docker "
+        "Engine refused it: "
+    )
+    assert "invalid reference format" in str(caught.value)
+
+
 async def test_unreachable_registry_is_builder_unavailable(builder, tmp_path, no_leaked_containers):
     request = package_request(EXAMPLES / "hello", tmp_path / "p.zip", "127.0.0.1:1")
     with pytest.raises(BuilderUnavailable) as caught:

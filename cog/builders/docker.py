@@ -151,16 +151,24 @@ async def push_image(docker: aiodocker.Docker, image: str) -> AsyncIterator[Buil
     yield BuiltImage(image=image, digest=digest)
 
 
+async def has_image(docker: aiodocker.Docker, image: str) -> bool:
+    """Whether the engine has image; any answer but "yes" or 404 raises aiodocker's error
+    (400 for a malformed reference, 900 for an engine it cannot reach)."""
+    try:
+        await docker.images.inspect(image)
+    except aiodocker.DockerError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
 async def ensure_image(
     docker: aiodocker.Docker, image: str, progress: Callable[[str], None] | None = None
 ) -> None:
     """Pull image unless the engine has it already."""
-    try:
-        await docker.images.inspect(image)
+    if await has_image(docker, image):
         return
-    except aiodocker.DockerError as exc:
-        if exc.status != 404:
-            raise
     async with contextlib.aclosing(pull_image(docker, image)) as pulling:
         async for line in pulling:
             if progress:
@@ -244,15 +252,19 @@ class DockerBuilder(Builder):
     async def _base_image(self, docker: aiodocker.Docker, base: str) -> AsyncIterator[BuildLog]:
         """Make sure the engine has the base image; pull it (progress as log lines) if not.
 
-        A base image nobody can get is the server's setup, not the package's fault."""
+        A base image nobody can get is the server's setup, not the package's fault; so is
+        one the engine refuses to look up (a malformed name from a --base-image template)."""
         try:
-            await docker.images.inspect(base)
-            return
+            if await has_image(docker, base):
+                return
         except aiodocker.DockerError as exc:
             if exc.status == CONNECTION_FAILED:
                 raise unreachable(docker, exc.message, "base image") from None
-            if exc.status != 404:
-                raise BuildError(f"base image {base}: {exc.message}", step="base image") from None
+            raise BuilderUnavailable(
+                f"base image {base}: the Docker Engine refused it: {exc.message} "
+                "(check --base-image)",
+                step="base image",
+            ) from None
         except aiohttp.ClientError as exc:
             raise unreachable(docker, exc, "base image") from None
         yield BuildLog(stage="build", line=f"Pulling base image {base}")
@@ -332,6 +344,7 @@ __all__ = [
     "address_of",
     "engine",
     "ensure_image",
+    "has_image",
     "pull_image",
     "push_image",
     "split_image",
