@@ -15,8 +15,9 @@ Layers go from what changes least to what changes most, so the cache does the wo
 6. the image settings (WORKDIR, EXPOSE, CMD), then the model's code and weights,
 7. labels (package ID, config, input signature, cog version).
 
-Nothing before the model's files depends on the package ID or the cog version, so two
-packages of one model share every dependency layer.
+Nothing before cog's runtime wheel depends on the cog version, and nothing before the
+model's files on the package ID: a new cog version reuses the model's dependency layers,
+and two packages of one model share every layer up to the model's files.
 
 Build context layout (:mod:`cog.builders.context`)::
 
