@@ -196,6 +196,11 @@ async def _save(response: aiohttp.ClientResponse, output_path: Path | None) -> P
             async for chunk in response.content.iter_chunked(1024 * 1024):
                 file.write(chunk)
         os.replace(tmp, output_path)
+    except aiohttp.ClientError:
+        # The model's connection broke (ClientOSError is an OSError too): the caller's
+        # model.failure() says why, not "cannot write".
+        Path(tmp).unlink(missing_ok=True)
+        raise
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise InferenceError(f"cannot write {output_path}: {exc.strerror or exc}") from None

@@ -16,6 +16,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 import cog
@@ -46,7 +47,14 @@ from cog.container import (
     owner,
     pid_namespace,
 )
-from cog.infer import InferenceError, RawInput, parse_inputs, resolve_names, run_inference
+from cog.infer import (
+    InferenceError,
+    RawInput,
+    _save,
+    parse_inputs,
+    resolve_names,
+    run_inference,
+)
 from cog.package import PackageArchive
 from tests.builder_helpers import EXAMPLES, collect, package_request
 from tests.registry_helpers import raw_zip
@@ -660,3 +668,24 @@ async def test_an_unreachable_engine_is_named_as_the_operator_set_it(monkeypatch
     with pytest.raises(InferenceError) as failed:
         await run_inference("r:5000/cog-test:nope", ["x"])
     assert str(failed.value).startswith(said)
+
+
+async def test_a_connection_broken_while_saving_the_output_is_no_write_error(tmp_path):
+    """aiohttp.ClientOSError is an OSError too: reading the model's answer fails, not
+    writing the file, and the caller asks the container why (model.failure()). A fake
+    response: a connection a real model drops mid-body surfaces as ClientPayloadError,
+    so a ClientOSError from the body cannot be had on demand."""
+
+    class Content:
+        async def iter_chunked(self, size):
+            yield b"half of it"
+            raise aiohttp.ClientOSError(104, "Connection reset by peer")
+
+    class Response:
+        content_disposition = None
+        content_type = "application/octet-stream"
+        content = Content()
+
+    with pytest.raises(aiohttp.ClientOSError):
+        await _save(Response(), tmp_path / "output.bin")  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []  # no half-written file, no temporary one
