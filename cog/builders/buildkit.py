@@ -896,7 +896,7 @@ class BuildKitBuilder(Builder):
             version = info.buildkitVersion.version or None
         return Daemon(
             version=version,
-            workers=tuple(w.ID for w in workers),
+            workers=tuple(worker.ID for worker in workers),
             exporter=choose_exporter(self.exporter, self.address, workers),
         )
 
