@@ -217,8 +217,9 @@ class ModelContainer:
         remove the container by name (there may be one even if we never saw its ID)."""
         if not creating.done():
             await asyncio.wait([creating], timeout=60)
-        if creating.done() and not creating.cancelled():
-            creating.exception()  # retrieved: the caller's own exception is what counts
+            creating.cancel()  # an engine silent for a minute: stop waiting for its answer
+        # Awaited and its exception retrieved: the caller's own exception is what counts.
+        await asyncio.gather(creating, return_exceptions=True)
         self.container = None
         await self._delete(self.docker.containers.container(self.name))
 
@@ -363,9 +364,13 @@ class ModelContainer:
                     self.log_tail(),
                 ) from None
             except ValueError as exc:
-                raise ContainerError(f"{self.image}: /help is not valid JSON: {exc}") from None
+                raise ContainerError(
+                    f"{self.image}: /help is not valid JSON: {exc}", self.log_tail()
+                ) from None
         if not isinstance(doc, dict) or not isinstance(doc.get("arguments", {}), dict):
-            raise ContainerError(f"{self.image}: /help is not an input signature: {doc!r:.200}")
+            raise ContainerError(
+                f"{self.image}: /help is not an input signature: {doc!r:.200}", self.log_tail()
+            )
         return doc
 
     def infer(self, form: aiohttp.FormData):
