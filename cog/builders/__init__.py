@@ -184,6 +184,11 @@ class BuilderConfigError(Exception):
 class Builder(abc.ABC):
     name: ClassVar[str] = ""
 
+    @property
+    def label(self) -> str:
+        """How messages name this builder ("docker"; "buildkit at tcp://bk:1234")."""
+        return self.name or type(self).__name__
+
     @classmethod
     @abc.abstractmethod
     def from_settings(cls, settings: BuilderSettings) -> Builder:

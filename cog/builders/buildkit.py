@@ -716,10 +716,13 @@ class BuildKitBuilder(Builder):
         #: the Docker Engine holding a moby export, which pushes it; None when cog cannot
         #: know it (behind tcp:// without docker_host: only a moby worker needs it)
         self.push_engine = push_engine
-        self.label = f"buildkit at {address.text}"
         self._context = context
         self._connection: BuildKitConnection | None = None
         self._docker = None  # aiodocker.Docker for the moby export's push
+
+    @property
+    def label(self) -> str:
+        return f"buildkit at {self.address.text}"
 
     @classmethod
     def from_settings(cls, settings: BuilderSettings) -> BuildKitBuilder:

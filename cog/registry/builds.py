@@ -25,7 +25,14 @@ import attrs
 import structlog
 
 from cog import events
-from cog.builders import Builder, BuildError, BuilderUnavailable, BuildLog, BuildRequest
+from cog.builders import (
+    Builder,
+    BuildError,
+    BuilderUnavailable,
+    BuildLog,
+    BuildRequest,
+    being_cancelled,
+)
 from cog.config import Config
 from cog.package import short_id
 from cog.registry.catalog import Catalog, PackageNotFound, log_key, package_key
@@ -346,7 +353,7 @@ class Packages:
         except BaseException as exc:
             # Cancelled (client gone, server stopping) or a bug: never leave "building".
             if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-                reason = where.cancelled(self._builder_label())
+                reason = where.cancelled(self.builder.label)
                 if reason != where.said_while_cancelling:  # not in the log in its words
                     live.publish(events.log("error", reason, where.target))
             else:
@@ -396,12 +403,6 @@ class Packages:
                 where.saw(item.line)
                 yield events.log(item.stage, item.line, target)
 
-    def _builder_label(self) -> str:
-        """How messages name the builder: its own label (e.g. "buildkit at tcp://bk:1234")
-        if it has one, else its entry-point name."""
-        builder = self.builder
-        return getattr(builder, "label", "") or builder.name or type(builder).__name__
-
     def _image_name(self, record: PackageRecord, target: str) -> str:
         tag = short_id(record.id) + ("" if target == "cpu" else f"-{target}")
         return f"{self.options.registry.rstrip('/')}/{record.name}:{tag}"
@@ -424,8 +425,7 @@ class _Whereabouts:
     def saw(self, line: str) -> None:
         if line.strip():
             self.last_line = line.strip()
-        task = asyncio.current_task()
-        if task is not None and getattr(task, "cancelling", lambda: 0)():
+        if being_cancelled():
             self.said_while_cancelling = line.strip()
 
     def cancelled(self, builder: str) -> str:
