@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -359,7 +360,7 @@ async def test_being_cancelled_tells_a_cancelled_task_and_is_false_where_python_
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert seen == [False, True]
+    assert seen == [False, sys.version_info >= (3, 11)]  # 3.10 cannot tell
 
     class Python310Task:
         """A fake: Python 3.10's tasks have no cancelling() (3.11 added it), and the
