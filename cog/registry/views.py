@@ -13,7 +13,6 @@ from aiohttp import web
 
 import cog
 from cog import events
-from cog.builders import being_cancelled
 from cog.config import Config, ConfigError, check_config
 from cog.package import PackageArchive, PackageLimits, short_id
 from cog.registry.app import (
@@ -248,11 +247,9 @@ async def stream_ndjson(
             async for event in stream:
                 await response.write(events.encode(event))
         except ConnectionResetError:
-            if being_cancelled():
-                # The client left, which cancelled this request (a builder may say one
-                # last line first): end as the cancellation, not an error aiohttp logs.
-                raise asyncio.CancelledError from None
-            raise
+            # The client left (a builder may say one last line after it did): end as the
+            # cancellation that leaving is, not as an error aiohttp logs.
+            raise asyncio.CancelledError from None
         except asyncio.CancelledError:
             raise
         except Exception as exc:
