@@ -80,7 +80,7 @@ async def file_chunks(path: Path, chunk_size: int = FILE_CHUNK) -> AsyncIterator
         while chunk := await loop.run_in_executor(None, file.read, chunk_size):
             yield chunk
     finally:
-        await loop.run_in_executor(None, file.close)
+        await asyncio.shield(loop.run_in_executor(None, file.close))  # closed even if cancelled
 
 
 class LiveBuild:
@@ -447,4 +447,4 @@ async def _to_file(chunks: AsyncIterator[bytes], path: Path) -> None:
         async for chunk in chunks:
             await loop.run_in_executor(None, file.write, chunk)
     finally:
-        await loop.run_in_executor(None, file.close)
+        await asyncio.shield(loop.run_in_executor(None, file.close))  # closed even if cancelled

@@ -64,7 +64,8 @@ async def upload(request: web.Request) -> web.StreamResponse:
         stream = _verify_then_ingest(app[PACKAGES], received, config, signature, settings)
         return await respond_with_events(request, stream)
     finally:
-        await asyncio.to_thread(received.path.unlink, missing_ok=True)
+        # Shielded: a handler cancelled here still removes its upload.
+        await asyncio.shield(asyncio.to_thread(received.path.unlink, missing_ok=True))
 
 
 async def _verify_then_ingest(

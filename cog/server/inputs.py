@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import errno
+import functools
 import os
 import re
 import shutil
@@ -299,12 +300,38 @@ async def _store(part: BodyPartReader, inputs: RequestInputs, where: tuple[str, 
             writing = loop.run_in_executor(None, inputs._write, f, where, chunks, last)
         f, writing = await _written(writing, where), None  # type: ignore[arg-type]
     finally:
-        if writing is not None:  # failed or cancelled: let the thread finish with the file
-            await asyncio.wait([writing])
-            if not writing.cancelled() and writing.exception() is None:
-                f = writing.result()
-        if f is not None and not f.closed:
-            f.close()
+        if writing is None:
+            _close(f)
+        else:  # failed or cancelled: let the thread finish with the file
+            try:
+                await asyncio.wait([writing])
+            finally:
+                if writing.done():
+                    _close(_file_of(writing) or f)
+                else:
+                    # Cancelled again while waiting (aiohttp cancels the handler once the
+                    # connection is lost, which can come after a failed read brought it
+                    # here): the thread's end closes the file and removes what its batch
+                    # made after the request's own cleanup.
+                    writing.add_done_callback(functools.partial(_abandoned, inputs, f))
+
+
+def _file_of(writing: asyncio.Future[BinaryIO]) -> BinaryIO | None:
+    if writing.cancelled() or writing.exception() is not None:
+        return None
+    return writing.result()
+
+
+def _close(f: BinaryIO | None) -> None:
+    if f is not None and not f.closed:
+        f.close()
+
+
+def _abandoned(
+    inputs: RequestInputs, f: BinaryIO | None, writing: asyncio.Future[BinaryIO]
+) -> None:
+    _close(_file_of(writing) or f)
+    inputs.cleanup()
 
 
 async def _written(writing: asyncio.Future[BinaryIO], where: tuple[str, str]) -> BinaryIO:

@@ -9,6 +9,7 @@ anything else (numbers, bool, None, lists, dicts, and numpy-like values with
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import mimetypes
 import os
@@ -66,10 +67,16 @@ async def _send_file(
     opened: Callable[[], None] | None,
 ) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
+    opening = loop.run_in_executor(None, _open, path)
     try:
-        f, size, chunk = await loop.run_in_executor(None, _open, path)
+        # Shielded: a handler cancelled here (the client hung up) leaves the thread's
+        # open to finish, and the file it opens is closed by the callback.
+        f, size, chunk = await asyncio.shield(opening)
     except OSError as e:
         raise OutputError(f"run() returned the file {path}, which cannot be read: {e}") from e
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_opened)
+        raise
     reading: asyncio.Future[bytes] | None = None  # the next chunk, read in a thread
     try:
         if opened is not None:
@@ -97,12 +104,26 @@ async def _send_file(
             left -= len(chunk)
         await response.write_eof()
     finally:
-        if reading is not None:  # the client went away: let the thread finish the read
-            await asyncio.wait([reading])
-            if not reading.cancelled():
-                reading.exception()  # retrieved: nobody needs it now
-        f.close()  # read-only: nothing to flush, one quick system call
+        # No await here: once the connection is lost aiohttp cancels the handler, which can
+        # come after a failed write has already brought it here. A read still in flight
+        # (the client went away) closes the file when it ends, from its callback.
+        if reading is None or reading.done():
+            _close_after_read(f, reading)
+        else:
+            reading.add_done_callback(functools.partial(_close_after_read, f))
     return response
+
+
+def _close_after_read(f: BinaryIO, reading: asyncio.Future[bytes] | None) -> None:
+    if reading is not None and not reading.cancelled():
+        reading.exception()  # retrieved: nobody needs it now
+    f.close()  # read-only: nothing to flush, one quick system call
+
+
+def _close_opened(opening: asyncio.Future[tuple[BinaryIO, int, bytes]]) -> None:
+    """The file of an open whose handler was cancelled meanwhile, closed."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result()[0].close()
 
 
 def _open(path: str) -> tuple[BinaryIO, int, bytes]:
