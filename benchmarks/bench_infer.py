@@ -220,7 +220,7 @@ def main() -> None:
     parser.add_argument(
         "--server-args",
         default="",
-        help="extra arguments for python -m cog.server, e.g. '--log-level debug'",
+        help="extra arguments for python -m cog.runtime, e.g. '--log-level debug'",
     )
     args = parser.parse_args()
 
@@ -236,7 +236,7 @@ def main() -> None:
         commands = {
             "floor": [sys.executable, "floor.py", str(ports["floor"])],
             "cog": [
-                *(sys.executable, "-m", "cog.server", "--host", "127.0.0.1"),
+                *(sys.executable, "-m", "cog.runtime", "--host", "127.0.0.1"),
                 *("--port", str(ports["cog"]), *args.server_args.split()),
             ],
         }
@@ -247,7 +247,7 @@ def main() -> None:
         try:
             print(
                 f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, "
-                f"cog.server {args.server_args or '(defaults)'}; model: run() returns its input"
+                f"cog.runtime {args.server_args or '(defaults)'}; model: run() returns its input"
             )
             met = asyncio.run(benchmark(args, ports))
         finally:

@@ -160,7 +160,7 @@ def bench_size(size_mib: int, storages: dict[str, str], work: Path) -> list[dict
 async def direct(storage: str, zip_path: Path) -> tuple[float, float]:
     """The same zip written to and read from the store itself, without the server: the
     store's own speed, to tell it apart from the server's overhead."""
-    from cog.registry.builds import file_chunks
+    from cog.server.builds import file_chunks
     from cog.storage import load_storage
 
     store = load_storage(storage)
@@ -188,8 +188,8 @@ def _only_id(url: str) -> str:
 async def write_records(storage_url_: str, count: int) -> None:
     """count records as uploads would have left them (the listing reads only records)."""
     from cog.config import load_config
-    from cog.registry.catalog import record_key
-    from cog.registry.records import PackageRecord, Status, encode_record, now
+    from cog.server.catalog import record_key
+    from cog.server.records import PackageRecord, Status, encode_record, now
     from cog.storage import load_storage
 
     store = load_storage(storage_url_)

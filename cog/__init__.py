@@ -1,7 +1,7 @@
 """Cog: package machine learning models.
 
 Inside an image only the runtime is used (``cog.Model``, ``cog.input``, ``cog.Path``,
-``cog.request_directory`` and ``python -m cog.server``); it must never import the
+``cog.request_directory`` and ``python -m cog.runtime``); it must never import the
 server-only dependencies. The model API is loaded on first use, so ``import cog`` stays
 light for the registry and the CLI.
 """

@@ -15,8 +15,8 @@ import pytest
 
 from cog.builders import BuilderSettings
 from cog.events import NDJSON
-from cog.registry.app import ServerSettings, make_app
-from cog.registry.builds import BuildOptions
+from cog.server.app import ServerSettings, make_app
+from cog.server.builds import BuildOptions
 from tests.registry_helpers import EXAMPLES, form, package_bytes, upload_then_hang_up
 from tests.test_buildkit_builder import (
     SlowBuilder,

@@ -267,9 +267,9 @@ def test_server_defaults_are_the_servers_own():
     """`cog server` with no options means what ServerSettings and PackageLimits default
     to: the flags' defaults are copies, and this keeps them from drifting apart."""
     from cog.cli.main import build_parser
-    from cog.cli.server import settings_from_args
+    from cog.cli.serve import settings_from_args
     from cog.package import PackageLimits
-    from cog.registry.app import ServerSettings
+    from cog.server.app import ServerSettings
 
     settings = settings_from_args(build_parser().parse_args(["server"]))
     assert settings.package_limits == PackageLimits()

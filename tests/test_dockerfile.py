@@ -466,7 +466,7 @@ def test_runtime_wheel_is_deterministic_and_installable_shape():
     with zipfile.ZipFile(io.BytesIO(data)) as wheel:
         names = wheel.namelist()
         metadata = wheel.read(f"cog-{cog.__version__}.dist-info/METADATA").decode()
-    assert "cog/server/__main__.py" in names and "cog/model.py" in names
+    assert "cog/runtime/__main__.py" in names and "cog/model.py" in names
     assert not any("__pycache__" in n for n in names)
     assert "Requires-Dist: aiohttp" in metadata and "aiodocker" not in metadata
 

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from cog.model import signature_of
-from cog.server import InferenceServer
-from cog.server.model_ref import ModelRef
+from cog.runtime import InferenceServer
+from cog.runtime.model_ref import ModelRef
 from cog.signature import static_signature
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"

@@ -18,10 +18,10 @@ import aiohttp
 import pytest
 
 import cog
-from cog.server import InferenceServer, console
-from cog.server.inputs import RequestInputs, _store
-from cog.server.model_ref import ModelRef
-from cog.server.runner import ModelRunner, State
+from cog.runtime import InferenceServer, console
+from cog.runtime.inputs import RequestInputs, _store
+from cog.runtime.model_ref import ModelRef
+from cog.runtime.runner import ModelRunner, State
 
 WAIT = 10.0  # seconds a condition may take before the test gives up (a bound, not a timing)
 
@@ -591,7 +591,7 @@ async def test_text_that_is_not_utf8_is_refused_in_both_forms(aiohttp_client):
 
 
 async def test_a_flood_of_bad_fields_gets_a_short_answer(aiohttp_client):
-    from cog.server.inputs import MAX_PROBLEMS
+    from cog.runtime.inputs import MAX_PROBLEMS
 
     _, client = await started_client(aiohttp_client, Echo)
     fields = ["text=t", *(["count=1"] * 1000), "x" * 100_000 + "=1"]
@@ -610,7 +610,7 @@ async def test_a_flood_of_bad_fields_gets_a_short_answer(aiohttp_client):
 
 
 async def test_a_urlencoded_form_that_is_too_large_is_413_json(aiohttp_client):
-    from cog.server.inputs import MAX_URLENCODED_BYTES
+    from cog.runtime.inputs import MAX_URLENCODED_BYTES
 
     _, client = await started_client(aiohttp_client, Echo)
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -671,7 +671,7 @@ async def test_run_exception_is_500_and_the_server_keeps_serving(aiohttp_client,
     body = await response.json()
     assert body == {"error": "RuntimeError: kaboom"}  # no traceback in the answer
     assert "X-Run-Time" in response.headers
-    logged = [r for r in caplog.records if r.name == "cog.server" and r.exc_info]
+    logged = [r for r in caplog.records if r.name == "cog.runtime" and r.exc_info]
     assert any("[r1]" in r.getMessage() for r in logged)
     response = await client.post("/infer", data=form(fail="false"))
     assert response.status == 200

@@ -1,4 +1,4 @@
-"""``python -m cog.server`` as a real process: the port, cog.yaml, and SIGTERM."""
+"""``python -m cog.runtime`` as a real process: the port, cog.yaml, and SIGTERM."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ MODEL = textwrap.dedent(
 class ServerProcess:
     def __init__(self, directory, *args, env=None):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cog.server", "--host", "127.0.0.1", "--port", "0", *args],
+            [sys.executable, "-m", "cog.runtime", "--host", "127.0.0.1", "--port", "0", *args],
             cwd=directory,
             env={**os.environ, **(env or {})},
             stdout=subprocess.DEVNULL,
@@ -198,7 +198,7 @@ async def test_port_from_the_environment_and_a_missing_model(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "cog.server", "--host", "127.0.0.1"],
+        [sys.executable, "-m", "cog.runtime", "--host", "127.0.0.1"],
         cwd=tmp_path,
         env={**os.environ, "PORT": str(port)},
         stdout=subprocess.DEVNULL,
@@ -296,7 +296,7 @@ async def test_concurrency_and_queue_settings(package, server_process, args, env
 
 def test_a_setting_that_is_not_a_number_is_one_line(package):
     result = subprocess.run(
-        [sys.executable, "-m", "cog.server"],
+        [sys.executable, "-m", "cog.runtime"],
         cwd=package,
         env={**os.environ, "COG_CONCURRENCY": "two"},
         capture_output=True,

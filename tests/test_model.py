@@ -15,7 +15,7 @@ import textwrap
 import pytest
 
 import cog
-from cog.server.model_ref import ModelLoadError, ModelRef
+from cog.runtime.model_ref import ModelLoadError, ModelRef
 from cog.signature import SignatureError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ def test_import_cog_is_light_and_the_runtime_needs_no_server_packages():
         import cog
         light = sorted(m for m in ("attrs", "aiohttp", "yaml") if m in sys.modules)
         cog.Model, cog.input, cog.Path
-        import cog.server, cog.server.__main__
+        import cog.runtime, cog.runtime.__main__
         print(json.dumps({"light": light, "loaded": sorted(sys.modules)}))
         """
     )

@@ -23,9 +23,9 @@ from structlog.testing import capture_logs
 
 from cog.builders import Builder
 from cog.events import NDJSON
-from cog.registry.app import STORAGE, ServerSettings, make_app
-from cog.registry.catalog import record_key
-from cog.registry.records import encode_record
+from cog.server.app import STORAGE, ServerSettings, make_app
+from cog.server.catalog import record_key
+from cog.server.records import encode_record
 from cog.storage import CheckedStorage, load_storage
 from tests.registry_helpers import (
     form,
@@ -173,7 +173,7 @@ async def test_unknown_short_and_ambiguous_references(client, hello):
     # Two more records that share a 7-character prefix. Real uploads cannot be made to
     # collide on purpose (SHA-256), so the records are written straight into storage.
     storage = client.app[STORAGE]
-    from cog.registry.records import record_from_json
+    from cog.server.records import record_from_json
 
     twins = ["abcdef1" + c * 57 for c in "01"]
     for twin in twins:

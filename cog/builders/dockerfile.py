@@ -321,7 +321,7 @@ def dockerfile_for(
         # Image settings before the model's files, so a code change reuses them too.
         f"WORKDIR {WORKDIR}",
         "EXPOSE 5000",
-        'CMD ["python", "-m", "cog.server"]',
+        'CMD ["python", "-m", "cog.runtime"]',
         f"COPY package/ {WORKDIR}/",
     ]
     labels = {

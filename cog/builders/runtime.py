@@ -19,7 +19,7 @@ from pathlib import Path
 import cog
 from cog.config import RUNTIME_MIN_PYTHON
 
-#: What ``import cog`` and ``python -m cog.server`` need inside an image.
+#: What ``import cog`` and ``python -m cog.runtime`` need inside an image.
 RUNTIME_REQUIREMENTS = ("aiohttp>=3.9", "attrs>=22.1", "pyyaml>=5.4")
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import cog
-from cog.cli import server
+from cog.cli import serve
 from cog.cli.output import (
     CLIError,
     Progress,
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--remote", help="cog server URL for this command (default: $COG_REMOTE or saved)"
     )
     sub = parser.add_subparsers(metavar="COMMAND")
-    server.add_parser(sub)
+    serve.add_parser(sub)
 
     remote = sub.add_parser("remote", help="set or show which cog server to use")
     remote_sub = remote.add_subparsers(metavar="ACTION")

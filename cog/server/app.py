@@ -1,224 +1,191 @@
-"""The inference server's HTTP routes.
+"""The registry server's aiohttp application: the one way to build it.
 
-- ``GET /ping``: 200 ``{"status": "ready"}``; 503 ``{"status": "starting"}``,
-  ``{"status": "failed", "error": ...}`` or ``{"status": "stopping"}``.
-- ``GET /help``: the signature, ``{"arguments": {...}}`` (see :mod:`cog.signature`).
-- ``GET /openapi.json``: the same as an OpenAPI 3.0 document.
-- ``POST /infer``: a multipart form (or urlencoded, for text only) of the inputs. The
-  response is the output (see :mod:`cog.server.outputs`) with ``X-Setup-Time`` and
-  ``X-Run-Time`` (seconds) and ``X-Request-ID``. Errors are JSON ``{"error": message}``:
-  400 (with ``problems``, every one; or a malformed body), 413 (a urlencoded form over
-  4 MiB), 415 (not a form), 500 (run() raised; the traceback is only in the log), 503 (not
-  ready, busy, or shutting down; with ``Retry-After`` when busy).
-
-Every other error answer (an unknown route, a wrong method, an unexpected failure) is
-JSON ``{"error": message}`` as well.
+``make_app(settings)`` is used by ``cog server`` and by the tests alike. Backends are
+opened in a cleanup context and kept under typed app keys; errors become JSON in one
+middleware; each request is logged once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
-import logging
-import os
-import re
+import contextlib
+import shutil
+import tempfile
 import time
-from typing import Any, Callable, Union
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import attrs
+import structlog
 from aiohttp import web
 
-from cog.model import Model
-from cog.server.inputs import BadBody, InvalidInput, read_inputs
-from cog.server.outputs import OutputError, respond
-from cog.server.runner import DEFAULT_MAX_QUEUE, Busy, ModelRunner, NotReady, State
+from cog.builders import Builder, BuilderSettings, load_builder
+from cog.config import ConfigError
+from cog.package import InvalidPackage, PackageLimits
+from cog.server.builds import BuildOptions, Packages
+from cog.server.catalog import AmbiguousPrefix, Catalog, PackageNotFound
+from cog.server.uploads import UploadError
+from cog.storage import Storage, StorageError, StorageUnavailable, load_storage
 
-logger = logging.getLogger("cog.server")
-
-ModelSource = Union[type, Callable[[], type]]
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
-_READY = json.dumps({"status": "ready"}).encode()
-
-
-class InferenceServer:
-    """One model behind the routes. ``app`` is the aiohttp application to serve.
-
-    ``model`` is a cog.Model subclass, or a function returning one (called in the setup
-    thread, so a slow import does not hold up ``/ping``), e.g. ``ModelRef(...).load``.
-    """
-
-    def __init__(
-        self,
-        model: ModelSource,
-        *,
-        concurrency: int = 1,
-        max_queue: int = DEFAULT_MAX_QUEUE,
-    ) -> None:
-        if isinstance(model, type) and issubclass(model, Model):
-            model_class = model
-            load: Callable[[], type] = lambda: model_class  # noqa: E731
-        else:
-            load = model
-        self.runner = ModelRunner(load, concurrency=concurrency, max_queue=max_queue)
-        # Request ids: unique per server process, cheap to make, short in the log.
-        self._id_prefix = os.urandom(4).hex()
-        self._ids = itertools.count(1)
-        self.app = web.Application(middlewares=[_json_errors])
-        self.app.add_routes(
-            [
-                web.get("/ping", self.ping),
-                web.get("/help", self.help),
-                web.get("/openapi.json", self.openapi),
-                web.post("/infer", self.infer),
-            ]
-        )
-        self.app.on_startup.append(self._start)
-        self.app.on_cleanup.append(self._close)
-
-    async def _start(self, app: web.Application) -> None:
-        await self.runner.start()
-
-    async def _close(self, app: web.Application) -> None:
-        await self.runner.close()
-
-    async def ping(self, request: web.Request) -> web.Response:
-        runner = self.runner
-        if runner.state is State.READY:
-            return web.Response(body=_READY, content_type="application/json")
-        status: dict[str, Any] = {"status": runner.state.value}
-        if runner.state is State.FAILED:
-            status["error"] = runner.error
-        return web.json_response(status, status=503)
-
-    async def help(self, request: web.Request) -> web.Response:
-        signature = self.runner.signature
-        if signature is None:
-            return _not_ready(NotReady(self.runner.state, self.runner.error))
-        return web.json_response(signature.to_json())
-
-    async def openapi(self, request: web.Request) -> web.Response:
-        signature, model_class = self.runner.signature, self.runner.model_class
-        if signature is None or model_class is None:
-            return _not_ready(NotReady(self.runner.state, self.runner.error))
-        document = signature.to_openapi(
-            title=model_class.__name__, description=(model_class.__doc__ or "").strip() or None
-        )
-        return web.json_response(document)
-
-    async def infer(self, request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
-        tag = request.headers.get("X-Request-ID", "")
-        if not _REQUEST_ID.match(tag):
-            tag = f"{self._id_prefix}-{next(self._ids)}"
-        headers = {"X-Request-ID": tag}
-        runner = self.runner
-        try:
-            runner.admit()
-        except NotReady as e:
-            return _not_ready(e, headers)
-        except Busy as e:
-            headers["Retry-After"] = "1"
-            return _error(503, str(e), headers)
-        status = 500
-        try:
-            response = await self._infer(request, tag, headers)
-            status = response.status
-            return response
-        finally:
-            runner.release()
-            # DEBUG: a log line costs about as much as the rest of a no-op inference's
-            # overhead; `--log-level debug` turns the per-request lines on.
-            logger.debug(
-                "[%s] POST /infer %d in %.1fms",
-                tag,
-                status,
-                (time.perf_counter() - started) * 1000,
-            )
-
-    async def _infer(
-        self, request: web.Request, tag: str, headers: dict[str, str]
-    ) -> web.StreamResponse:
-        runner = self.runner
-        assert runner.setup_time is not None
-        try:
-            inputs = await read_inputs(request, runner.arguments)
-        except InvalidInput as e:
-            return web.json_response(e.to_json(), status=400, headers=headers)
-        except BadBody as e:
-            return _error(e.status, str(e), headers)
-        owned = True
-        try:
-            try:
-                outcome = await runner.run(
-                    inputs.values, tag, on_abandon=inputs.cleanup, directory=inputs.directory
-                )
-            except NotReady as e:  # shutdown began while this request waited
-                return _not_ready(e, headers)
-            except asyncio.CancelledError:
-                owned = False  # the runner removes the files once run() is done with them
-                raise
-            headers["X-Setup-Time"] = f"{runner.setup_time:.6f}"
-            headers["X-Run-Time"] = f"{outcome.seconds:.6f}"
-            if outcome.error is not None:
-                error = outcome.error
-                logger.error("[%s] run() raised %r", tag, error, exc_info=error)
-                return _error(500, f"{type(error).__name__}: {error}", headers)
-            try:
-                return await respond(request, outcome.value, headers, opened=inputs.cleanup)
-            except OutputError as e:
-                logger.error("[%s] %s", tag, e)
-                return _error(500, str(e), headers)
-        finally:
-            if owned:
-                inputs.cleanup()
+log = structlog.get_logger("cog.server")
 
 
-def create_app(
-    model: ModelSource, *, concurrency: int = 1, max_queue: int = DEFAULT_MAX_QUEUE
+@attrs.frozen
+class ServerSettings:
+    storage_url: str = "file:///var/lib/cog"
+    #: builder entry-point name; None: store packages only, build no images
+    builder: str | None = "docker"
+    builder_settings: BuilderSettings = attrs.field(
+        factory=lambda: BuilderSettings(registry="127.0.0.1:5000")
+    )
+    build: BuildOptions = attrs.field(factory=BuildOptions)
+    #: where uploads are spooled; None: a fresh directory under the system temp dir
+    tmp_dir: Path | None = None
+    max_upload_bytes: int = 4 * 1024**3
+    package_limits: PackageLimits = attrs.field(factory=PackageLimits)
+    #: how often the package index is refreshed from Storage (seconds)
+    cache_ttl: float = 2.0
+
+
+SETTINGS = web.AppKey("settings", ServerSettings)
+STORAGE = web.AppKey("storage", Storage)
+CATALOG = web.AppKey("catalog", Catalog)
+PACKAGES = web.AppKey("packages", Packages)
+BUILDER = web.AppKey("builder", object)  # Builder | None
+TMP_DIR = web.AppKey("tmp_dir", Path)
+
+
+def make_app(
+    settings: ServerSettings,
+    *,
+    storage: Storage | None = None,
+    builder: Builder | None = None,
 ) -> web.Application:
-    """The aiohttp application serving ``model`` (see InferenceServer)."""
-    return InferenceServer(model, concurrency=concurrency, max_queue=max_queue).app
+    """The registry app. Pass storage/builder objects to embed cog with your own backends;
+    otherwise they are created from settings when the app starts."""
+    from cog.server import views
+
+    app = web.Application(middlewares=[access_log, json_errors])
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_backends(storage, builder))
+    views.add_routes(app)
+    return app
+
+
+def _backends(storage: Storage | None, builder: Builder | None):
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        async with contextlib.AsyncExitStack() as stack:
+            tmp_dir = settings.tmp_dir
+            if tmp_dir is None:
+                tmp_dir = Path(tempfile.mkdtemp(prefix="cog-server-"))
+                stack.callback(shutil.rmtree, tmp_dir, True)
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+            app[TMP_DIR] = tmp_dir
+
+            store = storage if storage is not None else load_storage(settings.storage_url)
+            await store.open()
+            stack.push_async_callback(store.close)
+            app[STORAGE] = store
+
+            build = builder
+            if build is None and settings.builder:
+                build = load_builder(settings.builder, settings.builder_settings)
+            if build is not None:
+                await build.open()
+                stack.push_async_callback(build.close)
+            app[BUILDER] = build
+
+            catalog = Catalog(store, ttl=settings.cache_ttl)
+            await catalog.refresh()
+            app[CATALOG] = catalog
+            refresher = asyncio.create_task(catalog.run_refresher())
+
+            async def stop_refresher() -> None:
+                refresher.cancel()
+                await asyncio.gather(refresher, return_exceptions=True)
+
+            stack.push_async_callback(stop_refresher)
+            app[PACKAGES] = Packages(store, catalog, build, settings.build, tmp_dir)
+            log.info(
+                "registry ready",
+                storage=repr(store),
+                builder=type(build).__name__ if build else None,
+                packages=len(await catalog.newest_first()),
+            )
+            yield
+
+    return context
+
+
+def json_error(status: int, message: str, **extra: object) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def error_response(exc: Exception) -> tuple[int, str, dict[str, object]]:
+    """Status, message and extra JSON fields for any error a handler lets through."""
+    if isinstance(exc, web.HTTPException):
+        return exc.status, (exc.text or exc.reason).removeprefix(f"{exc.status}: ").strip(), {}
+    if isinstance(exc, PackageNotFound):
+        return 404, str(exc), {}
+    if isinstance(exc, AmbiguousPrefix):
+        return 409, str(exc), {"matches": exc.matches}
+    if isinstance(exc, (UploadError, InvalidPackage)):
+        return getattr(exc, "http_status", 400), str(exc), {}
+    if isinstance(exc, ConfigError):
+        return 400, f"invalid cog.yaml:\n{exc}", {"problems": list(exc.problems)}
+    if isinstance(exc, StorageUnavailable):
+        log.warning("storage unavailable", error=str(exc))
+        return 503, f"storage is unavailable: {exc}", {}
+    if isinstance(exc, StorageError):
+        log.error("storage error", error=str(exc))
+        return 500, f"storage error: {exc}", {}
+    log.error("unhandled error", exc_info=exc)
+    return 500, "internal server error (see the server log)", {}
 
 
 @web.middleware
-async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Every error answer is JSON ``{"error": ...}``: aiohttp's own (404, 405, 413, ...)
-    and an unexpected exception (500, logged with its traceback) too."""
+async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Errors -> JSON with the right status, in one place. Never a traceback to clients."""
     try:
         return await handler(request)
-    except web.HTTPException as e:
-        if e.status < 400:
+    except web.HTTPException as exc:
+        if exc.status < 400:
             raise
-        headers = {k: v for k, v in e.headers.items() if k.lower() not in _ENTITY_HEADERS}
-        return _error(e.status, _http_error_message(request, e), headers)
-    except ConnectionError:  # the client is gone: nobody to answer
+        status, message, extra = error_response(exc)
+        return json_error(status, message, **extra)
+    except (asyncio.CancelledError, ConnectionResetError):
         raise
-    except Exception as e:
-        if request.writer.output_size > 0:  # a response is half sent: aiohttp drops it
-            raise
-        logger.error("%s %s failed: %r", request.method, request.path, e, exc_info=e)
-        return _error(500, f"internal error: {type(e).__name__}: {e}")
+    except Exception as exc:
+        status, message, extra = error_response(exc)
+        response = json_error(status, message, **extra)
+        if getattr(exc, "close_connection", False):
+            response.force_close()
+        return response
 
 
-_ENTITY_HEADERS = ("content-type", "content-length", "content-encoding")
-
-
-def _http_error_message(request: web.Request, error: web.HTTPException) -> str:
-    if isinstance(error, web.HTTPNotFound):
-        return f"not found: {request.path} (the routes are /ping, /help, /openapi.json, /infer)"
-    if isinstance(error, web.HTTPMethodNotAllowed):
-        allowed = ", ".join(sorted(error.allowed_methods))
-        return f"{request.method} is not allowed for {request.path}; use {allowed}"
-    text = error.text or ""
-    if not text or text == f"{error.status}: {error.reason}":  # aiohttp's default body
-        return error.reason
-    return text
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
-
-
-def _not_ready(error: NotReady, headers: dict[str, str] | None = None) -> web.Response:
-    body = {"error": str(error), "status": error.state.value}
-    return web.json_response(body, status=503, headers=headers)
+@web.middleware
+async def access_log(request: web.Request, handler) -> web.StreamResponse:
+    """One line per request: method, path, status, duration, package id when known."""
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex[:12])
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = 499  # client closed the request
+        raise
+    finally:
+        log.info(
+            "request",
+            package_id=structlog.contextvars.get_contextvars().get("package_id"),
+            method=request.method,
+            path=request.path,
+            status=status,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        structlog.contextvars.clear_contextvars()

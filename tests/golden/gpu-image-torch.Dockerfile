@@ -9,7 +9,7 @@ COPY cog/cog-0.0.0-py3-none-any.whl /tmp/cog/
 RUN python -m pip install --no-cache-dir --no-deps /tmp/cog/cog-0.0.0-py3-none-any.whl && rm -rf /tmp/cog
 WORKDIR /src
 EXPOSE 5000
-CMD ["python", "-m", "cog.server"]
+CMD ["python", "-m", "cog.runtime"]
 COPY package/ /src/
 LABEL org.cog-models.package-id="ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff" \
       org.cog-models.target="gpu" \

@@ -35,8 +35,8 @@ from cog.builders import (
 )
 from cog.config import Config
 from cog.package import short_id
-from cog.registry.catalog import Catalog, PackageNotFound, log_key, package_key
-from cog.registry.records import Artifact, PackageRecord, Status, now, record_to_json
+from cog.server.catalog import Catalog, PackageNotFound, log_key, package_key
+from cog.server.records import Artifact, PackageRecord, Status, now, record_to_json
 from cog.storage import NotFound, Storage
 
 log = structlog.get_logger(__name__)

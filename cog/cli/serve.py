@@ -179,8 +179,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace):
     from cog.builders import DEFAULT_BASE_IMAGES, BuilderSettings
     from cog.package import PackageLimits
-    from cog.registry.app import ServerSettings
-    from cog.registry.builds import BuildOptions
+    from cog.server.app import ServerSettings
+    from cog.server.builds import BuildOptions
 
     base_images = dict(DEFAULT_BASE_IMAGES)
     for target, image in args.base_image:
@@ -228,7 +228,7 @@ def run_server(args: argparse.Namespace) -> int:
 
     from cog.builders import BuilderConfigError
     from cog.logs import configure_logging
-    from cog.registry.app import make_app
+    from cog.server.app import make_app
     from cog.storage import StorageConfigError, StorageError
 
     configure_logging(args.log_format)

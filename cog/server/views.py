@@ -15,7 +15,7 @@ import cog
 from cog import events
 from cog.config import Config, ConfigError, check_config
 from cog.package import PackageArchive, PackageLimits, short_id
-from cog.registry.app import (
+from cog.server.app import (
     CATALOG,
     PACKAGES,
     SETTINGS,
@@ -25,13 +25,13 @@ from cog.registry.app import (
     error_response,
     json_error,
 )
-from cog.registry.builds import Packages, missing_zip
-from cog.registry.catalog import log_key, package_key
-from cog.registry.records import PackageRecord, record_to_json
-from cog.registry.uploads import ReceivedUpload, format_size, receive_upload
+from cog.server.builds import Packages, missing_zip
+from cog.server.catalog import log_key, package_key
+from cog.server.records import PackageRecord, record_to_json
+from cog.server.uploads import ReceivedUpload, format_size, receive_upload
 from cog.storage import NotFound
 
-log = structlog.get_logger("cog.registry")
+log = structlog.get_logger("cog.server")
 
 
 def add_routes(app: web.Application) -> None:

@@ -1,4 +1,4 @@
-"""``python -m cog.server``: serve the model named in ./cog.yaml.
+"""``python -m cog.runtime``: serve the model named in ./cog.yaml.
 
 Options (each also from the environment): ``--port`` ($PORT, default 5000), ``--host``
 ($COG_HOST, default 0.0.0.0), ``--concurrency`` ($COG_CONCURRENCY, default 1: inferences
@@ -24,11 +24,11 @@ import sys
 
 from aiohttp import web
 
-from cog.server.app import InferenceServer
-from cog.server.model_ref import ModelRef
-from cog.server.runner import DEFAULT_MAX_QUEUE
+from cog.runtime.app import InferenceServer
+from cog.runtime.model_ref import ModelRef
+from cog.runtime.runner import DEFAULT_MAX_QUEUE
 
-logger = logging.getLogger("cog.server")
+logger = logging.getLogger("cog.runtime")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -41,7 +41,7 @@ def _env_int(name: str, default: int) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m cog.server", description=__doc__.split("\n")[0]
+        prog="python -m cog.runtime", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--host", default=os.environ.get("COG_HOST", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=_env_int("PORT", 5000))

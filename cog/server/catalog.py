@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import structlog
 
 from cog.package import MIN_PREFIX_LENGTH, check_prefix, is_package_id
-from cog.registry.records import PackageRecord, decode_record, encode_record
+from cog.server.records import PackageRecord, decode_record, encode_record
 from cog.storage import NotFound, Storage
 
 log = structlog.get_logger(__name__)

@@ -23,11 +23,11 @@ import attrs
 
 from cog import model as cog_model
 from cog.model import Model, signature_of
-from cog.server.console import call_tagged
-from cog.server.model_ref import ModelLoadError
+from cog.runtime.console import call_tagged
+from cog.runtime.model_ref import ModelLoadError
 from cog.signature import Argument, Signature, SignatureError
 
-logger = logging.getLogger("cog.server")
+logger = logging.getLogger("cog.runtime")
 
 DEFAULT_MAX_QUEUE = 64
 

@@ -1,1 +1,0 @@
-"""The registry server: the HTTP API over Storage and Builders."""
