@@ -1,6 +1,6 @@
 """The events of a build stream (``Accept: application/x-ndjson``), one JSON object a line.
 
-- ``{"type": "status", "message": "Received package 1a2b3c4d5e6f (2.1 kB)"}``
+- ``{"type": "status", "message": "Received package 1a2b3c4d5e6f (2.1 KiB)"}``
 - ``{"type": "log", "stage": "build", "target": "cpu", "line": "Step 3/9 : RUN ..."}``
 - ``{"type": "package", "package": {...the package document...}}``  (final, success)
 - ``{"type": "error", "message": "...", "status": 422, "package": {...} | null}`` (final)

@@ -48,6 +48,8 @@ from pathlib import Path
 
 import attrs
 
+from cog.units import GiB, KiB, MiB, format_size
+
 PACKAGE_ID_LENGTH = 64
 SHORT_ID_LENGTH = 12
 MIN_PREFIX_LENGTH = 7
@@ -57,9 +59,6 @@ IGNORE_FILE = ".cogignore"
 #: excluded unless .cogignore re-includes them (see the module docstring)
 DEFAULT_IGNORES = ("__pycache__/", "*.pyc")
 
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
 
 _HEX = frozenset("0123456789abcdef")
 _CHUNK = 1 * MiB
@@ -615,8 +614,8 @@ class PackageArchive:
         info = self._info(path)
         if info.file_size > self.limits.max_text_bytes:
             raise InvalidPackage(
-                f"{info.filename} is too large to read as text ({_size(info.file_size)}; "
-                f"limit {_size(self.limits.max_text_bytes)})"
+                f"{info.filename} is too large to read as text ({format_size(info.file_size)}; "
+                f"limit {format_size(self.limits.max_text_bytes)})"
             )
         with self.open_member(info.filename) as f:
             data = f.read()
@@ -767,8 +766,9 @@ def _check_member_count(f: typing.BinaryIO, size: int, limits: PackageLimits) ->
     # Names of a few hundred bytes and small extra fields: 1 KiB a member is plenty.
     if cd_size > limits.max_members * KiB:
         raise InvalidPackage(
-            f"the zip's central directory is {_size(cd_size)}, over the limit of "
-            f"{_size(limits.max_members * KiB)} (1 KiB for each of {limits.max_members:,} files)"
+            f"the zip's central directory is {format_size(cd_size)}, over the limit of "
+            f"{format_size(limits.max_members * KiB)} "
+            f"(1 KiB for each of {limits.max_members:,} files)"
         )
     start = directory_end - cd_size
     if start < 0:
@@ -849,14 +849,15 @@ def _check_entries(
 
     if total > limits.max_uncompressed_bytes:
         raise InvalidPackage(
-            f"the package expands to {_size(total)} uncompressed, over the limit of "
-            f"{_size(limits.max_uncompressed_bytes)}"
+            f"the package expands to {format_size(total)} uncompressed, over the limit of "
+            f"{format_size(limits.max_uncompressed_bytes)}"
         )
     ratio = total / archive_size
     if total > limits.ratio_threshold_bytes and ratio > limits.max_ratio:
         raise InvalidPackage(
-            f"the package expands {ratio:.0f} times ({_size(archive_size)} to {_size(total)} "
-            f"uncompressed), over the ratio limit of {limits.max_ratio:g}: refused as a zip bomb"
+            f"the package expands {ratio:.0f} times ({format_size(archive_size)} to "
+            f"{format_size(total)} uncompressed), over the ratio limit of "
+            f"{limits.max_ratio:g}: refused as a zip bomb"
         )
 
     if CONFIG_NAME not in files:
@@ -877,12 +878,3 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)
-
-
-def _size(n: float) -> str:
-    if n < KiB:
-        return f"{n:.0f} bytes"
-    for unit, scale in (("KiB", KiB), ("MiB", MiB)):
-        if n < 1024 * scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n / GiB:.1f} GiB"

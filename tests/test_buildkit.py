@@ -17,7 +17,6 @@ import pytest
 from aiohttp import web
 
 from cog.builders import (
-    DEFAULT_ENGINE,
     BuilderConfigError,
     BuilderSettings,
     BuilderUnavailable,
@@ -33,6 +32,7 @@ from cog.builders.buildkit import (
     parse_address,
 )
 from cog.builders.buildkit_pb import messages as pb
+from cog.engine import DEFAULT_ENGINE
 
 
 def settings(**options: str) -> BuilderSettings:

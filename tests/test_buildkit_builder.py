@@ -28,7 +28,7 @@ from cog.builders.buildkit import (
     EngineTunnel,
     parse_address,
 )
-from cog.check import check_image
+from cog.server.check import check_image
 from tests.builder_helpers import EXAMPLES, collect, copy_example, lines, package_request
 from tests.services.docker import registry_digest
 

@@ -11,24 +11,23 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import aiodocker
 import pytest
 
 import cog
 from cog.builders import BuildError, BuilderSettings, BuilderUnavailable
 from cog.builders.docker import DockerBuilder
-from cog.check import check_image
+from cog.cli.infer import InferenceError, run_inference
 from cog.config import config_to_json
-from cog.container import (
+from cog.engine import Engine, ImageNotFound
+from cog.engine.containers import (
     EXPIRES_LABEL,
     LABEL,
     OWNER_LABEL,
     ModelContainer,
-    ensure_image,
     pid_namespace,
     remove_stale_containers,
 )
-from cog.infer import InferenceError, run_inference
+from cog.server.check import check_image
 from tests.builder_helpers import EXAMPLES, collect, copy_example, lines, package_request
 from tests.services.docker import CPU_BASE, containers, registry_digest
 
@@ -270,12 +269,9 @@ async def test_unreachable_registry_is_builder_unavailable(builder, tmp_path, no
 
 
 async def test_pulling_an_image_the_registry_lacks_is_a_plain_404(docker_engine, registry):
-    docker = aiodocker.Docker(url=docker_engine)
-    try:
-        with pytest.raises(aiodocker.DockerError) as caught:
-            await ensure_image(docker, f"{registry}/cog-test/absent:nope")
-    finally:
-        await docker.close()
+    async with Engine(docker_engine) as engine:
+        with pytest.raises(ImageNotFound) as caught:
+            await engine.ensure_image(f"{registry}/cog-test/absent:nope")
     assert caught.value.status == 404
     assert isinstance(caught.value.message, str) and "not found" in caught.value.message
 
@@ -412,7 +408,8 @@ async def test_stale_check_containers_are_removed_only_when_their_owner_is_gone(
             EXPIRES_LABEL: "1",
         },
     }
-    docker = aiodocker.Docker(url=docker_engine)
+    engine = Engine(docker_engine)
+    docker = engine.docker
     made = []
     try:
         for name, labels in owners.items():
@@ -422,12 +419,12 @@ async def test_stale_check_containers_are_removed_only_when_their_owner_is_gone(
             )
             await container.start()
             made.append(container)
-        removed = await remove_stale_containers(docker, "check")
+        removed = await remove_stale_containers(engine, "check")
         left = {c["Names"][0].lstrip("/") for c in await docker.containers.list(all=True)}
     finally:
         for container in made:
             await ModelContainer._delete(container)
-        await docker.close()
+        await engine.close()
 
     def kind(name: str) -> str:  # cog-test-<kind>-<random>
         return name.removeprefix("cog-test-").rsplit("-", 1)[0]
@@ -444,11 +441,11 @@ async def test_a_cancel_during_create_leaves_no_container(
 ):
     """Cancelled at many points of starting a container, also while the engine is still
     creating it (when cog does not know its ID yet): nothing is left behind."""
-    docker = aiodocker.Docker(url=docker_engine)
+    engine = Engine(docker_engine)
     cancelled = 0
     try:
         for attempt in range(12):
-            model = ModelContainer(docker, dying_model, role="infer")
+            model = ModelContainer(engine, dying_model, role="infer")
             entering = asyncio.ensure_future(model.__aenter__())
             await asyncio.sleep(attempt * 0.005)
             entering.cancel()
@@ -459,7 +456,7 @@ async def test_a_cancel_during_create_leaves_no_container(
             else:
                 await model.__aexit__(None, None, None)
     finally:
-        await docker.close()
+        await engine.close()
     assert cancelled >= 3
 
 

@@ -36,9 +36,16 @@ from cog.builders.dockerfile import (
     gpu_packages,
 )
 from cog.builders.runtime import runtime_wheel
-from cog.check import describe_output, output_matches
+from cog.cli.infer import (
+    InferenceError,
+    RawInput,
+    _save,
+    parse_inputs,
+    resolve_names,
+    run_inference,
+)
 from cog.config import check_config
-from cog.container import (
+from cog.engine.containers import (
     EXPIRES_LABEL,
     OWNER_LABEL,
     TARGET_LABEL,
@@ -47,15 +54,8 @@ from cog.container import (
     owner,
     pid_namespace,
 )
-from cog.infer import (
-    InferenceError,
-    RawInput,
-    _save,
-    parse_inputs,
-    resolve_names,
-    run_inference,
-)
 from cog.package import PackageArchive
+from cog.server.check import describe_output, output_matches
 from tests.builder_helpers import EXAMPLES, collect, package_request
 from tests.registry_helpers import raw_zip
 from tests.test_cli import COG, free_port

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import os
-import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, Union
 
 import attrs
+
+from cog.plugins import installed, load_plugin
 
 if TYPE_CHECKING:
     from cog.config import Config
@@ -38,15 +38,6 @@ DEFAULT_BASE_IMAGES = {
 #: "8.9"), {cudnn_major} only its major version ("8"), as NVIDIA's image tags have it.
 BASE_IMAGE_PLACEHOLDERS = ("python_version", "cuda", "cudnn", "cudnn_major", "nvidia_tag")
 GPU_STRATEGIES = ("wheels", "image")
-#: The Docker Engine when neither --docker-host nor DOCKER_HOST names one
-DEFAULT_ENGINE = "unix:///var/run/docker.sock"
-
-
-def engine_address(docker_host: str | None) -> str:
-    """The Docker Engine cog uses: ``--docker-host``, else ``DOCKER_HOST``, else the local
-    socket, in the docker CLI's order (cog reads no docker context). Every part of cog that
-    talks to an engine (builders, the check, ``cog infer``) resolves it here."""
-    return docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_ENGINE
 
 
 def template_problem(template: str) -> str | None:
@@ -120,7 +111,8 @@ class BuilderSettings:
     #: "wheels": CUDA/cuDNN from NVIDIA's pip wheels on the CPU base (no CUDA image needed);
     #: "image": an NVIDIA CUDA/cuDNN base image
     gpu_strategy: str = attrs.field(default="wheels", validator=_check_strategy)
-    #: Docker Engine address (unix:///var/run/docker.sock, tcp://...); None: see engine_address
+    #: Docker Engine address (unix:///var/run/docker.sock, tcp://...); None: DOCKER_HOST or
+    #: the local socket (cog.engine.engine_address)
     docker_host: str | None = None
     #: builder-specific options (`cog server --builder-opt key=value`), e.g. buildkit address
     options: Mapping[str, str] = attrs.field(factory=dict)
@@ -219,29 +211,17 @@ def being_cancelled(task: asyncio.Task | None = None) -> bool:
     return cancelling is not None and cancelling() > 0
 
 
-def _entry_points():
-    from importlib.metadata import entry_points
-
-    if sys.version_info >= (3, 10):
-        return entry_points(group=ENTRY_POINT_GROUP)
-    return entry_points().get(ENTRY_POINT_GROUP, [])
-
-
 def available_builders() -> list[str]:
-    return sorted({ep.name for ep in _entry_points()})
+    return installed(ENTRY_POINT_GROUP)
 
 
 def load_builder(name: str, settings: BuilderSettings) -> Builder:
     """The builder registered as name, created from settings (not yet opened)."""
-    matches = [ep for ep in _entry_points() if ep.name == name]
-    if not matches:
-        installed = ", ".join(available_builders()) or "none"
-        raise BuilderConfigError(f"no builder named {name!r} (installed: {installed})")
-    try:
-        cls = matches[0].load()
-    except ImportError as exc:
-        raise BuilderConfigError(
-            f"builder {name!r} cannot be loaded: {exc} "
-            "(is its extra installed? e.g. pip install 'cog[buildkit]')"
-        ) from exc
+    cls = load_plugin(
+        ENTRY_POINT_GROUP,
+        name,
+        noun="builder named",
+        hint="pip install 'cog[buildkit]'",
+        error=BuilderConfigError,
+    )
     return cls.from_settings(settings)

@@ -31,7 +31,7 @@ Export, by what the BuildKit at hand can do (``exporter=auto|image|moby``, defau
   registry itself (``registry_insecure=true`` for a plain-HTTP registry); the digest is the
   one BuildKit reports.
 - ``moby``: the embedded BuildKit (worker ``moby``) has no ``image`` exporter; it tags the
-  image into the engine's store, then :func:`cog.builders.docker.push_image` pushes it
+  image into the engine's store, then :func:`cog.builders.push.push_events` pushes it
   through the Engine API of that same engine and reports the registry's digest.
   ``auto`` picks ``moby`` for ``docker-grpc://`` or a worker that says it is moby.
   That engine: the one ``docker-grpc://`` names; for ``unix://``, this machine's
@@ -92,12 +92,13 @@ from cog.builders import (
     BuildRequest,
     BuiltImage,
     being_cancelled,
-    engine_address,
 )
 from cog.builders.buildkit_pb import messages as pb
 from cog.builders.buildkit_pb import method_path
 from cog.builders.context import build_context
 from cog.builders.dockerfile import dockerfile_for_request
+from cog.engine.client import engine_address
+from cog.units import format_size
 
 DEFAULT_ADDR = "docker-grpc://"
 TAIL = 20
@@ -384,15 +385,6 @@ def _seconds(timestamp: Any) -> float:
     return timestamp.seconds + timestamp.nanos / 1e9
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
-
-
 @attrs.define
 class _Vertex:
     name: str = ""
@@ -452,9 +444,11 @@ class Progress:
             if status.HasField("completed") and status.ID not in vertex.done_statuses:
                 vertex.done_statuses.add(status.ID)
                 lines += self._announce(vertex)
-                size = f" {_size(status.current)}" if status.total or status.current > 1 else ""
+                size = (
+                    f" {format_size(status.current)}" if status.total or status.current > 1 else ""
+                )
                 if status.total:
-                    size += f" / {_size(status.total)}"
+                    size += f" / {format_size(status.total)}"
                 lines.append(f"#{vertex.number} {status.name or status.ID}{size} done")
         for warning in response.warnings:
             vertex = self._vertex(warning.vertex)
@@ -718,7 +712,7 @@ class BuildKitBuilder(Builder):
         self.push_engine = push_engine
         self._context = context
         self._connection: BuildKitConnection | None = None
-        self._docker = None  # aiodocker.Docker for the moby export's push
+        self._engine: Any = None  # cog.engine.Engine for the moby export's push
 
     @property
     def label(self) -> str:
@@ -805,9 +799,9 @@ class BuildKitBuilder(Builder):
             await self._connection.close()
             self._connection = None
         await self._context.close()
-        if self._docker is not None:
-            await self._docker.close()
-            self._docker = None
+        if self._engine is not None:
+            await self._engine.close()
+            self._engine = None
 
     def dockerfile(self, request: BuildRequest) -> str:
         return dockerfile_for_request(request, self.settings)
@@ -948,19 +942,23 @@ class BuildKitBuilder(Builder):
             yield BuildLog(stage="push", line=f"BuildKit pushed {request.image}: {digest}")
             yield BuiltImage(image=request.image, digest=digest)
             return
-        from cog.builders.docker import engine, push_image  # aiodocker only for this path
+        from cog.builders.push import push_events  # aiodocker only for this path
+        from cog.engine import Engine, EngineError
 
         where = self.push_engine
         assert where is not None  # a moby export without one was refused at the start
-        if self._docker is None:
-            self._docker = engine(where)
+        if self._engine is None:
+            try:
+                self._engine = Engine(where)
+            except EngineError as exc:
+                raise BuilderUnavailable(exc.message, step="push") from None
         yield BuildLog(
             stage="push",
             line=f"Image {digest or request.image} is in the Docker Engine at {where}; "
             "pushing it from there",
         )
         try:
-            async with contextlib.aclosing(push_image(self._docker, request.image)) as events:
+            async with contextlib.aclosing(push_events(self._engine, request.image)) as events:
                 async for event in events:
                     yield event
         except asyncio.CancelledError:

@@ -18,6 +18,7 @@ import aiohttp
 
 from cog import events
 from cog.cli.output import CLIError
+from cog.streams import LineTooLong, file_chunks, lines
 
 CHUNK = 1024 * 1024
 Progress = Callable[[int], None]
@@ -85,7 +86,7 @@ class RegistryClient:
         """Upload a package zip; the server's build events as they happen."""
         with aiohttp.MultipartWriter("form-data") as form:
             part = form.append(
-                _file_chunks(zip_path, progress), {"Content-Type": "application/zip"}
+                _counted(file_chunks(zip_path), progress), {"Content-Type": "application/zip"}
             )
             part.set_content_disposition("form-data", name="file", filename="package.zip")
             headers = {"Accept": events.NDJSON}
@@ -163,14 +164,13 @@ def _check_destination(dest: Path) -> None:
         raise CLIError(f"cannot save to {dest}: the directory {parent} {what}")
 
 
-async def _file_chunks(path: Path, progress: Progress | None) -> AsyncIterator[bytes]:
+async def _counted(chunks: AsyncIterator[bytes], progress: Progress | None) -> AsyncIterator[bytes]:
     done = 0
-    with open(path, "rb") as file:
-        while chunk := await asyncio.to_thread(file.read, CHUNK):
-            done += len(chunk)
-            if progress:
-                progress(done)
-            yield chunk
+    async for chunk in chunks:
+        done += len(chunk)
+        if progress:
+            progress(done)
+        yield chunk
 
 
 async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
@@ -178,21 +178,16 @@ async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, A
     if not response.content_type.endswith("ndjson"):
         yield events.package(await response.json())
         return
-    pending = b""
     try:
-        async for chunk in response.content.iter_any():
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                if line.strip():
-                    yield _decode(line)
+        async for line in lines(response.content.iter_any()):
+            yield _decode(line)
     except aiohttp.ClientPayloadError:
         raise CLIError(
             "the connection to the server broke before the build ended; "
             "see `cog logs ID` for what happened"
         ) from None
-    if pending.strip():
-        yield _decode(pending)
+    except LineTooLong as exc:
+        raise CLIError(f"the server sent no build event: {exc}") from None
 
 
 def _decode(line: bytes) -> dict[str, Any]:

@@ -16,13 +16,13 @@ from cog.cli import serve
 from cog.cli.output import (
     CLIError,
     Progress,
-    human_size,
     parse_time,
     style,
     table,
     time_ago,
 )
 from cog.cli.remote import current_remote, save_remote
+from cog.units import format_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,7 +277,7 @@ def describe(package: dict[str, Any]) -> str:
         + (f" ({package['Error']})" if package.get("Error") else ""),
         f"{style('Created:', 'bold')}  {package['Created']} "
         f"({time_ago(parse_time(package['Created']))})",
-        f"{style('Size:', 'bold')}     {human_size(package.get('Size') or 0)}",
+        f"{style('Size:', 'bold')}     {format_size(package.get('Size') or 0)}",
         f"{style('Model:', 'bold')}    {config.get('Model', '')}",
         f"{style('Python:', 'bold')}   {env.get('PythonVersion', '')}",
         f"{style('Arch:', 'bold')}     {', '.join(env.get('Architectures') or [])}"
@@ -333,8 +333,8 @@ async def delete(args: argparse.Namespace) -> int:
 
 
 async def infer(args: argparse.Namespace) -> int:
+    from cog.cli.infer import InferenceError, run_inference
     from cog.cli.output import is_tty
-    from cog.infer import InferenceError, run_inference
 
     async with client(args) as registry:
         package = await registry.show(args.id)

@@ -9,6 +9,8 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
+from cog.units import format_size
+
 
 class CLIError(Exception):
     """An error to show as one line (``cog: error: ...``) and exit non-zero."""
@@ -34,14 +36,6 @@ def style(text: str, *names: str, stream: TextIO | None = None) -> str:
         return text
     codes = ";".join(_CODES[name] for name in names)
     return f"\x1b[{codes}m{text}\x1b[0m"
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def time_ago(when: dt.datetime, now: dt.datetime | None = None) -> str:
@@ -89,8 +83,8 @@ class Progress:
         bar = "#" * int(fraction * 30)
         rate = done / max(now - self._started, 1e-6)
         self.stream.write(
-            f"\r{self.label} [{bar:<30}] {fraction:4.0%} {human_size(done)} "
-            f"({human_size(rate)}/s)   "
+            f"\r{self.label} [{bar:<30}] {fraction:4.0%} {format_size(done)} "
+            f"({format_size(rate)}/s)   "
         )
         self.stream.flush()
 

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 
+from cog import units
 from cog.cli.output import CLIError
-
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?", re.IGNORECASE)
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 
 def parse_size(text: str) -> int:
-    """'4G', '500MiB', '1048576' -> bytes."""
-    match = _SIZE.fullmatch(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4G, 500MiB, 1048576)")
-    number, unit = float(match.group(1)), (match.group(2) or "").lower()
-    binary = "i" in unit
-    unit = unit.rstrip("b").rstrip("i")
-    factor = 1024 ** " kmgt".index(unit or " ") if binary else _UNITS[unit]
-    return int(number * factor)
+    """'4G', '500MiB', '1048576' -> bytes (see cog.units)."""
+    try:
+        return units.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def positive_int(text: str) -> int:

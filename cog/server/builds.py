@@ -380,7 +380,7 @@ class Packages:
         artifacts: list[Artifact],
         where: _Whereabouts,
     ) -> AsyncIterator[Event]:
-        from cog.check import check_image  # needs aiodocker: only where checks run
+        from cog.server.check import check_image  # needs aiodocker: only where checks run
 
         by_target = {a.target: a for a in artifacts}
         artifact = by_target.get("docker-cpu") or by_target.get("docker-gpu")

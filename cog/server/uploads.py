@@ -20,6 +20,8 @@ import attrs
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from cog.units import format_size
+
 T = TypeVar("T")
 READ_CHUNK = 256 * 1024
 BATCH = 1024 * 1024
@@ -53,14 +55,6 @@ class ReceivedUpload:
     path: Path
     package_id: str
     size: int
-
-
-def format_size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 async def receive_upload(request: web.Request, tmp_dir: Path, max_bytes: int) -> ReceivedUpload:

@@ -28,8 +28,9 @@ from cog.server.app import (
 from cog.server.builds import Packages, missing_zip
 from cog.server.catalog import log_key, package_key
 from cog.server.records import PackageRecord, record_to_json
-from cog.server.uploads import ReceivedUpload, format_size, receive_upload
+from cog.server.uploads import ReceivedUpload, receive_upload
 from cog.storage import NotFound
+from cog.units import format_size
 
 log = structlog.get_logger("cog.server")
 

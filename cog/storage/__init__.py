@@ -28,11 +28,12 @@ from __future__ import annotations
 import abc
 import contextlib
 import re
-import sys
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import ClassVar
 
 import attrs
+
+from cog.plugins import installed, load_plugin
 
 ENTRY_POINT_GROUP = "cog.storage"
 
@@ -310,16 +311,8 @@ def _translation(backend: Storage, exc: BaseException) -> BaseException:
     return StorageError(f"{type(backend).__name__}: {type(exc).__name__}: {exc}")
 
 
-def _entry_points():
-    from importlib.metadata import entry_points
-
-    if sys.version_info >= (3, 10):
-        return entry_points(group=ENTRY_POINT_GROUP)
-    return entry_points().get(ENTRY_POINT_GROUP, [])
-
-
 def available_schemes() -> list[str]:
-    return sorted({ep.name for ep in _entry_points()})
+    return installed(ENTRY_POINT_GROUP)
 
 
 def load_storage(url: str) -> Storage:
@@ -330,19 +323,13 @@ def load_storage(url: str) -> Storage:
             f"storage URL {url!r} has no scheme; expected e.g. file:///var/lib/cog or "
             "s3://bucket/prefix"
         )
-    matches = [ep for ep in _entry_points() if ep.name == scheme]
-    if not matches:
-        installed = ", ".join(available_schemes()) or "none"
-        raise StorageConfigError(
-            f"no storage backend for scheme {scheme!r} (installed: {installed})"
-        )
-    try:
-        cls = matches[0].load()
-    except ImportError as exc:
-        raise StorageConfigError(
-            f"storage backend {scheme!r} cannot be loaded: {exc} "
-            "(is its extra installed? e.g. pip install 'cog[s3]')"
-        ) from exc
+    cls = load_plugin(
+        ENTRY_POINT_GROUP,
+        scheme,
+        noun="storage backend for scheme",
+        hint="pip install 'cog[s3]'",
+        error=StorageConfigError,
+    )
     backend = cls.from_url(url)
     if not backend.scheme:
         backend.scheme = scheme

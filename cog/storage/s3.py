@@ -52,6 +52,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore import exceptions as boto
 
+from cog import units
 from cog.storage import (
     BlobInfo,
     BlobReader,
@@ -67,7 +68,6 @@ log = structlog.get_logger(__name__)
 MIN_PART = 5 * 1024 * 1024
 MAX_PARTS = 10_000  # S3 numbers parts 1..10000
 READ_CHUNK = 1024 * 1024
-_SIZE = re.compile(r"(\d+)\s*(|k|m|g)i?b?", re.IGNORECASE)
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)\s*(|s|m|h|d)", re.IGNORECASE)
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
 _UNAVAILABLE = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"}
@@ -82,10 +82,10 @@ _CREDENTIALS_HINT = (
 
 
 def parse_size(text: str) -> int:
-    match = _SIZE.fullmatch(text.strip())
-    if not match:
-        raise StorageConfigError(f"not a size: {text!r} (e.g. 8MiB)")
-    return int(match[1]) * 1024 ** " kmg".index(match[2].lower() or " ")
+    try:
+        return units.parse_size(text)
+    except ValueError as exc:
+        raise StorageConfigError(str(exc)) from None
 
 
 def parse_duration(text: str) -> float:

@@ -98,7 +98,7 @@ def no_leaked_containers(docker_engine):
 
 def registry_digest(registry: str, image: str) -> str:
     """The manifest digest the registry holds for image (repository:tag)."""
-    from cog.builders.docker import split_image
+    from cog.engine import split_image
 
     repository, tag = split_image(image)
     name = repository.removeprefix(f"{registry}/")

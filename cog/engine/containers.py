@@ -1,6 +1,7 @@
 """A built model image running as a container: start it, wait until ready, call it, remove it.
 
-Used by the check after a build (:mod:`cog.check`) and by ``cog infer`` (:mod:`cog.infer`).
+Used by the check after a build (:mod:`cog.server.check`) and by ``cog infer``
+(:mod:`cog.cli.infer`).
 The container publishes the model's port 5000 on a random host port and is always
 removed on the way out, also when the caller is cancelled (Ctrl-C, client gone), even
 in the middle of its creation: it is named up front, so it can be removed without its ID.
@@ -24,14 +25,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiodocker
 import aiohttp
 
-from cog.builders.docker import engine_stream, ensure_image
+from cog.engine.client import Engine, EngineError
 
-__all__ = ["ContainerError", "ModelContainer", "ensure_image", "remove_stale_containers"]
+__all__ = ["ContainerError", "ModelContainer", "remove_stale_containers"]
 
 MODEL_PORT = "5000/tcp"
 LABEL = "org.cog-models.role"
@@ -42,6 +42,8 @@ EXPIRES_LABEL = "org.cog-models.expires"
 #: This process's instance, told apart from a later process that got the same PID
 INSTANCE = uuid.uuid4().hex[:12]
 TARGET_LABEL = "org.cog-models.target"  # written by cog.builders.dockerfile
+#: the longest line of the model's output kept (the rest of it is dropped)
+MAX_LOG_LINE = 16 * 1024
 #: every GPU the engine has, as `docker run --gpus all` asks for them
 ALL_GPUS = {"Driver": "", "Count": -1, "Capabilities": [["gpu"]]}
 
@@ -115,42 +117,39 @@ def abandoned(labels: dict[str, str], state: str, now: float) -> bool:
     return not _pid_alive(int(pid))
 
 
-async def remove_stale_containers(docker: aiodocker.Docker, role: str) -> list[str]:
+async def remove_stale_containers(engine: Engine, role: str) -> list[str]:
     """Remove the containers of `role` whose owner is gone; their names."""
-    found = await docker.containers.list(
-        all=True, filters=json.dumps({"label": [f"{LABEL}={role}"]})
-    )
-    now = time.time()
-    removed = []
-    for container in found:
-        info = container._container
-        if abandoned(info.get("Labels") or {}, info.get("State", ""), now):
-            await ModelContainer._delete(container)
-            removed.append(",".join(n.lstrip("/") for n in info.get("Names") or []) or info["Id"])
+    with engine.translated():
+        found = await engine.docker.containers.list(
+            all=True, filters=json.dumps({"label": [f"{LABEL}={role}"]})
+        )
+        now = time.time()
+        removed = []
+        for container in found:
+            info = container._container  # the listing's summary; aiodocker has no accessor
+            if abandoned(info.get("Labels") or {}, info.get("State", ""), now):
+                await ModelContainer._delete(container)
+                names = ",".join(n.lstrip("/") for n in info.get("Names") or [])
+                removed.append(names or info["Id"])
     return removed
 
 
-def _published_host(docker: aiodocker.Docker) -> str:
-    """Where a port published by this engine can be reached from here."""
-    host = docker.docker_host or ""
-    if host.startswith(("tcp://", "http://", "https://")):
-        return urlsplit(host.replace("tcp://", "http://")).hostname or "127.0.0.1"
-    return "127.0.0.1"
-
-
 class ModelContainer:
-    """``async with ModelContainer(docker, image) as model:`` a running model image."""
+    """``async with ModelContainer(engine, image) as model:`` a running model image.
+
+    Entering raises EngineError when the engine cannot create or start it."""
 
     def __init__(
         self,
-        docker: aiodocker.Docker,
+        engine: Engine,
         image: str,
         *,
         role: str = "check",
         lifetime: float | None = None,
     ):
         """lifetime: seconds after which whoever finds the container may remove it."""
-        self.docker = docker
+        self.engine = engine
+        self.docker = engine.docker
         self.image = image
         self.role = role
         self.lifetime = lifetime
@@ -170,7 +169,13 @@ class ModelContainer:
         self._log_task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ModelContainer:
-        bind = "127.0.0.1" if _published_host(self.docker) == "127.0.0.1" else "0.0.0.0"
+        with self.engine.translated():
+            await self._start()
+        return self
+
+    async def _start(self) -> None:
+        host = self.engine.published_host()
+        bind = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
         image = await self.docker.images.inspect(self.image)
         self.target = (image.get("Config", {}).get("Labels") or {}).get(TARGET_LABEL, "")
         if self.target == "gpu":
@@ -199,10 +204,9 @@ class ModelContainer:
         except BaseException:
             await asyncio.shield(self._discard(creating))
             raise
-        self.url = f"http://{_published_host(self.docker)}:{port}"
+        self.url = f"http://{host}:{port}"
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         self._log_task = asyncio.create_task(self._follow_logs())
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._log_task is not None:
@@ -226,7 +230,8 @@ class ModelContainer:
     async def _remove(self) -> None:
         if self.container is not None:
             # Shielded: removal must finish even when the caller is being cancelled.
-            await asyncio.shield(self._delete(self.container))
+            with self.engine.translated():
+                await asyncio.shield(self._delete(self.container))
             self.container = None
 
     @staticmethod
@@ -238,12 +243,13 @@ class ModelContainer:
                 raise
 
     async def _follow_logs(self) -> None:
-        """Collect the model's output lines (stdout and stderr) as they come."""
+        """Collect the model's output lines (stdout and stderr) as they come. A line is
+        cut at MAX_LOG_LINE characters: a model printing without newlines must not grow
+        this process."""
         pending = ""
-        frames = b""
+        frames = bytearray()
         try:
-            async with engine_stream(
-                self.docker,
+            async with self.engine.stream(
                 "GET",
                 f"containers/{self.container.id}/logs",
                 params={"follow": "1", "stdout": "1", "stderr": "1"},
@@ -257,12 +263,15 @@ class ModelContainer:
                         if len(frames) < 8 + size:
                             break
                         text = frames[8 : 8 + size].decode(errors="replace")
-                        frames = frames[8 + size :]
+                        del frames[: 8 + size]
                         *lines, pending = (pending + text).split("\n")
+                        if len(pending) > MAX_LOG_LINE:
+                            lines.append(pending[:MAX_LOG_LINE])
+                            pending = ""
                         for line in lines:
                             self._logs.append(line)
                             self._new_lines.append(line)
-        except (aiodocker.DockerError, aiohttp.ClientError):
+        except (EngineError, aiohttp.ClientError):
             pass  # the container went away: its last lines are kept already
 
     def new_log_lines(self) -> list[str]:
@@ -276,7 +285,8 @@ class ModelContainer:
         return tuple(list(self._logs)[-n:])
 
     async def _running(self) -> bool:
-        info = await self.container.show()
+        with self.engine.translated():
+            info = await self.container.show()
         return bool(info["State"]["Running"])
 
     async def exit_code(self) -> int | None:

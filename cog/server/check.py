@@ -14,13 +14,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import aiodocker
 import aiohttp
 
 from cog.builders import BuildError, BuilderUnavailable, BuildLog
-from cog.builders.docker import engine
 from cog.config import Config, Example
-from cog.container import ContainerError, ModelContainer, ensure_image, remove_stale_containers
+from cog.engine import Engine, EngineError
+from cog.engine.containers import ContainerError, ModelContainer, remove_stale_containers
 
 
 def _log(line: str) -> BuildLog:
@@ -74,21 +73,18 @@ async def check_image(
     docker_host: str | None = None,
     timeout: float = 300.0,
 ) -> AsyncIterator[BuildLog]:
-    docker = engine(docker_host)
     try:
-        async for line in _check(docker, image, archive_path, config, signature, timeout):
-            yield line
-    except (aiohttp.ClientConnectorError, aiodocker.DockerError) as exc:
-        message = getattr(exc, "message", None) or str(exc)
+        async with Engine(docker_host) as engine:
+            async for line in _check(engine, image, archive_path, config, signature, timeout):
+                yield line
+    except EngineError as exc:
         raise BuilderUnavailable(
-            f"could not run {image} on the Docker Engine: {message}", step="test"
+            f"could not run {image} on the Docker Engine: {exc.message}", step="test"
         ) from None
-    finally:
-        await docker.close()
 
 
 async def _check(
-    docker: aiodocker.Docker,
+    engine: Engine,
     image: str,
     zip_path: Path,
     config: Config,
@@ -96,14 +92,14 @@ async def _check(
     timeout: float,
 ) -> AsyncIterator[BuildLog]:
     # Check containers of a server killed mid-check (its own cleanup never ran).
-    for name in await remove_stale_containers(docker, "check"):
+    for name in await remove_stale_containers(engine, "check"):
         yield _log(f"Removed {name}, left behind by a cog server that stopped")
-    await ensure_image(docker, image)
+    await engine.ensure_image(image)
     yield _log(f"Starting {image}")
     started = time.monotonic()
     # The longest this check can take: boot, /help, then each example, each bounded.
     lifetime = timeout * (2 + len(config.examples)) + 60
-    async with ModelContainer(docker, image, role="check", lifetime=lifetime) as model:
+    async with ModelContainer(engine, image, role="check", lifetime=lifetime) as model:
         if model.target == "gpu" and not model.device_requests:
             yield _log("This Docker Engine has no NVIDIA runtime: the GPU image runs on the CPU")
         try:

@@ -16,12 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiodocker
 import aiohttp
 import attrs
 
-from cog.builders.docker import CONNECTION_FAILED, engine, unreachable
-from cog.container import ContainerError, ModelContainer, ensure_image, remove_stale_containers
+from cog.engine import Engine, EngineError, EngineUnreachable, ImageNotFound
+from cog.engine.containers import ContainerError, ModelContainer, remove_stale_containers
 
 BARE_INPUT = "input"
 
@@ -122,40 +121,35 @@ async def run_inference(
 ) -> Output:
     """Run one inference on image; every failure is an InferenceError (one line, then the
     model's last lines of output when it has any to tell)."""
-    docker = engine(docker_host)
     opened: list = []
     try:
-        # `cog infer` processes killed outright (SIGKILL) leave their container behind.
-        await remove_stale_containers(docker, "infer")
-        try:
-            await ensure_image(docker, image, progress)
-        except aiodocker.DockerError as exc:
-            if exc.status != 404:
-                raise
-            raise InferenceError(f"cannot pull {image}: {exc.message}") from None
-        async with ModelContainer(docker, image, role="infer") as model:
-            if progress:
-                progress("Waiting for the model to be ready")
+        async with Engine(docker_host) as engine:
+            # `cog infer` processes killed outright (SIGKILL) leave their container behind.
+            await remove_stale_containers(engine, "infer")
             try:
-                async for _ in model.wait_ready(timeout):
-                    pass
-                return await _infer(model, inputs, output_path, opened)
-            except ContainerError as exc:
-                raise InferenceError(_with_logs(str(exc), exc.logs)) from None
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                # The model's connection broke: it died, or answered what HTTP cannot be.
-                failure = await model.failure("answering the request", exc)
-                raise InferenceError(_with_logs(str(failure), failure.logs)) from None
-    except aiodocker.DockerError as exc:
-        if exc.status == CONNECTION_FAILED:
-            raise InferenceError(unreachable(docker, exc.message).message) from None
+                await engine.ensure_image(image, progress)
+            except ImageNotFound as exc:
+                raise InferenceError(f"cannot pull {image}: {exc.message}") from None
+            async with ModelContainer(engine, image, role="infer") as model:
+                if progress:
+                    progress("Waiting for the model to be ready")
+                try:
+                    async for _ in model.wait_ready(timeout):
+                        pass
+                    return await _infer(model, inputs, output_path, opened)
+                except ContainerError as exc:
+                    raise InferenceError(_with_logs(str(exc), exc.logs)) from None
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    # The model's connection broke: it died, or answered what HTTP cannot be.
+                    failure = await model.failure("answering the request", exc)
+                    raise InferenceError(_with_logs(str(failure), failure.logs)) from None
+    except EngineUnreachable as exc:
+        raise InferenceError(exc.message) from None
+    except EngineError as exc:
         raise InferenceError(f"Docker: {exc.message}") from None
-    except aiohttp.ClientError as exc:
-        raise InferenceError(unreachable(docker, exc).message) from None
     finally:
         for file in opened:
             file.close()
-        await docker.close()
 
 
 def _with_logs(message: str, logs: tuple[str, ...]) -> str:
