@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cog.units import GiB, KiB, MiB, format_size, parse_size
+from cog.units import GiB, MiB, format_size, parse_size
 
 
 @pytest.mark.parametrize(
