@@ -16,7 +16,7 @@ import pytest
 from cog.builders import BuilderSettings
 from cog.events import NDJSON
 from cog.server.app import ServerSettings, make_app
-from cog.server.builds import BuildOptions
+from cog.server.settings import IngestOptions
 from tests.registry_helpers import EXAMPLES, form, package_bytes, upload_then_hang_up
 from tests.test_buildkit_builder import (
     SlowBuilder,
@@ -37,7 +37,7 @@ def server_settings(tmp_path: Path, registry: str, addr: str) -> ServerSettings:
         storage_url=f"file://{tmp_path / 'store'}",
         builder="buildkit",
         builder_settings=BuilderSettings(registry=registry, options={"addr": addr}),
-        build=BuildOptions(registry=registry, check_timeout=120),
+        ingest=IngestOptions(check_timeout=120),
         tmp_dir=tmp_path / "spool",
     )
 

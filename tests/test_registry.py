@@ -23,8 +23,9 @@ from structlog.testing import capture_logs
 
 from cog.builders import Builder
 from cog.events import NDJSON
-from cog.server.app import STORAGE, ServerSettings, make_app
+from cog.server.app import ServerSettings, make_app
 from cog.server.catalog import record_key
+from cog.server.keys import STORAGE
 from cog.server.records import encode_record
 from cog.storage import CheckedStorage, load_storage
 from tests.registry_helpers import (

@@ -16,7 +16,7 @@ import pytest
 from cog.builders import BuilderSettings
 from cog.events import NDJSON
 from cog.server.app import ServerSettings, make_app
-from cog.server.builds import BuildOptions
+from cog.server.settings import IngestOptions
 from tests.registry_helpers import EXAMPLES, form, package_bytes, upload_then_hang_up
 from tests.services.docker import containers
 from tests.test_cli import COG, cog_server
@@ -31,7 +31,7 @@ def server_settings(
         storage_url=f"file://{tmp_path / 'store'}",
         builder="docker",
         builder_settings=builder or BuilderSettings(registry=registry),
-        build=BuildOptions(registry=registry, check_timeout=120, **build),
+        ingest=IngestOptions(check_timeout=120, **build),
         tmp_dir=tmp_path / "spool",
     )
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import contextlib
+import re
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, Union
 
@@ -225,3 +227,91 @@ def load_builder(name: str, settings: BuilderSettings) -> Builder:
         error=BuilderConfigError,
     )
     return cls.from_settings(settings)
+
+
+#: A registry's manifest digest
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+class CheckedBuilder(Builder):
+    """Wraps any builder, as the server uses every one: what it yields is checked against
+    the contract, and what it raises is translated.
+
+    - log lines come as they happen, then exactly one :class:`BuiltImage`, of the image
+      asked for, with a registry digest: anything else (no image, two, output after it)
+      fails the build with :class:`BuildError` naming the builder;
+    - an exception that is no BuildError is the builder's own failure, not the
+      package's: it becomes :class:`BuilderUnavailable` (503), with the builder named.
+    """
+
+    def __init__(self, backend: Builder):
+        self.backend = backend
+        self.name = backend.name
+
+    @property
+    def label(self) -> str:
+        return self.backend.label
+
+    @classmethod
+    def from_settings(cls, settings: BuilderSettings) -> Builder:  # pragma: no cover
+        raise NotImplementedError("wrap a builder: CheckedBuilder(builder)")
+
+    def __repr__(self) -> str:
+        return f"CheckedBuilder({self.backend!r})"
+
+    async def open(self) -> None:
+        with _translated(self.label, "opening"):
+            await self.backend.open()
+
+    async def close(self) -> None:
+        with _translated(self.label, "closing"):
+            await self.backend.close()
+
+    async def build(self, request: BuildRequest) -> AsyncIterator[BuildEvent]:
+        label = self.label
+        built: BuiltImage | None = None
+        stream = self.backend.build(request)
+        try:
+            while True:
+                with _translated(label, "building"):
+                    try:
+                        event = await stream.__anext__()
+                    except StopAsyncIteration:
+                        break
+                if built is not None:
+                    raise BuildError(f"{label} went on after it reported the image {built.image}")
+                if isinstance(event, BuildLog):
+                    yield event
+                elif isinstance(event, BuiltImage):
+                    if event.image != request.image:
+                        raise BuildError(
+                            f"{label} reported the image {event.image}; {request.image} was "
+                            "asked for"
+                        )
+                    if not _DIGEST.fullmatch(event.digest or ""):
+                        raise BuildError(
+                            f"{label} reported {event.image} with no registry digest "
+                            f"({event.digest!r})"
+                        )
+                    built = event
+                else:
+                    raise BuildError(f"{label} yielded {event!r}, which is no build event")
+        finally:
+            with _translated(label, "stopping"):
+                await stream.aclose()
+        if built is None:
+            raise BuildError(f"{label} ended without reporting an image of {request.image}")
+        yield built
+
+
+@contextlib.contextmanager
+def _translated(label: str, doing: str) -> Iterator[None]:
+    """A builder's own failure (no BuildError, no cancellation) as BuilderUnavailable."""
+    try:
+        yield
+    except (BuildError, BuilderConfigError):
+        raise
+    except Exception as exc:
+        raise BuilderUnavailable(
+            f"{label} failed while {doing}: {type(exc).__name__}: {exc}"
+        ) from exc

@@ -172,8 +172,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace):
     from cog.builders import DEFAULT_BASE_IMAGES, BuilderSettings
     from cog.package import PackageLimits
-    from cog.server.app import ServerSettings
-    from cog.server.builds import BuildOptions
+    from cog.server.settings import IngestOptions, ServerSettings
 
     base_images = dict(DEFAULT_BASE_IMAGES)
     for target, image in args.base_image:
@@ -196,11 +195,9 @@ def settings_from_args(args: argparse.Namespace):
             docker_host=args.docker_host,
             options=options,
         ),
-        build=BuildOptions(
-            registry=args.docker_registry,
+        ingest=IngestOptions(
             check_images=not args.no_check,
             check_timeout=args.check_timeout,
-            docker_host=args.docker_host,
             max_concurrent_builds=args.max_builds,
         ),
         tmp_dir=args.tmp_dir,

@@ -192,18 +192,24 @@ class Engine:
         tail: collections.deque[str] = collections.deque(maxlen=TAIL)
         params = {"fromImage": repository, "tag": tag}
         headers = {"X-Registry-Auth": _ANONYMOUS}
-        async with self.stream("POST", "images/create", params=params, headers=headers) as r:
-            async for item in self.json_lines(r):
-                error = stream_error(item)
-                if error:
-                    kind = ImageNotFound if "not found" in error else _registry_error(error)
-                    raise kind(f"pulling {image} failed: {error}", 404, tuple(tail))
-                status, layer = item.get("status", ""), item.get("id", "")
-                if status and last.get(layer) != status and status != "Downloading":
-                    last[layer] = status
-                    line = f"{layer}: {status}" if layer else status
-                    tail.append(line)
-                    yield line
+        try:
+            async with self.stream("POST", "images/create", params=params, headers=headers) as r:
+                async for item in self.json_lines(r):
+                    error = stream_error(item)
+                    if error:
+                        kind = ImageNotFound if "not found" in error else _registry_error(error)
+                        raise kind(f"pulling {image} failed: {error}", 404, tuple(tail))
+                    status, layer = item.get("status", ""), item.get("id", "")
+                    if status and last.get(layer) != status and status != "Downloading":
+                        last[layer] = status
+                        line = f"{layer}: {status}" if layer else status
+                        tail.append(line)
+                        yield line
+        except EngineError as exc:
+            # The engine asks the registry before it answers: no such image is a plain 404.
+            if exc.status != 404 or isinstance(exc, ImageNotFound):
+                raise
+            raise ImageNotFound(f"pulling {image} failed: {exc.message}", 404) from None
 
     async def push(self, image: str) -> AsyncIterator[str | Pushed]:
         """Push image (repository:tag): compact progress lines, then one :class:`Pushed`."""

@@ -52,8 +52,9 @@ class PackageRecord:
     #: why the last build failed
     error: str = ""
 
-    def evolve(self, **changes: Any) -> PackageRecord:
-        return attrs.evolve(self, updated=now(), **changes)
+    def evolve(self, *, updated: dt.datetime, **changes: Any) -> PackageRecord:
+        """This record changed at `updated` (the caller's clock)."""
+        return attrs.evolve(self, updated=updated, **changes)
 
 
 def now() -> dt.datetime:

@@ -1,0 +1,445 @@
+"""The ingest service: from an uploaded package to a stored, built and checked one.
+
+Everything the cog server decides about packages is here; the HTTP views only translate.
+An upload goes through named steps, each an async generator of build events (see
+:mod:`cog.events`) that the views write out as NDJSON or reduce to the final result:
+
+1. :meth:`IngestService.accept`: inspect the package (structure, cog.yaml, the model's
+   inputs) before anything is stored; then "Received", and every member verified;
+2. :meth:`IngestService.ingest`: follow a build of the same package already running
+   here or on another server, or claim the package (its zip stored, its record
+   "building");
+3. the build (:meth:`_build`): wait for a build slot, build and push each architecture's
+   image, check the model in the built image, record the outcome; every event goes to
+   the build's live log, which is stored when the build ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from cog import events
+from cog.builders import Builder, BuildError, BuilderSettings, BuildLog, BuildRequest
+from cog.package import PackageLimits, short_id
+from cog.server.build_run import BuildRun
+from cog.server.catalog import Catalog, PackageNotFound, log_key, package_key
+from cog.server.inspection import Inspection, inspect_package, verify_package
+from cog.server.live import LiveBuild
+from cog.server.records import Artifact, PackageRecord, Status, now, record_to_json
+from cog.server.settings import IngestOptions
+from cog.server.uploads import ReceivedUpload
+from cog.storage import NotFound, Storage
+from cog.streams import file_chunks, to_file
+from cog.units import format_size
+
+log = structlog.get_logger(__name__)
+
+Event = dict[str, Any]
+DEFAULT_NAME = "cog-model"
+
+
+class PackageBusy(Exception):
+    """A change refused because the package is being built (409)."""
+
+
+def missing_zip(package_id: str) -> str:
+    """The error for a record whose zip is gone (a delete running now, a store changed by
+    hand)."""
+    return (
+        f"package {short_id(package_id)} has a record but its zip is not in storage "
+        "(being deleted?); upload it again to restore it"
+    )
+
+
+class _Claims:
+    """One lock per package ID, held while an upload or rebuild decides whether it builds
+    the package: a second one in this server then finds the first one's live build."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, package_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(package_id, (asyncio.Lock(), 0))
+        self._locks[package_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[package_id]
+            if users == 1:
+                del self._locks[package_id]
+            else:
+                self._locks[package_id] = (lock, users - 1)
+
+
+class IngestService:
+    """Stores, builds and checks packages; one per server. See the module docstring."""
+
+    #: seconds between looks at a package another server is building
+    poll_interval = 1.0
+
+    def __init__(
+        self,
+        storage: Storage,
+        catalog: Catalog,
+        builder: Builder | None,
+        *,
+        builder_settings: BuilderSettings,
+        options: IngestOptions,
+        limits: PackageLimits,
+        tmp_dir: Path,
+        clock: Callable[[], dt.datetime] = now,
+    ):
+        self.storage = storage
+        self.catalog = catalog
+        self.builder = builder
+        self.builder_settings = builder_settings
+        self.options = options
+        self.limits = limits
+        self.tmp_dir = tmp_dir
+        #: the time records are stamped with (tests age packages without waiting)
+        self.clock = clock
+        self._live: dict[str, LiveBuild] = {}
+        self._claims = _Claims()
+        self._slots = asyncio.Semaphore(options.max_concurrent_builds)
+
+    def live(self, package_id: str) -> LiveBuild | None:
+        """The build of this package running in this server, if any."""
+        return self._live.get(package_id)
+
+    def is_stale(self, record: PackageRecord) -> bool:
+        """A "building" record not refreshed for so long that its server must be gone."""
+        return (self.clock() - record.updated).total_seconds() > self.options.stale_after
+
+    def busy(self, record: PackageRecord) -> bool:
+        """Whether a build of this package runs, here or (by its record) on another server."""
+        if record.id in self._live:
+            return True
+        return record.status is Status.BUILDING and not self.is_stale(record)
+
+    # -- an upload ---------------------------------------------------------------------
+
+    async def accept(self, received: ReceivedUpload) -> AsyncIterator[Event]:
+        """Inspect an upload (InvalidPackage or ConfigError now, before any event), then
+        its stream of events. The received file stays the caller's."""
+        inspection = await asyncio.to_thread(inspect_package, received.path, self.limits)
+        return self._accepted(received, inspection)
+
+    async def _accepted(
+        self, received: ReceivedUpload, inspection: Inspection
+    ) -> AsyncIterator[Event]:
+        # "Received" at once: verifying every member takes seconds for a large package,
+        # and the client hears from us first.
+        yield events.status(
+            f"Received package {short_id(received.package_id)} ({format_size(received.size)})"
+        )
+        await asyncio.to_thread(verify_package, received.path, self.limits)
+        async with contextlib.aclosing(
+            self.ingest(received.package_id, received.size, received.path, inspection)
+        ) as stream:
+            async for event in stream:
+                yield event
+
+    async def ingest(
+        self, package_id: str, size: int, zip_path: Path, inspection: Inspection
+    ) -> AsyncIterator[Event]:
+        """Store, build and check one received and verified package, or follow the build
+        of it that runs already (zip_path stays the caller's)."""
+        run: BuildRun | None = None
+        async with self._claims.hold(package_id):
+            existing = await self._existing(package_id)
+            live = self._live.get(package_id)
+            if live is None and self.builder is not None and self._to_build(existing):
+                record = self._new_record(package_id, size, inspection, existing)
+                run = self._start(record)
+        if run is not None:
+            stream = self._build(run, zip_path, store=True)
+        elif live is not None:
+            stream = self._follow(live, "This package is being built already; following that build")
+        elif existing is not None and existing.status is Status.READY:
+            stream = self._already_ready(existing, zip_path)
+        elif existing is not None and existing.status is Status.BUILDING:
+            stream = self._await_other_server(package_id)
+        else:
+            stream = self._store_only(package_id, size, zip_path, inspection, existing)
+        async with contextlib.aclosing(stream):
+            async for event in stream:
+                yield event
+
+    async def rebuild(self, record: PackageRecord) -> AsyncIterator[Event]:
+        """Build a stored package again (after the registry came back, say)."""
+        if self.builder is None:
+            yield events.error("this server has no builder configured", 409)
+            return
+        fd, name = tempfile.mkstemp(prefix="rebuild-", suffix=".zip", dir=self.tmp_dir)
+        os.close(fd)
+        zip_path = Path(name)
+        try:
+            yield events.status("Fetching package from storage")
+            try:
+                async with self.storage.open_reader(package_key(record.id)) as blob:
+                    await to_file(blob.chunks(), zip_path)
+            except NotFound:
+                log.warning("package record without its zip", package_id=record.id)
+                yield events.error(missing_zip(record.id), 404)
+                return
+            run = None
+            async with self._claims.hold(record.id):
+                current = await self._existing(record.id)
+                if current is not None and not self.busy(current):
+                    run = self._start(
+                        current.evolve(updated=self.clock(), status=Status.BUILDING, error="")
+                    )
+            if run is None:
+                message = "package was deleted" if current is None else "being built already"
+                yield events.error(f"this {message}", 404 if current is None else 409)
+                return
+            async with contextlib.aclosing(self._build(run, zip_path, store=False)) as stream:
+                async for event in stream:
+                    yield event
+        finally:
+            await asyncio.shield(asyncio.to_thread(zip_path.unlink, missing_ok=True))
+
+    async def delete(self, record: PackageRecord) -> None:
+        """Remove a package (record, zip, log); PackageBusy while it is being built."""
+        if self.busy(record):
+            raise PackageBusy("this package is being built; delete it when the build ends")
+        await self.catalog.delete(record.id)
+
+    # -- deciding ----------------------------------------------------------------------
+
+    async def _existing(self, package_id: str) -> PackageRecord | None:
+        try:
+            return await self.catalog.get(package_id)
+        except PackageNotFound:
+            return None
+
+    def _to_build(self, existing: PackageRecord | None) -> bool:
+        """A new package, a failed one uploaded again, or one whose builder died."""
+        if existing is None or existing.status is Status.FAILED:
+            return True
+        return existing.status is Status.BUILDING and self.is_stale(existing)
+
+    def _new_record(
+        self,
+        package_id: str,
+        size: int,
+        inspection: Inspection,
+        existing: PackageRecord | None,
+        status: Status = Status.BUILDING,
+    ) -> PackageRecord:
+        stamp = self.clock()
+        return PackageRecord(
+            id=package_id,
+            name=inspection.config.name or DEFAULT_NAME,
+            config=inspection.config,
+            created=existing.created if existing else stamp,
+            updated=stamp,
+            status=status,
+            size=size,
+            signature=inspection.signature,
+        )
+
+    def _start(self, record: PackageRecord) -> BuildRun:
+        """A build of record, registered as this package's live build (under its claim)."""
+        run = BuildRun(
+            record,
+            LiveBuild(self.tmp_dir),
+            self.catalog,
+            heartbeat=self.options.heartbeat,
+            clock=self.clock,
+        )
+        self._live[record.id] = run.live
+        return run
+
+    # -- the ways an upload ends without a build of its own ---------------------------
+
+    async def _follow(self, live: LiveBuild, why: str) -> AsyncIterator[Event]:
+        yield events.status(why)
+        async with contextlib.aclosing(live.follow()) as stream:
+            async for event in stream:
+                yield event
+
+    async def _already_ready(self, record: PackageRecord, zip_path: Path) -> AsyncIterator[Event]:
+        if not await self.storage.exists(package_key(record.id)):
+            # lost to a delete race (see _store): restored, as the bytes are the same
+            yield events.status("Storing package (its stored copy was missing)")
+            await self.storage.write(package_key(record.id), file_chunks(zip_path))
+        yield events.status("This package is already stored and built; nothing to do")
+        yield events.package(record_to_json(record))
+
+    async def _await_other_server(self, package_id: str) -> AsyncIterator[Event]:
+        yield events.status("Another server is building this package; waiting for it")
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            record = await self.catalog.get(package_id)
+            if record.status is Status.READY:
+                yield events.package(record_to_json(record))
+                return
+            if record.status is Status.FAILED:
+                yield events.error(record.error, 422, record_to_json(record))
+                return
+            if self.is_stale(record):
+                yield events.error("the server building this package stopped; upload again", 503)
+                return
+
+    async def _store_only(
+        self,
+        package_id: str,
+        size: int,
+        zip_path: Path,
+        inspection: Inspection,
+        existing: PackageRecord | None,
+    ) -> AsyncIterator[Event]:
+        """A server without a builder: the package is stored, and ready as it is."""
+        record = self._new_record(package_id, size, inspection, existing, Status.READY)
+        async for event in self._store(record, zip_path):
+            yield event
+        yield events.status("Stored (this server has no builder, so no images were built)")
+        yield events.package(record_to_json(record))
+
+    async def _store(self, record: PackageRecord, zip_path: Path) -> AsyncIterator[Event]:
+        """The zip, then the record. Packages are content-addressed, so writing a zip that
+        is there already changes nothing."""
+        key = package_key(record.id)
+        if not await self.storage.exists(key):
+            yield events.status("Storing package")
+            await self.storage.write(key, file_chunks(zip_path))
+        await self.catalog.put(record)
+        # Another server's delete of this package may have removed the zip after we saw it
+        # (its record first, then its zip): look again now that our record exists, and
+        # write it back if it went. This narrows the race, it does not close it: a record
+        # whose zip is gone answers 404 for the download and is mended by uploading the
+        # package again.
+        if not await self.storage.exists(key):
+            log.warning("package zip deleted while it was uploaded again; storing it again")
+            yield events.status("Storing package (a delete removed the stored copy meanwhile)")
+            await self.storage.write(key, file_chunks(zip_path))
+
+    # -- the build ---------------------------------------------------------------------
+
+    async def _build(self, run: BuildRun, zip_path: Path, *, store: bool) -> AsyncIterator[Event]:
+        """A claimed package through every step; the record ends ready or failed."""
+        assert self.builder is not None
+        recorded = False
+        try:
+            if store:
+                async for event in self._store(run.record, zip_path):
+                    yield run.emit(event)
+            else:
+                await self.catalog.put(run.record)
+            recorded = True
+            async with contextlib.aclosing(self._steps(run, zip_path)) as steps:
+                async for event in steps:
+                    yield run.emit(event)
+                    await run.heartbeat()
+            yield run.emit(await run.succeeded())
+        except BuildError as exc:
+            for event in await run.failed(exc):
+                yield run.emit(event)
+        except BaseException as exc:
+            if recorded:
+                await run.interrupted(exc, self.builder.label)
+            raise
+        finally:
+            await self._end(run)
+
+    async def _steps(self, run: BuildRun, zip_path: Path) -> AsyncIterator[Event]:
+        if self._slots.locked():
+            run.position.enter("waiting for a free build slot")
+            yield events.status("Waiting for a free build slot")
+        async with self._slots:
+            for target in run.record.config.environment.architectures:
+                async with contextlib.aclosing(self._build_image(run, zip_path, target)) as s:
+                    async for event in s:
+                        yield event
+            if self.options.check_images:
+                async with contextlib.aclosing(self._check(run, zip_path)) as s:
+                    async for event in s:
+                        yield event
+
+    async def _build_image(
+        self, run: BuildRun, zip_path: Path, target: str
+    ) -> AsyncIterator[Event]:
+        assert self.builder is not None
+        record = run.record
+        image = self._image_name(record, target)
+        run.position.enter(f"building the {target.upper()} image {image}", target)
+        yield events.status(f"Building {target.upper()} image {image}")
+        request = BuildRequest(
+            package_id=record.id,
+            package_zip=zip_path,
+            config=record.config,
+            target=target,  # type: ignore[arg-type]
+            image=image,
+            signature_json=json.dumps(record.signature) if record.signature else None,
+        )
+        async with contextlib.aclosing(self.builder.build(request)) as stream:
+            async for item in stream:
+                if isinstance(item, BuildLog):
+                    run.position.saw(item.line)
+                    yield events.log(item.stage, item.line, target)
+                else:
+                    run.artifacts.append(Artifact(f"docker-{target}", item.image, item.digest))
+                    yield events.status(f"Pushed {item.image} ({item.digest})")
+
+    async def _check(self, run: BuildRun, zip_path: Path) -> AsyncIterator[Event]:
+        from cog.server.check import check_image  # aiodocker: only where checks run
+
+        by_target = {a.target: a for a in run.artifacts}
+        artifact = by_target.get("docker-cpu") or by_target.get("docker-gpu")
+        if artifact is None:
+            return
+        target = artifact.target.removeprefix("docker-")
+        run.position.enter(f"testing the model in {artifact.uri}", target)
+        yield events.status(f"Testing the model in {artifact.uri}")
+        async with contextlib.aclosing(
+            check_image(
+                artifact.uri,
+                zip_path,
+                run.record.config,
+                run.record.signature,
+                docker_host=self.builder_settings.docker_host,
+                timeout=self.options.check_timeout,
+            )
+        ) as stream:
+            async for item in stream:
+                run.position.saw(item.line)
+                yield events.log(item.stage, item.line, target)
+
+    async def _end(self, run: BuildRun) -> None:
+        """The live build is over: followers end, its log goes to Storage (also when the
+        caller is cancelled meanwhile: the write runs on, and the file goes after it)."""
+        run.live.finish()
+        self._live.pop(run.record.id, None)
+        package_id = run.record.id
+        writing = asyncio.ensure_future(
+            self.storage.write(log_key(package_id), file_chunks(run.live.path))
+        )
+
+        def written(task: asyncio.Future) -> None:
+            run.live.discard()
+            if not task.cancelled() and task.exception() is not None:
+                log.error(
+                    "could not store build log", package_id=package_id, error=str(task.exception())
+                )
+
+        writing.add_done_callback(written)
+        with contextlib.suppress(Exception):  # said by the callback
+            await asyncio.shield(writing)
+
+    def _image_name(self, record: PackageRecord, target: str) -> str:
+        tag = short_id(record.id) + ("" if target == "cpu" else f"-{target}")
+        registry = self.builder_settings.registry.rstrip("/")
+        return f"{registry}/{record.name}:{tag}"

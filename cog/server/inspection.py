@@ -1,0 +1,58 @@
+"""What the cog server learns from an uploaded package before it stores or builds it.
+
+Blocking (zipfile, YAML, ``ast``): call these in a worker thread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from cog.config import Config, ConfigError, check_config
+from cog.package import PackageArchive, PackageLimits
+from cog.signature import SignatureError, static_signature
+
+
+@attrs.frozen
+class Inspection:
+    #: the package's cog.yaml, validated against its files and completed
+    config: Config
+    #: the model's inputs read from its source ({"arguments": {...}}); None when they
+    #: cannot be known without running it (the built image tells)
+    signature: dict[str, Any] | None
+
+
+def inspect_package(path: Path, limits: PackageLimits) -> Inspection:
+    """Check an uploaded zip's structure and its cog.yaml, and read the model's inputs.
+
+    Members are read only as far as the config needs: :func:`verify_package` reads the
+    rest. Raises InvalidPackage or ConfigError (every problem at once).
+    """
+    with PackageArchive.open(path, limits, verify=False) as archive:
+        config = check_config(archive.read_text("cog.yaml"), archive)
+        return Inspection(config, _signature(archive, config))
+
+
+def verify_package(path: Path, limits: PackageLimits) -> None:
+    """Decompress every member once: InvalidPackage for a corrupt one, or one that expands
+    past what its header declares (a lying zip bomb)."""
+    with PackageArchive.open(path, limits, verify=True):
+        pass
+
+
+def _signature(archive: PackageArchive, config: Config) -> dict[str, Any] | None:
+    """The inputs read from the model file without importing it; None if not knowable so.
+
+    Inputs declared wrongly (a default outside min/max, ...) are refused now, before any
+    image is built, with the same messages the model would give at import.
+    """
+    module, _, class_name = config.model.partition(":")
+    try:
+        signature = static_signature(archive.read_text(module), class_name, filename=module)
+    except SignatureError as exc:
+        raise ConfigError(exc.problems or (str(exc),)) from None
+    except SyntaxError:
+        return None
+    return signature.to_json() if signature is not None else None

@@ -1,0 +1,44 @@
+"""What an operator chose for one cog server (``cog server``'s flags), as data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+from cog.builders import BuilderSettings
+from cog.package import PackageLimits
+
+
+@attrs.frozen
+class IngestOptions:
+    """How uploads are built and checked."""
+
+    #: boot the built image and run the package's examples before calling it ready
+    check_images: bool = True
+    check_timeout: float = 300.0
+    #: builds running at once in this server; more wait for a slot
+    max_concurrent_builds: int = 1
+    #: a running build refreshes its record this often...
+    heartbeat: float = 30.0
+    #: ...so a "building" record older than this belongs to a server that died: rebuild
+    stale_after: float = 120.0
+
+
+@attrs.frozen
+class ServerSettings:
+    storage_url: str = "file:///var/lib/cog"
+    #: builder entry-point name; None: store packages only, build no images
+    builder: str | None = "docker"
+    #: the image registry, the Docker Engine and the base images: for every builder, the
+    #: check after a build and the names of images alike
+    builder_settings: BuilderSettings = attrs.field(
+        factory=lambda: BuilderSettings(registry="127.0.0.1:5000")
+    )
+    ingest: IngestOptions = attrs.field(factory=IngestOptions)
+    #: where uploads are spooled; None: a fresh directory under the system temp dir
+    tmp_dir: Path | None = None
+    max_upload_bytes: int = 4 * 1024**3
+    package_limits: PackageLimits = attrs.field(factory=PackageLimits)
+    #: how often the package index is refreshed from Storage (seconds)
+    cache_ttl: float = 2.0
