@@ -29,6 +29,7 @@ from cog.builders.buildkit import (
     parse_address,
 )
 from cog.server.check import check_image
+from cog.testing.builder import BuilderContract
 from tests.builder_helpers import EXAMPLES, collect, copy_example, lines, package_request
 from tests.services.docker import registry_digest
 
@@ -620,3 +621,15 @@ async def test_build_over_mutual_tls(registry, docker_engine, base_images, certs
     push = [e.line for e in logs if e.stage == "push"]
     assert push[0].endswith(f"is in the Docker Engine at {docker_engine}; pushing it from there")
     assert built[0].digest == registry_digest(registry, request.image)
+
+
+class TestBuildKitBuilderContract(BuilderContract):
+    """The shipped Builder contract (cog.testing) against the BuildKit builder, through
+    the Docker Engine's embedded BuildKit."""
+
+    pytestmark = pytest.mark.slow
+
+    @pytest.fixture
+    async def builder(self, settings):
+        async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+            yield builder

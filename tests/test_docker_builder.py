@@ -28,6 +28,7 @@ from cog.engine.containers import (
     remove_stale_containers,
 )
 from cog.server.check import check_image
+from cog.testing.builder import BuilderContract
 from tests.builder_helpers import EXAMPLES, collect, copy_example, lines, package_request
 from tests.services.docker import CPU_BASE, containers, registry_digest
 
@@ -543,3 +544,7 @@ async def test_infer_of_an_image_that_is_no_cog_model(base_images, registry, no_
     assert str(caught.value).startswith(
         f"{image}: /help answered application/octet-stream, not JSON (is it an image cog built?)"
     )
+
+
+class TestDockerBuilderContract(BuilderContract):
+    """The shipped Builder contract (cog.testing) against the Docker builder."""

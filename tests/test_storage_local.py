@@ -16,7 +16,7 @@ from cog.storage import (
     load_storage,
 )
 from cog.storage.local import TMP_PREFIX, LocalStorage
-from tests.storage_contract import StorageContract
+from cog.testing.storage import StorageContract
 
 
 class TestLocalStorage(StorageContract):

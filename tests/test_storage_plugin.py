@@ -1,135 +1,88 @@
-"""A third-party storage plugin (contrib/cog-sqlite-storage), installed with pip as an
-operator would, passes the same contract suite: a plugin needs no change in cog."""
+"""A third-party storage plugin (contrib/cog-sqlite-storage), installed with pip into a
+virtual environment of its own as an operator would, runs cog's shipped contract suite
+(cog.testing) from its own tests: a plugin needs nothing from cog's repository but the
+installed cog."""
 
 from __future__ import annotations
 
-import asyncio
-import importlib
 import os
-import sqlite3
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 
-from cog.storage import available_schemes, load_storage
-from tests.storage_contract import MiB, StorageContract, read_all, stream
-
 PLUGIN = Path(__file__).resolve().parent.parent / "contrib" / "cog-sqlite-storage"
 
 
-@pytest.fixture(scope="session")
-def plugin_installed() -> None:
-    # Installed afresh each session (not editable), so what is tested is this checkout's.
-    # --no-deps: its one dependency, cog, is this checkout, installed already. Built with
-    # the venv's setuptools (--no-build-isolation), so no index is needed at all.
+@pytest.fixture(scope="module")
+def before_install() -> str:
+    return installed_here()
+
+
+@pytest.fixture(scope="module")
+def plugin_python(tmp_path_factory, before_install) -> str:
+    """The python of a throwaway venv holding the plugin; cog and the test tools come
+    from the environment running these tests (its site directory, .pth files and all),
+    so nothing is downloaded and the running environment is left as it was."""
+    venv = tmp_path_factory.mktemp("plugin-venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    host = sysconfig.get_path("purelib")
+    Path(site, "cog-host.pth").write_text(f"import site; site.addsitedir({host!r})\n")
+    # Built with the host's setuptools (--no-build-isolation), so no index is needed.
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall",
+        [sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps",
          "--no-build-isolation", "--no-index", str(PLUGIN)],
         check=True,
     )  # fmt: skip
-    importlib.invalidate_caches()
-    assert "sqlite" in available_schemes()
+    return python
 
 
-@pytest.fixture
-async def sqlite_storage(plugin_installed, tmp_path):
-    store = load_storage(f"sqlite://{tmp_path / 'cog.db'}")
-    await store.open()
-    yield store
-    await store.close()
+def installed_here() -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "list", "--format=freeze"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
 
-async def orphan_chunks(storage) -> int:
-    rows = await storage.backend._run(
-        "SELECT count(*) FROM chunks WHERE blob_id NOT IN (SELECT blob_id FROM blobs)"
+def test_the_plugin_is_installed_only_in_its_venv(plugin_python, before_install):
+    assert installed_here() == before_install  # this environment was left alone
+    found = subprocess.run(
+        [plugin_python, "-c", "from cog.storage import available_schemes as a; print(a())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "'sqlite'" in found
+
+
+def test_the_plugin_passes_the_shipped_contract(plugin_python):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    result = subprocess.run(
+        [plugin_python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"],
+        cwd=PLUGIN,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
-    return rows[0][0]
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    # The contract's own tests ran there (not only the plugin's), none skipped.
+    assert "test_streams_in_bounded_memory" not in result.stdout  # -q: names only on failure
+    passed = int(summary.split(" passed")[0].split()[-1])
+    from cog.testing.storage import StorageContract
 
-
-class TestSQLitePlugin(StorageContract):
-    @pytest.fixture
-    async def storage(self, sqlite_storage):
-        return sqlite_storage
-
-    async def leftovers(self, storage):
-        return ["orphan chunks"] * await orphan_chunks(storage)
-
-
-async def test_a_write_cancelled_while_it_publishes_leaves_a_whole_blob_or_none(
-    sqlite_storage,
-):
-    """Another connection holds SQLite's write lock (as another writer would) while the
-    write publishes; the write is cancelled then, and the lock released after."""
-    path = sqlite_storage.backend.path
-    data = os.urandom(3 * MiB)  # whole chunks: after the last one comes the publish
-    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    locked = asyncio.Event()
-
-    async def chunks():
-        async for chunk in stream(data, chunk=MiB):
-            yield chunk
-        other.execute("BEGIN IMMEDIATE")  # every chunk is staged: the publish must wait
-        locked.set()
-
-    try:
-        writing = asyncio.create_task(sqlite_storage.write("k", chunks()))
-        await locked.wait()
-        await asyncio.sleep(0.3)  # the publish waits for the lock in its thread
-        writing.cancel()
-        await asyncio.sleep(0.3)
-        other.execute("COMMIT")  # the publish goes on, after its write was cancelled
-        with pytest.raises(asyncio.CancelledError):
-            await writing
-    finally:
-        other.close()
-    # It had committed: a whole blob under the key, and nothing else.
-    assert await read_all(sqlite_storage, "k") == data
-    assert await orphan_chunks(sqlite_storage) == 0
-
-
-async def test_a_read_sees_one_snapshot_while_the_blob_is_overwritten(sqlite_storage):
-    old, new = os.urandom(4 * MiB), os.urandom(2 * MiB)
-    await sqlite_storage.write("k", stream(old))
-    read = bytearray()
-    async with sqlite_storage.open_reader("k") as blob:
-        async for chunk in blob.chunks():
-            if not read:
-                await sqlite_storage.write("k", stream(new))  # deletes the old chunks
-            read += chunk
-    assert bytes(read) == old
-    assert await read_all(sqlite_storage, "k") == new
-    assert await orphan_chunks(sqlite_storage) == 0
-
-
-async def test_a_read_cancelled_midway_ends_its_read_transaction(sqlite_storage):
-    """The client of a download goes away: the reader's task is cancelled mid-read. Its
-    connection is closed all the same, so its snapshot no longer pins SQLite's log (a
-    checkpoint of the whole log can complete)."""
-    await sqlite_storage.write("k", stream(os.urandom(4 * MiB)))
-    first = asyncio.Event()
-
-    async def read():
-        async with sqlite_storage.open_reader("k") as blob:
-            async for _ in blob.chunks():
-                first.set()
-                await asyncio.sleep(3600)  # a slow client
-
-    reading = asyncio.create_task(read())
-    await first.wait()
-    await sqlite_storage.write("other", stream(os.urandom(MiB)))  # log after the snapshot
-    reading.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await reading
-    other = sqlite3.connect(sqlite_storage.backend.path, isolation_level=None)
-    try:
-        busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    finally:
-        other.close()
-    assert busy == 0
-
-
-def test_the_plugin_is_found_by_its_scheme(plugin_installed):
-    store = load_storage("sqlite:///tmp/x.db")
-    assert type(store.backend).__module__ == "cog_sqlite_storage"
+    contract = [name for name in dir(StorageContract) if name.startswith("test_")]
+    assert passed > len(contract), summary
+    assert "skipped" not in summary and "failed" not in summary, summary

@@ -14,8 +14,8 @@ from structlog.testing import capture_logs
 
 from cog.storage import StorageConfigError, StorageUnavailable, load_storage
 from cog.storage.s3 import S3Storage, parse_duration
+from cog.testing.storage import MiB, StorageContract, stream
 from tests.services.s3 import SeaweedFS, storage_url
-from tests.storage_contract import MiB, StorageContract, stream
 
 pytestmark = pytest.mark.integration
 

@@ -24,7 +24,10 @@ TMP_PREFIX = ".tmp-"
 
 
 def _info(key: str, st: os.stat_result) -> BlobInfo:
-    return BlobInfo(key=key, size=st.st_size, version=f"{st.st_mtime_ns}-{st.st_size}")
+    # Every write renames a new file into place: its inode tells a rewrite apart even
+    # within the file system's timestamp granularity, and with the same size.
+    version = f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+    return BlobInfo(key=key, size=st.st_size, version=version)
 
 
 class _FileReader(BlobReader):

@@ -1,15 +1,19 @@
-"""The Storage contract, written once; every backend's test module subclasses it:
+"""The Storage contract, written once; every backend's test module subclasses it::
+
+    from cog.storage import load_storage
+    from cog.testing.storage import StorageContract
 
     class TestMyStorage(StorageContract):
         @pytest.fixture
-        async def storage(self, ...):
-            store = load_storage("my://...")
+        async def storage(self, tmp_path):
+            store = load_storage("my://...")  # wrapped in CheckedStorage, as the server does
             await store.open()
             yield store
             await store.close()
 
 Optionally override ``leftovers`` (what a failed write may have left: temp files,
-multipart uploads) and ``max_write_memory``.
+multipart uploads) and ``max_write_memory``. The tests are async: run them with
+pytest-asyncio in auto mode (``asyncio_mode = auto``).
 """
 
 from __future__ import annotations
@@ -59,9 +63,7 @@ class StorageContract:
     max_write_memory = 16 * MiB
     big = 48 * MiB
 
-    @pytest.fixture
-    async def storage(self):  # pragma: no cover - every subclass provides it
-        raise NotImplementedError
+    # The fixture `storage` (an opened store) comes from the subclass or the test module.
 
     async def leftovers(self, storage: Storage) -> list[str]:
         """What a failed write left behind that a reader cannot see (backend-specific)."""
@@ -89,11 +91,14 @@ class StorageContract:
             assert b"".join([c async for c in blob.chunks()]) == b"12345"
 
     async def test_overwrite_replaces_and_changes_version(self, storage):
+        """A rewrite with other bytes changes the version at once, even of the same size
+        and within the same second: caches reload by it."""
         first = await storage.write_bytes("k", b"one")
-        await asyncio.sleep(1.1)  # versions may have one-second resolution
-        second = await storage.write_bytes("k", b"two, longer")
-        assert first.version != second.version
-        assert await storage.read_bytes("k") == b"two, longer"
+        second = await storage.write_bytes("k", b"two")
+        third = await storage.write_bytes("k", b"three, longer")
+        assert len({first.version, second.version, third.version}) == 3
+        assert (await storage.stat("k")).version == third.version
+        assert await storage.read_bytes("k") == b"three, longer"
 
     @pytest.mark.parametrize(
         "error",
@@ -182,13 +187,16 @@ class StorageContract:
         assert await self.leftovers(storage) == []
 
     async def test_cancelled_write_leaves_nothing(self, storage):
+        took_first = asyncio.Event()
+
         async def slow():
             yield os.urandom(6 * MiB)
-            await asyncio.sleep(30)
+            took_first.set()  # the backend is back for more: the first chunk is in
+            await asyncio.sleep(3600)
             yield b"never"
 
         task = asyncio.create_task(storage.write("c/blob", slow()))
-        await asyncio.sleep(1.0)
+        await took_first.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
