@@ -25,6 +25,7 @@ from cog.package import (
     package_files,
     short_id,
     write_package,
+    writer,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,8 +153,8 @@ def test_standard_unzip_accepts_the_zip(tmp_path):
 def test_zip64_records_are_written_when_sizes_or_counts_need_them(tmp_path, monkeypatch):
     # The real thresholds (4 GiB, 65535 entries) are too big for a unit test; lowering
     # them exercises the same records, which zipfile and unzip must then read.
-    monkeypatch.setattr(package, "_ZIP64_LIMIT", 1000)
-    monkeypatch.setattr(package, "_ZIP64_COUNT_LIMIT", 3)
+    monkeypatch.setattr(writer, "_ZIP64_LIMIT", 1000)
+    monkeypatch.setattr(writer, "_ZIP64_COUNT_LIMIT", 3)
     root = make_tree(tmp_path / "m")
     (root / "weights" / "more.bin").write_bytes(os.urandom(5000))
     zip_path = tmp_path / "pkg.zip"
