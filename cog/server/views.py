@@ -113,7 +113,8 @@ def _static_signature(archive: PackageArchive, config: Config) -> dict[str, Any]
     Inputs declared wrongly (a default outside min/max, ...) are refused now, before any
     image is built, with the same messages the model would give at import.
     """
-    from cog.signature import SignatureError, static_signature
+    from cog.server.source import static_signature
+    from cog.signature import SignatureError
 
     module, _, class_name = config.model.partition(":")
     try:
