@@ -115,7 +115,7 @@ def known_torch() -> list[str]:
     return sorted(_table()["torch"], key=version_key)
 
 
-# -- choosing the pair for a package -------------------------------------------------------
+# -- choosing the pair for a package ----------------------------------------------------
 
 
 class NoCudaPair(Exception):
