@@ -6,7 +6,7 @@
 - :func:`validate_config` checks the config against the package's files and lists every
   problem (unpinned packages, missing files, unknown architectures, ...).
 - :func:`complete_config` fills in what the author left out, notably the CUDA/cuDNN pair
-  for GPU images from the pinned torch/tensorflow (see :mod:`cog.compat`).
+  for GPU images from the pinned torch/tensorflow (see :mod:`cog.cuda`).
 
 :func:`config_to_json` / :func:`config_from_json` are the wire format: the original Cog's
 Go-style document (``Name``, ``Environment`` {``PythonVersion``...}, ``Model``), empty
@@ -27,7 +27,8 @@ import cattrs
 import yaml
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
-from cog import compat
+from cog.cuda import NoCudaPair, choose_pair
+from cog.requirements import pinned, requirement_specs
 
 ARCHITECTURES = ("cpu", "gpu")
 DEFAULT_PYTHON_VERSION = "3.11"
@@ -432,55 +433,6 @@ def check_config(text: str | bytes, files: PackageFiles, source: str = "cog.yaml
 # -- complete ---------------------------------------------------------------------------
 
 
-# Requirement specs, read one way for config completion and for the Dockerfile alike
-# (cog.builders.dockerfile): a pin the one sees, the other sees too.
-
-#: name[extras] == version, once an environment marker (``; python_version < "3.12"``)
-#: is cut off
-_PINNED = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*==\s*([^\s;]+)\s*$")
-_REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
-#: a comment as pip sees one: '#' at the start of a line or after whitespace (a URL's
-#: '#sha256=...' is none)
-_COMMENT = re.compile(r"(^|\s)#.*$")
-
-
-def requirement_key(name: str) -> str:
-    """A distribution name as pins are keyed: lowercase, '-' for '_'."""
-    return name.lower().replace("_", "-")
-
-
-def requirement_specs(text: str) -> list[str]:
-    """The requirement spec of each line of a requirements file (``text.splitlines()``
-    once a UTF-8 byte order mark is gone): the line without its comment, or "" for a
-    blank line, a comment or an option (``-r``, ``--index-url``, ...)."""
-    specs = []
-    for line in text.removeprefix("\ufeff").splitlines():
-        spec = _COMMENT.sub("", line).strip()
-        specs.append("" if spec.startswith("-") else spec)
-    return specs
-
-
-def parse_pin(spec: str) -> tuple[str, str, str] | None:
-    """``name[extras]==version`` (no marker) -> (name, "[extras]" or "", version)."""
-    match = _PINNED.match(spec)
-    return (match.group(1), match.group(2) or "", match.group(3)) if match else None
-
-
-def pinned(specs: Sequence[str]) -> dict[str, str]:
-    """requirement_key(name) -> version, for every ``name==version`` of specs."""
-    pins = {}
-    for spec in specs:
-        pin = parse_pin(spec.split(";", 1)[0])
-        if pin:
-            pins[requirement_key(pin[0])] = pin[2]
-    return pins
-
-
-def requirement_names(specs: Sequence[str]) -> set[str]:
-    """requirement_key of every distribution specs name, pinned or not."""
-    return {requirement_key(m.group(1)) for m in map(_REQUIREMENT_NAME.match, specs) if m}
-
-
 def pinned_versions(config: Config, files: PackageFiles) -> dict[str, str]:
     """requirement_key(name) -> version, from python_packages and the requirements file."""
     specs = list(config.environment.python_packages)
@@ -490,118 +442,17 @@ def pinned_versions(config: Config, files: PackageFiles) -> dict[str, str]:
     return pinned(specs)
 
 
-def _pairs(pairs: Sequence[compat.CudaPair]) -> str:
-    return ", ".join(str(p) for p in pairs)
-
-
-def _known_pair(cuda: str, cudnn: str) -> compat.CudaPair:
-    """The pair for an explicit cuda and/or cudnn with no framework pinned: one that some
-    table publishes (cudnn compared by major version), completed from the tables."""
-    default = compat.default_gpu()
-    if not cuda and not cudnn:
-        return default
-    major = compat.cudnn_major
-    known = compat.known_pairs()
-    if cuda:
-        with_cuda = [p for p in known if p.cuda == cuda]
-        if not with_cuda:
-            versions = sorted({p.cuda for p in known}, key=compat.version_key)
-            raise ConfigError(
-                [
-                    f"environment.cuda: CUDA {cuda} is not in cog's CUDA table (known: "
-                    f"{', '.join(versions)})"
-                ]
-            )
-        if cudnn:
-            if not any(major(p.cudnn) == major(cudnn) for p in with_cuda):
-                majors = sorted({major(p.cudnn) for p in with_cuda}, key=compat.version_key)
-                raise ConfigError(
-                    [
-                        f"environment.cudnn: CUDA {cuda} with cuDNN {cudnn} is not a known pair "
-                        f"(CUDA {cuda} comes with cuDNN {' or '.join(majors)})"
-                    ]
-                )
-            return compat.CudaPair(cuda, cudnn)
-        # The default's cuDNN if this CUDA comes with it, else the newest it comes with.
-        if any(major(p.cudnn) == major(default.cudnn) for p in with_cuda):
-            return compat.CudaPair(cuda, default.cudnn)
-        return max(with_cuda, key=lambda p: compat.version_key(p.cudnn))
-    with_cudnn = [p for p in known if major(p.cudnn) == major(cudnn)]
-    if not with_cudnn:
-        majors = sorted({major(p.cudnn) for p in known}, key=compat.version_key)
-        raise ConfigError(
-            [
-                f"environment.cudnn: cuDNN {cudnn} is not in cog's CUDA table (known: cuDNN "
-                f"{', '.join(majors)})"
-            ]
-        )
-    cudas = {p.cuda for p in with_cudnn}
-    chosen = default.cuda if default.cuda in cudas else max(cudas, key=compat.version_key)
-    return compat.CudaPair(chosen, cudnn)
-
-
 def complete_config(config: Config, files: PackageFiles) -> Config:
     """Defaults filled in; for GPU images the CUDA/cuDNN pair. Raises ConfigError."""
     env = config.environment
     if "gpu" not in env.architectures:
         return config
-    pins = pinned_versions(config, files)
-    candidates: list[compat.CudaPair] | None = None
-    reasons: list[str] = []
-    tf_name = next((n for n in ("tensorflow", "tensorflow-gpu") if n in pins), None)
-    if tf_name:
-        pair = compat.tensorflow_pair(pins[tf_name])
-        if pair is None:
-            raise ConfigError(
-                [
-                    f"environment: {tf_name}=={pins[tf_name]} is not in cog's CUDA table "
-                    f"(known releases: {', '.join(compat.known_tensorflow())})"
-                ]
-            )
-        candidates = [pair]
-        reasons.append(f"{tf_name}=={pins[tf_name]} needs {pair}")
-    if "torch" in pins:
-        torch_pairs = compat.torch_pairs(pins["torch"])
-        if not torch_pairs:
-            raise ConfigError(
-                [
-                    f"environment: torch=={pins['torch']} is not in cog's CUDA table "
-                    f"(known releases: {', '.join(compat.known_torch())})"
-                ]
-            )
-        reasons.append(f"torch=={pins['torch']} has wheels for {_pairs(torch_pairs)}")
-        if candidates is None:
-            candidates = torch_pairs
-        else:
-            # TensorFlow's pair, as precisely as it publishes it, if torch has wheels for it.
-            candidates = [c for c in candidates if any(compat.same_pair(p, c) for p in torch_pairs)]
-            if not candidates:
-                raise ConfigError([f"environment: no CUDA fits both: {'; '.join(reasons)}"])
-    major = compat.cudnn_major
-    if candidates is None:
-        chosen = _known_pair(env.cuda, env.cudnn)
-    elif env.cuda:
-        fitting = [
-            p
-            for p in candidates
-            if p.cuda == env.cuda and (not env.cudnn or major(p.cudnn) == major(env.cudnn))
-        ]
-        if not fitting:
-            asked = f"CUDA {env.cuda}" + (f" / cuDNN {env.cudnn}" if env.cudnn else "")
-            raise ConfigError([f"environment.cuda: {asked} does not fit: {'; '.join(reasons)}"])
-        chosen = fitting[0]
-    else:
-        if env.cudnn:
-            candidates = [p for p in candidates if major(p.cudnn) == major(env.cudnn)]
-            if not candidates:
-                raise ConfigError(
-                    [f"environment.cudnn: cuDNN {env.cudnn} does not fit: {'; '.join(reasons)}"]
-                )
-        chosen = candidates[0]
-    return attrs.evolve(
-        config,
-        environment=attrs.evolve(env, cuda=chosen.cuda, cudnn=env.cudnn or chosen.cudnn),
-    )
+    try:
+        pair = choose_pair(pinned_versions(config, files), env.cuda, env.cudnn)
+    except NoCudaPair as exc:
+        field = f"environment.{exc.field}" if exc.field else "environment"
+        raise ConfigError([f"{field}: {exc}"]) from None
+    return attrs.evolve(config, environment=attrs.evolve(env, cuda=pair.cuda, cudnn=pair.cudnn))
 
 
 # -- wire format ------------------------------------------------------------------------

@@ -5,9 +5,10 @@ One set of rules serves three readers:
 - ``cog.Model`` checks a class's declarations when the class is defined
   (:func:`build_signature`, raising :class:`SignatureError` that lists every problem);
 - the inference server converts and checks form values with :meth:`Argument.convert`
-  and publishes :meth:`Signature.to_json` (``/help``) and :meth:`Signature.to_openapi`;
-- the registry reads the same signature from the model's source without importing it
-  (:func:`static_signature`), so it can be compared with what a built image reports.
+  and publishes :meth:`Signature.to_json` (``/help``) and an OpenAPI document
+  (:mod:`cog.runtime.openapi`);
+- the cog server reads the same signature from the model's source without importing it
+  (:mod:`cog.server.source`), so it can be compared with what a built image reports.
 
 JSON form (``/help``)::
 
@@ -16,15 +17,13 @@ JSON form (``/help``)::
 
 Keys that were not declared are **omitted** (never null), so ``"default": null`` means
 "optional; run() gets None" (the only default a file input may have) while a missing
-``default`` means "required". Arguments are
-listed in the order of run()'s parameters.
+``default`` means "required". Arguments are listed in the order of run()'s parameters.
 
 This module runs inside every image: Python 3.8+, attrs and the standard library only.
 """
 
 from __future__ import annotations
 
-import ast
 import enum
 import inspect
 import math
@@ -244,103 +243,6 @@ class Signature:
             "additionalProperties": False,
         }
 
-    def to_openapi(
-        self, *, title: str = "Cog model", description: str | None = None, version: str = "1"
-    ) -> dict[str, Any]:
-        """An OpenAPI 3.0 document for the inference server's routes."""
-        error = {"$ref": "#/components/schemas/Error"}
-        status = {"$ref": "#/components/schemas/Status"}
-        info: dict[str, Any] = {"title": title, "version": version}
-        if description:
-            info["description"] = description
-        return {
-            "openapi": "3.0.3",
-            "info": info,
-            "paths": {
-                "/infer": {
-                    "post": {
-                        "summary": "Run one inference",
-                        "requestBody": {
-                            "required": any(arg.required for arg in self.arguments),
-                            "content": {
-                                "multipart/form-data": {
-                                    "schema": {"$ref": "#/components/schemas/Input"}
-                                }
-                            },
-                        },
-                        "responses": {
-                            "200": {
-                                "description": "The output: text/plain for a string, "
-                                "application/json for numbers, booleans, lists and "
-                                "objects, application/octet-stream for bytes, the file's "
-                                "own type for a file. Headers X-Setup-Time and X-Run-Time "
-                                "give seconds.",
-                                "content": {"*/*": {}},
-                            },
-                            "400": _json_response(
-                                "The input is invalid; every problem is listed", error
-                            ),
-                            "415": _json_response("The body is not a form", error),
-                            "500": _json_response("run() failed", error),
-                            "503": _json_response("Not ready, busy or shutting down", error),
-                        },
-                    }
-                },
-                "/ping": {
-                    "get": {
-                        "summary": "Readiness",
-                        "responses": {
-                            "200": _json_response("Ready", status),
-                            "503": _json_response("Starting, failed or stopping", status),
-                        },
-                    }
-                },
-                "/help": {
-                    "get": {
-                        "summary": "The input signature",
-                        "responses": {"200": {"description": "The signature as JSON"}},
-                    }
-                },
-            },
-            "components": {
-                "schemas": {
-                    "Input": self.to_json_schema(),
-                    "Error": {
-                        "type": "object",
-                        "properties": {
-                            "error": {"type": "string"},
-                            "problems": {
-                                "type": "array",
-                                "items": {
-                                    "type": "object",
-                                    "properties": {
-                                        "input": {"type": "string"},
-                                        "message": {"type": "string"},
-                                    },
-                                },
-                            },
-                        },
-                        "required": ["error"],
-                    },
-                    "Status": {
-                        "type": "object",
-                        "properties": {
-                            "status": {
-                                "type": "string",
-                                "enum": ["starting", "ready", "failed", "stopping"],
-                            },
-                            "error": {"type": "string"},
-                        },
-                        "required": ["status"],
-                    },
-                }
-            },
-        }
-
-
-def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
 
 # --- Declarations and their rules ------------------------------------------------------
 
@@ -538,162 +440,3 @@ def _check_declaration(d: InputDeclaration, problems: list[str]) -> Argument | N
             except InputError as e:
                 problems.append(f"default {e}")
     return attrs.evolve(probe, help=d.help if isinstance(d.help, str) else None, default=default)
-
-
-# --- Reading a signature from source, without importing it ------------------------------
-
-_INPUT_KEYWORDS = ("name", "type", "help", "default", "min", "max", "options")
-_BUILTIN_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
-
-
-class _Undetermined(Exception):
-    """The source does something a static reader cannot follow."""
-
-
-def static_signature(source: str, class_name: str, filename: str = "<model>") -> Signature | None:
-    """The signature of ``class_name.run`` in a model file, read with ``ast`` (never imported).
-
-    Returns None when it cannot be determined statically: the class or its ``run`` is not
-    defined at the top level of the file (e.g. inherited), ``run`` has a decorator other than
-    ``@cog.input``, or an argument of ``@cog.input`` is not a literal. Raises SignatureError
-    when the declarations are definitely wrong (the same rules, and messages, as at import).
-    """
-    try:
-        tree = ast.parse(source, filename)
-    except SyntaxError as e:
-        raise SignatureError([f"{filename}:{e.lineno}: {e.msg}"]) from None
-    names = _CogNames.of(tree)
-    cls = None
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == class_name:
-            cls = node
-    if cls is None:
-        return None
-    run = None
-    for node in cls.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "run":
-            run = node
-        elif _assigns(node, "run"):
-            run = None
-    if run is None:
-        return None
-    try:
-        declarations = [names.declaration(d, filename) for d in run.decorator_list]
-    except _Undetermined:
-        return None
-    return build_signature(declarations, _static_parameters(run, filename, f"{class_name}.run"))
-
-
-def _assigns(node: ast.stmt, name: str) -> bool:
-    targets: list[ast.expr] = []
-    if isinstance(node, ast.Assign):
-        targets = node.targets
-    elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
-        targets = [node.target]
-    return any(isinstance(t, ast.Name) and t.id == name for t in targets)
-
-
-def _static_parameters(
-    run: ast.FunctionDef | ast.AsyncFunctionDef, filename: str, qualname: str
-) -> RunParameters:
-    args = run.args
-    positional = [a.arg for a in args.posonlyargs] + [a.arg for a in args.args]
-    positional_only = [a.arg for a in args.posonlyargs][1:]
-    names = positional[1:] + [a.arg for a in args.kwonlyargs]
-    # Python reports a decorated function's first line as its first decorator's line.
-    line = run.decorator_list[0].lineno if run.decorator_list else run.lineno
-    return RunParameters(
-        names=tuple(names),
-        takes_any=args.kwarg is not None,
-        positional_only=tuple(positional_only),
-        filename=filename,
-        line=line,
-        qualname=qualname,
-        is_async=isinstance(run, ast.AsyncFunctionDef),
-    )
-
-
-@attrs.frozen
-class _CogNames:
-    """How a module refers to cog, cog.input and Path types (its imports)."""
-
-    modules: frozenset[str]
-    inputs: frozenset[str]
-    paths: frozenset[str]
-    pathlib_modules: frozenset[str]
-
-    @classmethod
-    def of(cls, tree: ast.Module) -> _CogNames:
-        modules, inputs, paths, pathlib_modules = {"cog"}, set(), {"Path"}, {"pathlib"}
-        for node in tree.body:
-            if isinstance(node, ast.Import):
-                for alias in node.names:
-                    if alias.name == "cog":
-                        modules.add(alias.asname or "cog")
-                    elif alias.name == "pathlib":
-                        pathlib_modules.add(alias.asname or "pathlib")
-            elif isinstance(node, ast.ImportFrom) and node.module in ("cog", "pathlib"):
-                for alias in node.names:
-                    if node.module == "cog" and alias.name == "input":
-                        inputs.add(alias.asname or "input")
-                    elif alias.name in ("Path", "PosixPath", "PurePath"):
-                        paths.add(alias.asname or alias.name)
-        return cls(
-            frozenset(modules), frozenset(inputs), frozenset(paths), frozenset(pathlib_modules)
-        )
-
-    def declaration(self, decorator: ast.expr, filename: str) -> InputDeclaration:
-        if not isinstance(decorator, ast.Call) or not self._is_input(decorator.func):
-            raise _Undetermined
-        call = decorator
-        values: dict[str, Any] = {}
-        problems: list[str] = []
-        if len(call.args) > 2:
-            problems.append("@cog.input takes the name and type by position, the rest by keyword")
-        for key, node in list(zip(("name", "type"), call.args)) + [
-            (k.arg, k.value) for k in call.keywords
-        ]:
-            if key is None:  # **kwargs
-                raise _Undetermined
-            if key not in _INPUT_KEYWORDS:
-                problems.append(f"@cog.input has no option {key!r}")
-                continue
-            values[key] = self._type(node) if key == "type" else _literal(node)
-        if "type" not in values:
-            problems.append("@cog.input needs a type")
-        if problems:
-            name = values.get("name", "?")
-            where = f"{filename}:{call.lineno}"
-            raise SignatureError([f"{where}: input {name!r}: {p}" for p in problems])
-        return InputDeclaration(line=call.lineno, **values)
-
-    def _is_input(self, func: ast.expr) -> bool:
-        if isinstance(func, ast.Name):
-            return func.id in self.inputs
-        return (
-            isinstance(func, ast.Attribute)
-            and func.attr == "input"
-            and isinstance(func.value, ast.Name)
-            and func.value.id in self.modules
-        )
-
-    def _type(self, node: ast.expr) -> Any:
-        if isinstance(node, ast.Name):
-            if node.id in _BUILTIN_TYPES:
-                return _BUILTIN_TYPES[node.id]
-            if node.id in self.paths:
-                return pathlib.Path
-        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-            module = node.value.id
-            if node.attr == "Path" and (module in self.modules or module in self.pathlib_modules):
-                return pathlib.Path
-        elif isinstance(node, ast.Constant):
-            return node.value  # a literal is never a type: the rules report it
-        raise _Undetermined
-
-
-def _literal(node: ast.expr) -> Any:
-    try:
-        return ast.literal_eval(node)
-    except (ValueError, TypeError, SyntaxError, RecursionError):
-        raise _Undetermined from None

@@ -9,7 +9,7 @@ from pathlib import Path
 from cog.builders import BuildEvent, BuildLog, BuildRequest, BuiltImage
 from cog.config import Config, DirectoryFiles, complete_config, load_config, validate_config
 from cog.package import short_id, write_package
-from cog.signature import static_signature
+from cog.server.source import static_signature
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cog import compat
+from cog import cuda
 from cog.config import (
     Config,
     ConfigError,
@@ -17,10 +17,9 @@ from cog.config import (
     config_from_json,
     config_to_json,
     load_config,
-    pinned,
-    requirement_specs,
     validate_config,
 )
+from cog.requirements import pinned, requirement_specs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MODEL = "import cog\n\nclass Model(cog.Model):\n    def run(self):\n        return 1\n"
@@ -406,28 +405,28 @@ def test_requirement_specs_are_the_lines_pip_installs():
 
 def test_gpu_without_framework_gets_the_default_pair():
     env = gpu([])
-    default = compat.default_gpu()
+    default = cuda.default_gpu()
     assert (env.cuda, env.cudnn) == (default.cuda, default.cudnn)
 
 
-def test_compat_table_covers_the_promised_range():
+def test_cuda_table_covers_the_promised_range():
     for version in ("1.4", "1.8", "1.13", "2.0", "2.5", "2.8", "2.9"):
-        assert compat.torch_pairs(f"{version}.0"), version
+        assert cuda.torch_pairs(f"{version}.0"), version
     for version in ("1.0", "1.15", "2.0", "2.10", "2.19", "2.20", "2.21"):
-        assert compat.tensorflow_pair(f"{version}.0"), version
-    assert compat.torch_cuda_suffix("1.7.1", "11.0") == "cu110"
+        assert cuda.tensorflow_pair(f"{version}.0"), version
+    assert cuda.torch_cuda_suffix("1.7.1", "11.0") == "cu110"
     # Values, from the frameworks' own tables: PyTorch's wheel variants per release, and
     # TensorFlow's tested build configurations (cuDNN as precisely as it publishes it).
     releases = ("1.7.1", "1.13.1", "2.6.0", "2.9.1")
-    torch = {v: [p.cuda for p in compat.torch_pairs(v)] for v in releases}
+    torch = {v: [p.cuda for p in cuda.torch_pairs(v)] for v in releases}
     assert torch == {  # newest first
         "1.7.1": ["11.0", "10.2", "10.1", "9.2"],
         "1.13.1": ["11.7", "11.6"],
         "2.6.0": ["12.6", "12.4", "11.8"],
         "2.9.1": ["13.0", "12.8", "12.6"],
     }
-    assert compat.torch_cuda_suffix("2.9.1", "13.0") == "cu130"
-    tf = {v: compat.tensorflow_pair(v) for v in ("1.4.0", "1.15.5", "2.3.0", "2.4.1", "2.10.0")}
+    assert cuda.torch_cuda_suffix("2.9.1", "13.0") == "cu130"
+    tf = {v: cuda.tensorflow_pair(v) for v in ("1.4.0", "1.15.5", "2.3.0", "2.4.1", "2.10.0")}
     assert {v: (p.cuda, p.cudnn) for v, p in tf.items()} == {
         "1.4.0": ("8.0", "6"),
         "1.15.5": ("10.0", "7.4"),
@@ -435,9 +434,9 @@ def test_compat_table_covers_the_promised_range():
         "2.4.1": ("11.0", "8.0"),
         "2.10.0": ("11.2", "8.1"),
     }
-    assert compat.tensorflow_pair("2.14.0") == compat.CudaPair("11.8", "8.7")
-    assert compat.tensorflow_pair("2.18.0") == compat.CudaPair("12.5", "9.3")
-    assert compat.torch_cuda_suffix("1.7.1", "12.1") is None
-    assert compat.tensorflow_gpu_package("1.15.0") == "tensorflow_gpu"
-    assert compat.tensorflow_gpu_package("2.4.0") == "tensorflow"
-    assert compat.torchvision_for("1.7.1") == "0.8"
+    assert cuda.tensorflow_pair("2.14.0") == cuda.CudaPair("11.8", "8.7")
+    assert cuda.tensorflow_pair("2.18.0") == cuda.CudaPair("12.5", "9.3")
+    assert cuda.torch_cuda_suffix("1.7.1", "12.1") is None
+    assert cuda.tensorflow_gpu_package("1.15.0") == "tensorflow_gpu"
+    assert cuda.tensorflow_gpu_package("2.4.0") == "tensorflow"
+    assert cuda.torchvision_for("1.7.1") == "0.8"

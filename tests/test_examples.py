@@ -17,7 +17,7 @@ import yaml
 from cog.model import signature_of
 from cog.runtime import InferenceServer
 from cog.runtime.model_ref import ModelRef
-from cog.signature import static_signature
+from cog.server.source import static_signature
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_DIRS = sorted(p.parent for p in EXAMPLES.glob("*/cog.yaml"))

@@ -929,7 +929,7 @@ def test_console_does_not_loop_through_a_handler_on_stderr(caplog):
 async def test_help_serves_what_the_model_file_declares(aiohttp_client, tmp_path, monkeypatch):
     """/help of a model loaded from its file, against the declarations written in it (and
     the registry's reading of the same source, which never imports it)."""
-    from cog.signature import static_signature
+    from cog.server.source import static_signature
 
     source = (
         "import cog\n\n"

@@ -23,7 +23,7 @@ RUNTIME_FILES = [
     "cog/__init__.py",
     "cog/model.py",
     "cog/signature.py",
-    *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cog" / "server").glob("*.py")),
+    *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cog" / "runtime").glob("*.py")),
 ]
 SERVER_ONLY = ["aiodocker", "aiofiles", "cattrs", "structlog", "aiobotocore", "grpc", "pathspec"]
 

@@ -1,4 +1,4 @@
-"""Client side of packages: IDs and prefixes, what goes in, and byte-for-byte determinism."""
+"""Client side of packages: what goes in, and byte-for-byte determinism."""
 
 from __future__ import annotations
 
@@ -14,21 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from cog import package
 from cog.package import (
     PackageArchive,
     PackageError,
     PackageIgnore,
     PackageLimits,
-    check_prefix,
     is_package_id,
     package_files,
-    short_id,
     write_package,
+    writer,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SOME_ID = hashlib.sha256(b"some package").hexdigest()
 
 
 def make_tree(root: Path) -> Path:
@@ -53,51 +50,6 @@ def package_of(root: Path) -> tuple[bytes, str]:
 
 def id_of(root: Path) -> str:
     return package_of(root)[1]
-
-
-# -- IDs ------------------------------------------------------------------------------
-
-
-def test_short_id_is_the_first_twelve_characters():
-    assert short_id(SOME_ID) == SOME_ID[:12]
-    assert len(short_id(SOME_ID)) == package.SHORT_ID_LENGTH == 12
-
-
-@pytest.mark.parametrize(
-    "candidate, expected",
-    [
-        (SOME_ID, True),
-        (SOME_ID.upper(), False),  # IDs are canonical lowercase; callers lowercase input
-        (SOME_ID[:-1], False),
-        (SOME_ID + "0", False),
-        (SOME_ID[:-1] + "g", False),
-        ("", False),
-    ],
-)
-def test_is_package_id(candidate, expected):
-    assert is_package_id(candidate) is expected
-
-
-@pytest.mark.parametrize("ref", [SOME_ID, SOME_ID[:7], SOME_ID[:20], SOME_ID[:9].upper()])
-def test_check_prefix_accepts_ids_and_long_enough_prefixes(ref):
-    assert check_prefix(ref) == ref.lower()
-    assert SOME_ID.startswith(check_prefix(ref))
-
-
-@pytest.mark.parametrize(
-    "ref, words",
-    [
-        ("", "no package ID"),
-        ("abc123", "too short"),
-        (SOME_ID[:6], "at least 7"),
-        ("hello-world", "hexadecimal"),
-        ("../../etc", "hexadecimal"),
-        (SOME_ID + "ab", "64 characters"),
-    ],
-)
-def test_check_prefix_refuses_with_a_clear_message(ref, words):
-    with pytest.raises(ValueError, match=words):
-        check_prefix(ref)
 
 
 # -- the zip itself ---------------------------------------------------------------------
@@ -152,8 +104,8 @@ def test_standard_unzip_accepts_the_zip(tmp_path):
 def test_zip64_records_are_written_when_sizes_or_counts_need_them(tmp_path, monkeypatch):
     # The real thresholds (4 GiB, 65535 entries) are too big for a unit test; lowering
     # them exercises the same records, which zipfile and unzip must then read.
-    monkeypatch.setattr(package, "_ZIP64_LIMIT", 1000)
-    monkeypatch.setattr(package, "_ZIP64_COUNT_LIMIT", 3)
+    monkeypatch.setattr(writer, "_ZIP64_LIMIT", 1000)
+    monkeypatch.setattr(writer, "_ZIP64_COUNT_LIMIT", 3)
     root = make_tree(tmp_path / "m")
     (root / "weights" / "more.bin").write_bytes(os.urandom(5000))
     zip_path = tmp_path / "pkg.zip"

@@ -11,13 +11,14 @@ import pytest
 
 import cog
 from cog.model import signature_of
+from cog.runtime.openapi import openapi_document
+from cog.server.source import static_signature
 from cog.signature import (
     NO_DEFAULT,
     Argument,
     InputError,
     Signature,
     SignatureError,
-    static_signature,
 )
 
 # --- Declaration errors: raised when the class is defined, naming the file and the input --
@@ -273,7 +274,7 @@ def test_json_round_trip():
 
 
 def test_openapi_document():
-    document = signature_of(Documented).to_openapi(title="Documented")
+    document = openapi_document(signature_of(Documented), title="Documented")
     assert document["openapi"].startswith("3.")
     schema = document["components"]["schemas"]["Input"]
     assert schema["required"] == ["image"]

@@ -61,9 +61,15 @@ from collections.abc import Mapping, Sequence
 import cog
 from cog.builders import BuildError, BuilderSettings, BuildRequest
 from cog.builders.runtime import RUNTIME_REQUIREMENTS, runtime_wheel
-from cog.config import (
-    Config,
-    config_to_json,
+from cog.config import Config, config_to_json
+from cog.cuda import (
+    known_nvidia_cuda_images,
+    nvidia_cuda_image_tag,
+    tensorflow_gpu_package,
+    torch_cuda_suffix,
+    version_key,
+)
+from cog.requirements import (
     parse_pin,
     pinned,
     requirement_key,
@@ -101,11 +107,9 @@ def base_image(config: Config, target: str, settings: BuilderSettings) -> str:
         template = settings.base_images["gpu"]
     nvidia_tag = ""
     if "{nvidia_tag}" in template:
-        from cog import compat
-
-        nvidia_tag = compat.nvidia_cuda_image_tag(env.cuda, env.cudnn) or ""
+        nvidia_tag = nvidia_cuda_image_tag(env.cuda, env.cudnn) or ""
         if not nvidia_tag:
-            known = ", ".join(str(pair) for pair in compat.known_nvidia_cuda_images())
+            known = ", ".join(str(pair) for pair in known_nvidia_cuda_images())
             raise BuildError(
                 f"no NVIDIA CUDA image is known for CUDA {env.cuda} with cuDNN {env.cudnn} "
                 f"(known: {known}); give the server a base image for it with "
@@ -136,10 +140,8 @@ def gpu_packages(
     pin decides the CUDA suffix of torchvision/torchaudio wherever those are pinned.
     An environment marker (``; python_version < "3.12"``) is kept as it is.
     """
-    from cog import compat
-
     pins = dict(pins) if pins is not None else pinned(packages)
-    suffix = compat.torch_cuda_suffix(pins["torch"], cuda) if "torch" in pins else None
+    suffix = torch_cuda_suffix(pins["torch"], cuda) if "torch" in pins else None
     rewritten: list[str] = []
     extra: list[str] = []
     for spec in packages:
@@ -152,19 +154,19 @@ def gpu_packages(
         name, extras, version = pin
         key = requirement_key(name)
         if key in _TORCH_FAMILY and "+" not in version and suffix:
-            if key == "torchaudio" and compat.version_key(version) < (0, 8):
+            if key == "torchaudio" and version_key(version) < (0, 8):
                 # torchaudio before 0.8 had one wheel for every CUDA, without a suffix.
                 rewritten.append(spec)
                 continue
             rewritten.append(f"{name}{extras}=={version}+{suffix}{marker}")
             if not extra:
                 extra += ["--extra-index-url", PYTORCH_INDEX.format(suffix=suffix)]
-                if compat.version_key(pins["torch"])[:2] <= _LAST_ON_WHEELS_PAGE:
+                if version_key(pins["torch"])[:2] <= _LAST_ON_WHEELS_PAGE:
                     extra += ["-f", PYTORCH_WHEELS]
             continue
         if key == "tensorflow":
-            package = compat.tensorflow_gpu_package(version)
-            if strategy == "wheels" and compat.version_key(version)[:2] >= TF_AND_CUDA:
+            package = tensorflow_gpu_package(version)
+            if strategy == "wheels" and version_key(version)[:2] >= TF_AND_CUDA:
                 names = [e.strip() for e in extras.strip("[]").split(",") if e.strip()]
                 extras = "[" + ",".join([*names, "and-cuda"]) + "]"
             rewritten.append(f"{package}{extras}=={version}{marker}")
@@ -213,12 +215,10 @@ def cuda_wheels(cuda: str, cudnn: str, *, tensorflow: bool = False) -> list[str]
 
 def _framework_cuda_wheels(env, specs: Sequence[str], pins: Mapping[str, str]) -> list[str]:
     """The wheels strategy's explicit CUDA wheels: none when the framework brings them."""
-    from cog import compat
-
     if "torch" in requirement_names(specs):
         return []  # torch's CUDA wheels depend on the nvidia-* wheels they need
     tf = pins.get("tensorflow") or pins.get("tensorflow-gpu")
-    if tf and compat.version_key(tf)[:2] >= TF_AND_CUDA:
+    if tf and version_key(tf)[:2] >= TF_AND_CUDA:
         return []  # tensorflow[and-cuda]
     return cuda_wheels(env.cuda, env.cudnn, tensorflow=bool(tf))
 

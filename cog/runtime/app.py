@@ -3,7 +3,7 @@
 - ``GET /ping``: 200 ``{"status": "ready"}``; 503 ``{"status": "starting"}``,
   ``{"status": "failed", "error": ...}`` or ``{"status": "stopping"}``.
 - ``GET /help``: the signature, ``{"arguments": {...}}`` (see :mod:`cog.signature`).
-- ``GET /openapi.json``: the same as an OpenAPI 3.0 document.
+- ``GET /openapi.json``: the same as an OpenAPI 3.0 document (:mod:`cog.runtime.openapi`).
 - ``POST /infer``: a multipart form (or urlencoded, for text only) of the inputs. The
   response is the output (see :mod:`cog.runtime.outputs`) with ``X-Setup-Time`` and
   ``X-Run-Time`` (seconds) and ``X-Request-ID``. Errors are JSON ``{"error": message}``:
@@ -30,6 +30,7 @@ from aiohttp import web
 
 from cog.model import Model
 from cog.runtime.inputs import BadBody, InvalidInput, read_inputs
+from cog.runtime.openapi import openapi_document
 from cog.runtime.outputs import OutputError, respond
 from cog.runtime.runner import DEFAULT_MAX_QUEUE, Busy, ModelRunner, NotReady, State
 
@@ -100,8 +101,10 @@ class InferenceServer:
         signature, model_class = self.runner.signature, self.runner.model_class
         if signature is None or model_class is None:
             return _not_ready(NotReady(self.runner.state, self.runner.error))
-        document = signature.to_openapi(
-            title=model_class.__name__, description=(model_class.__doc__ or "").strip() or None
+        document = openapi_document(
+            signature,
+            title=model_class.__name__,
+            description=(model_class.__doc__ or "").strip() or None,
         )
         return web.json_response(document)
 

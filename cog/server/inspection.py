@@ -12,7 +12,8 @@ import attrs
 
 from cog.config import Config, ConfigError, check_config
 from cog.package import PackageArchive, PackageLimits
-from cog.signature import SignatureError, static_signature
+from cog.server.source import static_signature
+from cog.signature import SignatureError
 
 
 @attrs.frozen

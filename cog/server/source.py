@@ -1,0 +1,174 @@
+"""A model's input signature read from its source with :mod:`ast`, never imported, so the
+server can check a package's declarations and compare them with what its image reports."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+from typing import Any
+
+import attrs
+
+from cog.signature import (
+    InputDeclaration,
+    RunParameters,
+    Signature,
+    SignatureError,
+    build_signature,
+)
+
+_INPUT_KEYWORDS = ("name", "type", "help", "default", "min", "max", "options")
+_BUILTIN_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+class _Undetermined(Exception):
+    """The source does something a static reader cannot follow."""
+
+
+def static_signature(source: str, class_name: str, filename: str = "<model>") -> Signature | None:
+    """The signature of ``class_name.run`` in a model file, read with ``ast`` (never imported).
+
+    Returns None when it cannot be determined statically: the class or its ``run`` is not
+    defined at the top level of the file (e.g. inherited), ``run`` has a decorator other than
+    ``@cog.input``, or an argument of ``@cog.input`` is not a literal. Raises SignatureError
+    when the declarations are definitely wrong (the same rules, and messages, as at import).
+    """
+    try:
+        tree = ast.parse(source, filename)
+    except SyntaxError as e:
+        raise SignatureError([f"{filename}:{e.lineno}: {e.msg}"]) from None
+    names = _CogNames.of(tree)
+    cls = None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            cls = node
+    if cls is None:
+        return None
+    run = None
+    for node in cls.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "run":
+            run = node
+        elif _assigns(node, "run"):
+            run = None
+    if run is None:
+        return None
+    try:
+        declarations = [names.declaration(d, filename) for d in run.decorator_list]
+    except _Undetermined:
+        return None
+    return build_signature(declarations, _static_parameters(run, filename, f"{class_name}.run"))
+
+
+def _assigns(node: ast.stmt, name: str) -> bool:
+    targets: list[ast.expr] = []
+    if isinstance(node, ast.Assign):
+        targets = node.targets
+    elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+        targets = [node.target]
+    return any(isinstance(t, ast.Name) and t.id == name for t in targets)
+
+
+def _static_parameters(
+    run: ast.FunctionDef | ast.AsyncFunctionDef, filename: str, qualname: str
+) -> RunParameters:
+    args = run.args
+    positional = [a.arg for a in args.posonlyargs] + [a.arg for a in args.args]
+    positional_only = [a.arg for a in args.posonlyargs][1:]
+    names = positional[1:] + [a.arg for a in args.kwonlyargs]
+    # Python reports a decorated function's first line as its first decorator's line.
+    line = run.decorator_list[0].lineno if run.decorator_list else run.lineno
+    return RunParameters(
+        names=tuple(names),
+        takes_any=args.kwarg is not None,
+        positional_only=tuple(positional_only),
+        filename=filename,
+        line=line,
+        qualname=qualname,
+        is_async=isinstance(run, ast.AsyncFunctionDef),
+    )
+
+
+@attrs.frozen
+class _CogNames:
+    """How a module refers to cog, cog.input and Path types (its imports)."""
+
+    modules: frozenset[str]
+    inputs: frozenset[str]
+    paths: frozenset[str]
+    pathlib_modules: frozenset[str]
+
+    @classmethod
+    def of(cls, tree: ast.Module) -> _CogNames:
+        modules, inputs, paths, pathlib_modules = {"cog"}, set(), {"Path"}, {"pathlib"}
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name == "cog":
+                        modules.add(alias.asname or "cog")
+                    elif alias.name == "pathlib":
+                        pathlib_modules.add(alias.asname or "pathlib")
+            elif isinstance(node, ast.ImportFrom) and node.module in ("cog", "pathlib"):
+                for alias in node.names:
+                    if node.module == "cog" and alias.name == "input":
+                        inputs.add(alias.asname or "input")
+                    elif alias.name in ("Path", "PosixPath", "PurePath"):
+                        paths.add(alias.asname or alias.name)
+        return cls(
+            frozenset(modules), frozenset(inputs), frozenset(paths), frozenset(pathlib_modules)
+        )
+
+    def declaration(self, decorator: ast.expr, filename: str) -> InputDeclaration:
+        if not isinstance(decorator, ast.Call) or not self._is_input(decorator.func):
+            raise _Undetermined
+        call = decorator
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        if len(call.args) > 2:
+            problems.append("@cog.input takes the name and type by position, the rest by keyword")
+        for key, node in list(zip(("name", "type"), call.args)) + [
+            (k.arg, k.value) for k in call.keywords
+        ]:
+            if key is None:  # **kwargs
+                raise _Undetermined
+            if key not in _INPUT_KEYWORDS:
+                problems.append(f"@cog.input has no option {key!r}")
+                continue
+            values[key] = self._type(node) if key == "type" else _literal(node)
+        if "type" not in values:
+            problems.append("@cog.input needs a type")
+        if problems:
+            name = values.get("name", "?")
+            where = f"{filename}:{call.lineno}"
+            raise SignatureError([f"{where}: input {name!r}: {p}" for p in problems])
+        return InputDeclaration(line=call.lineno, **values)
+
+    def _is_input(self, func: ast.expr) -> bool:
+        if isinstance(func, ast.Name):
+            return func.id in self.inputs
+        return (
+            isinstance(func, ast.Attribute)
+            and func.attr == "input"
+            and isinstance(func.value, ast.Name)
+            and func.value.id in self.modules
+        )
+
+    def _type(self, node: ast.expr) -> Any:
+        if isinstance(node, ast.Name):
+            if node.id in _BUILTIN_TYPES:
+                return _BUILTIN_TYPES[node.id]
+            if node.id in self.paths:
+                return pathlib.Path
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            module = node.value.id
+            if node.attr == "Path" and (module in self.modules or module in self.pathlib_modules):
+                return pathlib.Path
+        elif isinstance(node, ast.Constant):
+            return node.value  # a literal is never a type: the rules report it
+        raise _Undetermined
+
+
+def _literal(node: ast.expr) -> Any:
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, RecursionError):
+        raise _Undetermined from None
