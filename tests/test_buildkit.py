@@ -31,7 +31,7 @@ from cog.builders.buildkit import (
     choose_exporter,
     parse_address,
 )
-from cog.builders.buildkit_pb import messages as pb
+from cog.builders.buildkit.pb import messages as pb
 from cog.engine import DEFAULT_ENGINE
 
 

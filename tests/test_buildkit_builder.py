@@ -3,7 +3,7 @@ reached through its /grpc endpoint (docker-grpc://), and through a real TLS term
 front of it for tcp:// with (mutual) TLS. Real registry, real examples, real check.
 
 Not reachable here (no standalone buildkitd): the `image` exporter with push=true and
-registry caches; see the module docstring of cog.builders.buildkit.
+registry caches; docs/buildkit.md says what was tested.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2
 
-from cog.builders import buildkit_pb
-from cog.builders.buildkit_pb import messages as pb
+from cog.builders.buildkit import pb as buildkit_pb
+from cog.builders.buildkit.pb import messages as pb
 
 PROTO = Path(buildkit_pb.__file__).with_name("control.proto")
 _F = descriptor_pb2.FieldDescriptorProto
@@ -100,8 +100,8 @@ def test_messages_live_in_a_private_pool():
     raise AssertionError("BuildKit messages leaked into the default descriptor pool")
 
 
-#: The names buildkit.py gives BuildKit's messages (requests it makes, responses and their
-#: parts it reads); only attribute access on these counts as using a field.
+#: The names the builder's modules give BuildKit's messages (requests they make, responses
+#: and their parts they read); only attribute access on these counts as using a field.
 MESSAGE_VARIABLES = frozenset(
     {"request", "response", "update", "log", "status", "warning", "worker", "info"}
 )
@@ -118,7 +118,7 @@ def _is_message(node: ast.expr) -> bool:
 
 
 def fields_used(source: str) -> set[str]:
-    """Field names buildkit.py reads or sets on a message: ``update.name``,
+    """Field names a module reads or sets on a message: ``update.name``,
     ``update.HasField("started")``, and keywords of ``pb.Message(...)`` and of
     ``request.Cache.Imports.add(...)``."""
     used = set()
@@ -140,14 +140,16 @@ def test_every_declared_field_is_one_cog_uses():
     """The schema covers only what cog sends or reads (no Session: the context is a URL;
     no Entitlements: cog's Dockerfiles need none). A field cog stops using goes too.
 
-    Used means accessed on a message variable of buildkit.py (MESSAGE_VARIABLES), so a
-    same-named attribute of anything else (``vertex.name`` of the progress's own record)
-    does not count. Its limits: fields are matched by name, not by message, so a name two
-    messages share (``name``, ``vertex``, ``completed``) counts for both once either is
-    used; and so does an attribute of a non-message under one of those variable names
-    (``request.image`` of a BuildRequest).
+    Used means accessed on a message variable (MESSAGE_VARIABLES) in a module of
+    cog.builders.buildkit (the schema's own, pb, aside), so a same-named attribute of
+    anything else (``vertex.name`` of the progress's own record) does not count. Its
+    limits: fields are matched by name, not by message, so a name two messages share
+    (``name``, ``vertex``, ``completed``) counts for both once either is used; and so does
+    an attribute of a non-message under one of those variable names (``request.image`` of
+    a BuildRequest).
     """
-    used = fields_used(Path(buildkit_pb.__file__).parent.with_name("buildkit.py").read_text())
+    package = Path(buildkit_pb.__file__).parent.parent
+    used = set().union(*(fields_used(module.read_text()) for module in package.glob("*.py")))
     unused = [
         f"{name}.{field}"
         for specs in buildkit_pb.SCHEMA.values()

@@ -1,53 +1,8 @@
 """The Dockerfile of a package, shared by every builder: a pure function of its inputs.
 
-Layers go from what changes least to what changes most, so the cache does the work:
-
-1. the base image (``--base-image`` templates; sites without Docker Hub point them at
-   local images), and for the GPU ``image`` strategy the Python the package asks for,
-2. system packages (apt),
-3. for GPU images built with the ``wheels`` strategy and no framework that brings its own:
-   NVIDIA's CUDA library wheels,
-4. ``python_requirements`` (only that file is copied first), then ``python_packages``; on
-   ``wheels`` GPU images the NVIDIA libraries they brought are then registered with the
-   dynamic loader,
-5. the cog runtime (a wheel of the installing cog, :mod:`cog.builders.runtime`), so a new
-   cog version never reinstalls the model's dependencies,
-6. the image settings (WORKDIR, EXPOSE, CMD), then the model's code and weights,
-7. labels (package ID, config, input signature, cog version).
-
-Nothing before cog's runtime wheel depends on the cog version, and nothing before the
-model's files on the package ID: a new cog version reuses the model's dependency layers,
-and two packages of one model share every layer up to the model's files.
-
-Build context layout (:mod:`cog.builders.context`)::
-
-    Dockerfile
-    cog/<runtime wheel>
-    package/...        the package's files, exactly as in its zip
-
-GPU strategies (``BuilderSettings.gpu_strategy``):
-
-- ``wheels`` (default): the CPU base image, and CUDA from NVIDIA's pip wheels. It needs no
-  CUDA base image, so it works where only PyPI is reachable (as on the machines cog is
-  developed on), and the CPU and GPU images share their base layers. What is installed is
-  what the framework needs, once: torch's CUDA wheels (PyTorch's index) depend on the
-  ``nvidia-*`` wheels they were built with, so they bring them; TensorFlow 2.14 and later
-  get the ``and-cuda`` extra, which does the same; older TensorFlow 2.x gets CUDA's
-  runtime, cuDNN, cuBLAS, cuFFT, cuRAND, cuSOLVER, cuSPARSE and CUPTI explicitly; a model
-  with neither framework gets the CUDA runtime and cuDNN (with the cuBLAS cuDNN needs).
-- ``image``: an NVIDIA CUDA/cuDNN runtime base image, the way the original Cog built GPU
-  images: by default ``nvidia/cuda:{nvidia_tag}``, NVIDIA's published tag for the pair
-  (e.g. ``12.1.1-cudnn8-runtime-ubuntu22.04``); a pair NVIDIA has no image for needs an
-  operator's ``--base-image gpu=...``. Those images carry no Python: the package's
-  ``python_version`` comes from the base image if it has it, else from its distribution's
-  packages (Ubuntu 22.04: 3.10 and 3.11), in a virtualenv at /opt/cog; a version the
-  distribution does not package fails that step, saying so, rather than install another.
-
-On GPU images, pinned ``torch``/``torchvision``/``torchaudio`` become the wheel built for
-the chosen CUDA (``torch==1.7.1`` -> ``torch==1.7.1+cu110`` from PyTorch's per-CUDA index,
-and for torch 2.3 and older also its flat torch_stable.html page) and TensorFlow 1.x
-becomes ``tensorflow_gpu``, in ``python_packages`` and in the requirements file alike
-(the rewritten file is written by the Dockerfile itself, so every builder gets it).
+Layers go from what changes least to what changes most, so the cache does the work; GPU
+images get CUDA from NVIDIA's pip wheels or from an NVIDIA base image. Layer order and GPU
+strategies, for operators: docs/images.md.
 """
 
 from __future__ import annotations

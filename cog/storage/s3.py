@@ -1,39 +1,9 @@
 """S3 storage (AWS or any S3-compatible store): ``s3://bucket/prefix?option=value``.
 
-Credentials and region come from the usual AWS settings (environment variables, shared
-config/credentials files, instance roles). URL query options:
-
-- ``endpoint=http://127.0.0.1:8333``: an S3-compatible endpoint (SeaweedFS, MinIO, ...);
-  path-style addressing is used with an explicit endpoint.
-- ``region=us-east-1``
-- ``profile=NAME``: an AWS config profile.
-- ``part_size=8MiB``: multipart part size (at least 5MiB, S3's minimum). Blobs smaller than
-  one part are sent in a single PUT.
-- ``max_parts_in_flight=2``: parts uploaded at once (more gained little on loopback).
-  A write holds at most ``max_parts_in_flight`` parts (the ones being sent, or being
-  filled while one more slot is free), plus botocore's own copy of a part being sent,
-  whatever the blob's size.
-- ``abort_incomplete_after=1h``: multipart uploads under the prefix that were started
-  longer ago than this (and are not this process's own) are aborted at start and then
-  every that long; ``0`` turns this off. See "Failed uploads" below.
-- ``create_bucket=true``: create the bucket at start if it does not exist.
-- ``connect_timeout=5``, ``read_timeout=60``, ``retries=2``: so a dead endpoint fails in
-  seconds, not minutes.
-
-Writes are atomic for readers: an object appears only when its PUT or multipart upload
-completes. A blob's version is the ETag S3 answers the write with (the same one listing
-and HEAD report), so two servers writing one key each record their own version.
-
-Failed uploads: a failed or cancelled multipart upload is aborted at once. If that abort
-fails too (S3 went away mid-upload), the parts already sent stay on S3, invisible but
-billed, until a sweep aborts them: every server sweeps its prefix at start and every
-``abort_incomplete_after``. Several servers may share the bucket, so the sweep leaves
-alone every upload younger than that age (it may be another server's, still running):
-keep it above the longest upload you expect. On AWS, a bucket lifecycle rule with
-AbortIncompleteMultipartUpload does the same without any server running.
-
-botocore errors never leave this module: they become NotFound, StorageUnavailable (the
-endpoint cannot be reached, answers 5xx, or refuses the credentials) or StorageError.
+The backend parses its own URL options, uploads in multipart form and sweeps abandoned
+uploads; botocore errors never leave this module: they become NotFound, StorageUnavailable
+(the endpoint cannot be reached, answers 5xx, or refuses the credentials) or StorageError.
+Operators' guide (options, failed uploads): docs/storage.md.
 """
 
 from __future__ import annotations

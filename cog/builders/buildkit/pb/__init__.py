@@ -8,7 +8,7 @@ and live in a private descriptor pool, so they never clash with another library'
 BuildKit's protos. ``control.proto`` next to this file is the same schema as .proto text;
 a test checks they agree.
 
-Use: ``from cog.builders.buildkit_pb import messages as pb`` then ``pb.SolveRequest(...)``;
+Use: ``from cog.builders.buildkit.pb import messages as pb`` then ``pb.SolveRequest(...)``;
 ``METHODS`` has the gRPC paths and the request/response classes of each call.
 """
 
