@@ -514,8 +514,9 @@ async def test_closing_the_stream_cancels_the_build_in_buildkit(
             assert ref and running(builder.marker)
             # A second Status stream of the same build, as `buildctl debug` would watch it.
             status = watcher.status(ref)
-            updates = asyncio.ensure_future(_collect(status))
-            await asyncio.sleep(0.5)
+            watched: list = []
+            updates = asyncio.ensure_future(_collect(status, watched))
+            await eventually(lambda: watched, "watching: the second status stream")
             await stream.aclose()
 
             await eventually(lambda: not running(builder.marker), "stopped")
@@ -554,7 +555,7 @@ async def test_a_cancelled_build_says_which_step_it_stopped(
     async with opened(builder):
         build = asyncio.ensure_future(consume())
         await asyncio.wait_for(started.wait(), 600)
-        await asyncio.sleep(0.5)  # back inside the builder, waiting for BuildKit
+        await asyncio.sleep(0)  # one turn: the consumer is back inside the builder
         assert running(builder.marker)
         build.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -596,8 +597,8 @@ async def test_closing_the_builder_mid_build_fails_it_naming_the_step(settings, 
     await eventually(lambda: not running(builder.marker), "stopped")
 
 
-async def _collect(call) -> list:
-    responses = []
+async def _collect(call, responses: list | None = None) -> list:
+    responses = [] if responses is None else responses
     with contextlib.suppress(grpc.aio.AioRpcError):
         async for response in call:
             responses.append(response)

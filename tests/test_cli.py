@@ -159,7 +159,8 @@ def test_errors_are_one_line_without_traceback(env, tmp_path):
 def test_unknown_and_short_ids(server, env):
     env = {**env, "COG_REMOTE": server}
     result = cog("show", "abc", env=env, check=False)
-    assert result.returncode == 1 and "7" in result.stderr
+    assert result.returncode == 1
+    assert "package ID prefix 'abc' is too short: give at least 7 characters" in result.stderr
     result = cog("show", "0123456789", env=env, check=False)
     assert result.returncode == 1 and "no package matches" in result.stderr
 

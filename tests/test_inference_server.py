@@ -280,6 +280,19 @@ async def test_a_file_from_elsewhere_is_sent_and_left_alone(aiohttp_client, temp
     assert left.read_bytes() == written(10)
 
 
+def files_open_under(root) -> list[str]:
+    """Files under root that this process holds open (deleted ones too)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(root)):
+            found.append(target)
+    return found
+
+
 async def test_a_client_leaving_mid_download_cleans_up(aiohttp_client, temp_root):
     """The request's directory goes, and the open output file is closed (a file left to
     the garbage collector fails the test as an unraisable ResourceWarning). Several
@@ -292,7 +305,8 @@ async def test_a_client_leaving_mid_download_cleans_up(aiohttp_client, temp_root
         assert len(await response.content.readexactly(1000)) == 1000
         response.close()  # drops the connection with most of the file unsent
         await eventually(lambda: not list(temp_root.iterdir()), "the request directory to go")
-    await asyncio.sleep(0.2)  # the reads in flight end and close their files
+    # The reads in flight end and close their files (unlinked with their directory).
+    await eventually(lambda: not files_open_under(temp_root), "every output file closed")
     gc.collect()
     response = await client.post("/infer", data=form(size="3"))
     assert await response.read() == written(3)
@@ -339,14 +353,15 @@ async def test_a_request_cancelled_while_its_upload_is_written_leaves_nothing(
     await eventually(creating.is_set, "the first batch to reach the disk")
     for _ in range(cancels):
         storing.cancel()
-        await asyncio.sleep(0.05)  # into the cleanup's wait for the thread
+        await asyncio.sleep(0)  # one turn: the task takes it, and waits for the thread
     assert not opened  # the thread is still at its slow create
     with pytest.raises(asyncio.CancelledError):
         await storing
     inputs.cleanup()  # what read_inputs does next
-    await asyncio.sleep(0.7)  # any thread still running is done by now
-    assert list(temp_root.iterdir()) == []
-    assert opened and all(f.closed for f in opened)
+    # The thread finishes its batch after the cleanup: it closes its file and removes
+    # what it made.
+    await eventually(lambda: opened and all(f.closed for f in opened), "the thread's file closed")
+    await eventually(lambda: not list(temp_root.iterdir()), "the request directory gone")
 
 
 @pytest.mark.parametrize(

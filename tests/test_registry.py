@@ -196,7 +196,9 @@ async def test_unknown_short_and_ambiguous_references(client, hello):
 
     response = await client.get("/v1/packages/abc")
     assert response.status == 400
-    assert "7" in (await response.json())["error"]
+    assert (await response.json())["error"] == (
+        "package ID prefix 'abc' is too short: give at least 7 characters"
+    )
 
     response = await client.get("/v1/packages/not-hex-at-all")
     assert response.status == 400
@@ -368,6 +370,15 @@ FILE_HEAD = (
 CLOSE = f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
+async def until(condition, what: str, timeout: float = 10.0) -> None:
+    """Wait for a condition of the file system or the server, looking every 10 ms."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not {what} after {timeout:g}s")
+        await asyncio.sleep(0.01)
+
+
 def _gzip_cut_short(body: bytes) -> list[bytes]:
     """A gzip stream of body whose deflate data turns to garbage four fifths of the way,
     in two pieces: sent apart, the server is spooling the file when the garbage comes."""
@@ -467,13 +478,10 @@ async def test_truncated_upload_leaves_nothing(client, spool, hello):
     _reader, writer = await asyncio.open_connection(server.host, server.port)
     writer.write(request + head + data + filler[: len(filler) // 2])
     await writer.drain()
-    await asyncio.sleep(0.3)  # let the server spool some of it
+    # The server has begun spooling it (its temp file is made as the file part begins).
+    await until(lambda: any(spool.glob("upload-*")), "spooling")
     writer.transport.abort()
-    for _ in range(50):
-        await asyncio.sleep(0.1)
-        if not list(spool.iterdir()):
-            break
-    assert list(spool.iterdir()) == []
+    await until(lambda: not list(spool.iterdir()), "removed: the spooled upload")
     assert await stored_keys(client.app[STORAGE]) == []
     assert (await client.get("/ping")).status == 200
 

@@ -24,15 +24,17 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, BinaryIO, Mapping
+from typing import Any, Awaitable, BinaryIO, Mapping, TypeVar
 from urllib.parse import unquote_to_bytes
 
 import attrs
 from aiohttp import BodyPartReader, MultipartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from cog.model import Path
+from cog.multipart import MalformedBody, parsing
 from cog.signature import Argument, InputError
+
+T = TypeVar("T")
 
 #: A text field longer than this is refused (files have no limit: they are streamed).
 MAX_FIELD_BYTES = 1 << 20
@@ -44,8 +46,6 @@ _SHOWN_NAME = 100
 _CHUNK = 256 * 1024
 #: An upload is written in batches of about this size, one thread hop each.
 _BATCH = 1 << 20
-#: What aiohttp's multipart reader raises for a body it cannot parse.
-_PARSE_ERRORS = (ValueError, AssertionError, HttpProcessingError)
 #: The folder of the request's directory that holds the file inputs, one folder each.
 _INPUTS = "inputs"
 #: An input name usable as a folder name as it is (others get a numbered folder).
@@ -211,22 +211,19 @@ async def read_inputs(request: web.Request, arguments: Mapping[str, Argument]) -
 # --- multipart/form-data -----------------------------------------------------------------
 
 
-def _malformed(error: BaseException) -> BadBody:
-    return BadBody(f"malformed multipart body: {error}")
+async def _parsing(step: Awaitable[T]) -> T:
+    try:
+        return await parsing(step)
+    except MalformedBody as e:
+        raise BadBody(f"malformed multipart body: {e}") from None
 
 
 async def _read_chunk(part: BodyPartReader) -> bytes:
-    try:
-        return await part.read_chunk(_CHUNK)
-    except _PARSE_ERRORS as e:
-        raise _malformed(e) from None
+    return await _parsing(part.read_chunk(_CHUNK))
 
 
 async def _release(part: BodyPartReader | MultipartReader) -> None:
-    try:
-        await part.release()
-    except _PARSE_ERRORS as e:
-        raise _malformed(e) from None
+    await _parsing(part.release())
 
 
 async def _read_multipart(
@@ -238,15 +235,9 @@ async def _read_multipart(
 ) -> None:
     # Only aiohttp's parsing is translated into "malformed": an error converting a value
     # is an input problem like any other.
-    try:
-        reader = await request.multipart()
-    except _PARSE_ERRORS as e:
-        raise _malformed(e) from None
+    reader = await _parsing(request.multipart())
     while True:
-        try:
-            part = await reader.next()
-        except _PARSE_ERRORS as e:
-            raise _malformed(e) from None
+        part = await _parsing(reader.next())
         if part is None:
             return
         if not isinstance(part, BodyPartReader):  # a nested multipart

@@ -18,8 +18,8 @@ from typing import TypeVar
 
 import attrs
 from aiohttp import BodyPartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
 
+from cog.multipart import MalformedBody, parsing
 from cog.units import format_size
 
 T = TypeVar("T")
@@ -142,38 +142,14 @@ async def _spool(part: BodyPartReader, tmp_dir: Path, max_bytes: int) -> Receive
     return ReceivedUpload(path=path, package_id=digest.hexdigest(), size=size)
 
 
-#: what aiohttp raises for a body it cannot parse as multipart: a missing starting or
-#: closing boundary, a header line without a colon, a body that does not decode as its
-#: Content-Encoding says (the parser's error arrives wrapped in RequestPayloadError).
-_MALFORMED = (ValueError, AssertionError, HttpProcessingError, web.RequestPayloadError)
-
-
 async def _parsing(step: Awaitable[T]) -> T:
-    """Await one step of reading the multipart body; a malformed body is an UploadError.
-
-    Only the parser's errors are translated: a client that goes away or a cancelled
-    request passes through unchanged.
-    """
+    """Await one step of reading the multipart body; a malformed body is an UploadError."""
     try:
-        return await step
-    except web.RequestPayloadError as exc:
-        raise UndecodableBody(f"malformed upload body: {_describe(exc)}") from None
-    except _MALFORMED as exc:
-        raise UploadError(f"malformed multipart upload: {_describe(exc)}") from None
-
-
-def _describe(exc: BaseException) -> str:
-    cause = exc.__cause__ if isinstance(exc, web.RequestPayloadError) else exc
-    text = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
-    text = " ".join(text.split())
-    if text == "Reading after EOF":
-        return "the body ended before the closing boundary (truncated upload?)"
-    if text.startswith("Could not find starting boundary"):
-        return (
-            "the body does not start with the boundary declared in Content-Type "
-            "(empty body, or not multipart/form-data)"
-        )
-    return text or type(exc).__name__
+        return await parsing(step)
+    except MalformedBody as exc:
+        if exc.undecodable:
+            raise UndecodableBody(f"malformed upload body: {exc}") from None
+        raise UploadError(f"malformed multipart upload: {exc}") from None
 
 
 def _check_part_encoding(part: BodyPartReader) -> None:

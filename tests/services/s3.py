@@ -2,10 +2,11 @@
 
 One server per test session, on free loopback ports with a temporary data directory,
 stopped at the end; tests get their own prefix in one shared bucket (creating a bucket
-costs SeaweedFS seconds). It runs with access control on: one identity, whose keys the
-session puts in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, so every S3 test also proves the
-credentials reach S3 from the environment. COG_TEST_S3_ENDPOINT=http://host:port reuses
-a running one (with the credentials already in the environment).
+costs SeaweedFS seconds). It runs with access control on: one identity, whose keys each
+S3 test gets in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for its own duration, so every S3
+test also proves the credentials reach S3 from the environment.
+COG_TEST_S3_ENDPOINT=http://host:port reuses a running one (with its credentials in the
+environment).
 COG_TEST_SKIP_SERVICES=1 skips S3 tests; otherwise a missing `weed` fails loudly.
 """
 
@@ -22,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -143,26 +145,35 @@ def storage_url(endpoint: str, prefix: str | None = None, **options: str) -> str
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """The endpoint of a running S3 server; credentials are put in the environment."""
+def s3_service() -> Iterator[tuple[str, dict[str, str]]]:
+    """A running S3 server for the session: its endpoint and the credentials it takes.
+    The environment is not touched here (see s3_server)."""
     if os.environ.get("COG_TEST_SKIP_SERVICES") == "1":
         pytest.skip("S3 tests need SeaweedFS and COG_TEST_SKIP_SERVICES=1")
     reuse = os.environ.get("COG_TEST_S3_ENDPOINT")
     if reuse:
-        for key, value in CREDENTIALS.items():
-            os.environ.setdefault(key, value)
         assert answers(reuse), f"COG_TEST_S3_ENDPOINT={reuse} does not answer"
-        yield reuse
+        given = {key: os.environ.get(key, value) for key, value in CREDENTIALS.items()}
+        yield reuse, given
         return
-    # Our server knows only these keys: whatever else the environment held must not win.
-    os.environ.update(CREDENTIALS)
-    os.environ.pop("AWS_SESSION_TOKEN", None)
     with tempfile.TemporaryDirectory(prefix="cog-weed-") as tmp:
         server = SeaweedFS(Path(tmp)).start()
         try:
-            yield server.endpoint
+            yield server.endpoint, dict(CREDENTIALS)
         finally:
             server.stop()
+
+
+@pytest.fixture
+def s3_server(s3_service, monkeypatch) -> str:
+    """The S3 endpoint, with its credentials in the environment for this test only (the
+    way an operator gives them, so every S3 test also proves they reach S3 from there);
+    whatever else the environment held must not win."""
+    endpoint, credentials = s3_service
+    for key, value in credentials.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    return endpoint
 
 
 @pytest.fixture
