@@ -514,9 +514,11 @@ async def test_closing_the_stream_cancels_the_build_in_buildkit(
             assert ref and running(builder.marker)
             # A second Status stream of the same build, as `buildctl debug` would watch it.
             status = watcher.status(ref)
-            watched: list = []
-            updates = asyncio.ensure_future(_collect(status, watched))
-            await eventually(lambda: watched, "watching: the second status stream")
+            updates = asyncio.ensure_future(_collect(status))
+            # Nothing tells when BuildKit has registered this watcher (a running step sends
+            # no update, and the call's headers come with its first one): a pause, so that
+            # the watcher sees the cancellation rather than joins after it.
+            await asyncio.sleep(0.5)
             await stream.aclose()
 
             await eventually(lambda: not running(builder.marker), "stopped")
@@ -597,8 +599,8 @@ async def test_closing_the_builder_mid_build_fails_it_naming_the_step(settings, 
     await eventually(lambda: not running(builder.marker), "stopped")
 
 
-async def _collect(call, responses: list | None = None) -> list:
-    responses = [] if responses is None else responses
+async def _collect(call) -> list:
+    responses = []
     with contextlib.suppress(grpc.aio.AioRpcError):
         async for response in call:
             responses.append(response)
