@@ -186,6 +186,19 @@ class Consumer:
         return await asyncio.wait_for(self.task, STEP_TIMEOUT)
 
 
+def registry_digest(registry: str, image: str) -> str:
+    """The manifest digest a plain-HTTP registry holds for image (repository:tag)."""
+    name = image.removeprefix(f"{registry}/")
+    repository, _, tag = name.rpartition(":") if ":" in name else (name, "", "latest")
+    request = urllib.request.Request(
+        f"http://{registry}/v2/{repository}/manifests/{tag}",
+        method="HEAD",
+        headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.headers["Docker-Content-Digest"]
+
+
 def bridge_gateway() -> str:
     """The Docker bridge's gateway: this machine, as a container on the bridge sees it."""
     import subprocess
@@ -308,15 +321,7 @@ class BuilderContract:
     # -- what a subclass may replace for a registry that is not plain HTTP -------------
 
     def registry_digest(self, registry: str, image: str) -> str:
-        """The manifest digest the registry holds for image."""
-        repository, _, tag = image.removeprefix(f"{registry}/").rpartition(":")
-        request = urllib.request.Request(
-            f"http://{registry}/v2/{repository}/manifests/{tag}",
-            method="HEAD",
-            headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.headers["Docker-Content-Digest"]
+        return registry_digest(registry, image)
 
     def registry_has(self, registry: str, image: str) -> bool:
         try:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from cog.testing.builder import registry_digest  # noqa: F401  (the tests' one way)
+
 ROOT = Path(__file__).resolve().parents[2]
 REGISTRY = os.environ.get("COG_TEST_REGISTRY", "127.0.0.1:5000")
 CPU_BASE = "python:3.11-slim"
@@ -94,18 +96,3 @@ def no_leaked_containers(docker_engine):
     while (leaked := containers() - before) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not leaked, f"containers left behind: {sorted(leaked)}"
-
-
-def registry_digest(registry: str, image: str) -> str:
-    """The manifest digest the registry holds for image (repository:tag)."""
-    from cog.engine import split_image
-
-    repository, tag = split_image(image)
-    name = repository.removeprefix(f"{registry}/")
-    request = urllib.request.Request(
-        f"http://{registry}/v2/{name}/manifests/{tag}",
-        method="HEAD",
-        headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return response.headers["Docker-Content-Digest"]
