@@ -3,7 +3,7 @@
 Inside an image only the runtime is used (``cog.Model``, ``cog.input``, ``cog.Path``,
 ``cog.request_directory`` and ``python -m cog.runtime``); it must never import the
 server-only dependencies. The model API is loaded on first use, so ``import cog`` stays
-light for the registry and the CLI.
+light for the cog server and the CLI.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Logging for the registry server and the CLI: structlog, configured once.
+"""Logging for the cog server and the CLI: structlog, configured once.
 
 JSON lines when stderr is not a terminal (for log collectors), key=value with colours on a
 terminal. Request-scoped values (request id, package id) are bound with contextvars, so

@@ -1,4 +1,4 @@
-"""HTTP client for the registry API (used by the CLI; other programs may use it too).
+"""HTTP client for the cog server's API (used by the CLI; other programs may use it too).
 
 Uploads stream from a file, downloads stream to a file and build events are read line by
 line as they arrive: nothing here holds a package or a build log in memory.

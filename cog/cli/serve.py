@@ -1,4 +1,4 @@
-"""`cog server`: run the registry server."""
+"""`cog server`: run the cog server."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "server",
         help="run a cog server",
-        description="Run the registry server: stores packages, builds and pushes images.",
+        description="Run the cog server: stores packages, builds and pushes their images.",
     )
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")

@@ -1,1 +1,1 @@
-"""The registry server: the HTTP API over Storage and Builders."""
+"""The cog server: the package registry's HTTP API, over Storage and Builders."""

@@ -1,4 +1,4 @@
-"""The package record: what the registry knows about one package, and its JSON document.
+"""The package record: what the cog server knows about one package, and its JSON document.
 
 The document keeps the seed's keys exactly (``ID``, ``Name``, ``Artifacts`` with
 ``Target``/``URI``, ``Config`` with ``Environment``/``Model``) and adds ``Created``,

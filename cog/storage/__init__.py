@@ -1,4 +1,4 @@
-"""The Storage contract: where every byte and record the registry server knows lives.
+"""The Storage contract: where every byte and record the cog server knows lives.
 
 A backend implements a handful of primitives on opaque keys (``packages/<id>.zip``,
 ``records/<id>.json``); everything else (key validation, error translation)
@@ -6,11 +6,12 @@ lives once in :class:`CheckedStorage`, which :func:`load_storage` wraps around e
 backend. Backends are found through the ``cog.storage`` entry-point group, keyed by the
 URL scheme they serve, so a third-party package can add one without touching cog.
 
-Rules every backend keeps (the contract suite in ``tests/storage_contract.py`` checks
-them):
+Rules every backend keeps (the contract suite :mod:`cog.testing.storage` checks them):
 
-- ``write`` is atomic: readers see the old blob (or nothing) until the new one is
-  complete; if the chunk stream raises, nothing is left behind and the error propagates.
+- ``write`` creates or replaces a blob, atomically: readers see the old blob (or
+  nothing) until the new one is complete; if the chunk stream raises, nothing is left
+  behind and the error propagates. (Packages are content-addressed, so a package zip is
+  never rewritten with other bytes; records and logs are.)
 - ``open_reader`` raises :class:`NotFound` on entry, before any byte is produced, so an
   HTTP handler can still answer 404.
 - ``list`` yields every blob under a prefix with an opaque ``version`` that changes when
@@ -93,7 +94,7 @@ class BlobReader(abc.ABC):
 
 
 class Storage(abc.ABC):
-    """A flat namespace of immutable-once-written blobs, addressed by keys."""
+    """A flat namespace of blobs addressed by keys; a write replaces a blob whole."""
 
     #: Informational: the scheme this backend is registered under.
     scheme: ClassVar[str] = ""
