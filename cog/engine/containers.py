@@ -126,11 +126,12 @@ async def remove_stale_containers(engine: Engine, role: str) -> list[str]:
         now = time.time()
         removed = []
         for container in found:
-            info = container._container  # the listing's summary; aiodocker has no accessor
-            if abandoned(info.get("Labels") or {}, info.get("State", ""), now):
+            # The listing's summary of each: Labels, State, Names, Id.
+            labels, state = container["Labels"] or {}, container["State"]
+            if abandoned(labels, state, now):
                 await ModelContainer._delete(container)
-                names = ",".join(n.lstrip("/") for n in info.get("Names") or [])
-                removed.append(names or info["Id"])
+                names = ",".join(n.lstrip("/") for n in container["Names"] or [])
+                removed.append(names or container.id)
     return removed
 
 
