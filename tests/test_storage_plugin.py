@@ -6,6 +6,7 @@ installed cog."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -37,10 +38,14 @@ def plugin_python(tmp_path_factory, before_install) -> str:
     ).stdout.strip()
     host = sysconfig.get_path("purelib")
     Path(site, "cog-host.pth").write_text(f"import site; site.addsitedir({host!r})\n")
-    # Built with the host's setuptools (--no-build-isolation), so no index is needed.
+    # Built with the host's setuptools (--no-build-isolation), so no index is needed; from
+    # a copy, as setuptools leaves build/ and *.egg-info in the tree it builds.
+    source = tmp_path_factory.mktemp("plugin-source") / "plugin"
+    shutil.copytree(PLUGIN, source, ignore=shutil.ignore_patterns(
+        "build", "*.egg-info", "__pycache__", ".pytest_cache"))  # fmt: skip
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps",
-         "--no-build-isolation", "--no-index", str(PLUGIN)],
+         "--no-build-isolation", "--no-index", str(source)],
         check=True,
     )  # fmt: skip
     return python
