@@ -18,10 +18,11 @@ import structlog
 from aiohttp import web
 
 from cog.builders import Builder, CheckedBuilder, load_builder
-from cog.server import views
+from cog.server import page, views
 from cog.server.catalog import Catalog
+from cog.server.examples import ExampleFiles
 from cog.server.ingest import IngestService
-from cog.server.keys import CATALOG, INGEST, SETTINGS, STORAGE, TMP_DIR
+from cog.server.keys import CATALOG, EXAMPLE_FILES, INGEST, SETTINGS, STORAGE, TMP_DIR
 from cog.server.middleware import access_log, json_errors
 from cog.server.settings import IngestOptions, ServerSettings
 from cog.storage import CheckedStorage, Storage, load_storage
@@ -44,6 +45,7 @@ def make_app(
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_backends(storage, builder))
     views.add_routes(app)
+    page.add_routes(app)
     return app
 
 
@@ -74,6 +76,9 @@ def _backends(storage: Storage | None, builder: Builder | None):
             if build is not None:
                 await build.open()
                 stack.push_async_callback(build.close)
+
+            app[EXAMPLE_FILES] = ExampleFiles(store, tmp_dir)
+            stack.callback(app[EXAMPLE_FILES].close)
 
             catalog = Catalog(store, ttl=settings.cache_ttl)
             await catalog.refresh()

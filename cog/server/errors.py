@@ -16,6 +16,7 @@ from aiohttp import web
 from cog.config import ConfigError
 from cog.package import InvalidPackage
 from cog.server.catalog import AmbiguousPrefix, PackageNotFound
+from cog.server.examples import ExampleFileNotFound
 from cog.server.uploads import UploadError
 from cog.storage import StorageError, StorageUnavailable
 
@@ -30,7 +31,7 @@ def error_response(exc: BaseException) -> tuple[int, str, dict[str, Any]]:
     """Status, message and extra JSON fields for any error a handler lets through."""
     if isinstance(exc, web.HTTPException):
         return exc.status, (exc.text or exc.reason).removeprefix(f"{exc.status}: ").strip(), {}
-    if isinstance(exc, PackageNotFound):
+    if isinstance(exc, (PackageNotFound, ExampleFileNotFound)):
         return 404, str(exc), {}
     if isinstance(exc, AmbiguousPrefix):
         return 409, str(exc), {"matches": exc.matches}

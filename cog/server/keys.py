@@ -7,6 +7,7 @@ from pathlib import Path
 from aiohttp import web
 
 from cog.server.catalog import Catalog
+from cog.server.examples import ExampleFiles
 from cog.server.ingest import IngestService
 from cog.server.settings import ServerSettings
 from cog.storage import Storage
@@ -16,3 +17,4 @@ STORAGE = web.AppKey("storage", Storage)
 CATALOG = web.AppKey("catalog", Catalog)
 INGEST = web.AppKey("ingest", IngestService)
 TMP_DIR = web.AppKey("tmp_dir", Path)
+EXAMPLE_FILES = web.AppKey("example_files", ExampleFiles)
