@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.services.docker",
     "tests.services.s3",
     "tests.services.browser",
+    "tests.built_examples",
 ]

@@ -10,6 +10,7 @@ from cog.server.catalog import Catalog
 from cog.server.examples import ExampleFiles
 from cog.server.ingest import IngestService
 from cog.server.settings import ServerSettings
+from cog.server.warm import WarmPool
 from cog.storage import Storage
 
 SETTINGS = web.AppKey("settings", ServerSettings)
@@ -18,3 +19,4 @@ CATALOG = web.AppKey("catalog", Catalog)
 INGEST = web.AppKey("ingest", IngestService)
 TMP_DIR = web.AppKey("tmp_dir", Path)
 EXAMPLE_FILES = web.AppKey("example_files", ExampleFiles)
+WARM_POOL = web.AppKey("warm_pool", WarmPool)

@@ -16,7 +16,15 @@ from cog import events
 from cog.server.catalog import log_key, package_key
 from cog.server.errors import error_response, json_error
 from cog.server.ingest import PackageBusy, missing_zip
-from cog.server.keys import CATALOG, EXAMPLE_FILES, INGEST, SETTINGS, STORAGE, TMP_DIR
+from cog.server.keys import (
+    CATALOG,
+    EXAMPLE_FILES,
+    INGEST,
+    SETTINGS,
+    STORAGE,
+    TMP_DIR,
+    WARM_POOL,
+)
 from cog.server.records import PackageRecord, record_to_json, summary_to_json
 from cog.server.uploads import receive_upload
 from cog.storage import NotFound
@@ -44,6 +52,7 @@ async def ping(request: web.Request) -> web.Response:
             "status": "ok",
             "version": cog.__version__,
             "builder": builder.label if builder is not None else None,
+            "predictions": WARM_POOL in request.app,
         }
     )
 

@@ -48,7 +48,9 @@ class Pages:
         self.errors: list[str] = []
 
     async def new(self, viewport: dict[str, int] = LAPTOP):
-        context = await self.browser.new_context(viewport=viewport, base_url=self.base_url)
+        context = await self.browser.new_context(
+            viewport=viewport, base_url=self.base_url, accept_downloads=True
+        )
         page = await context.new_page()
         page.on("pageerror", lambda error: self.errors.append(str(error)))
         page.set_default_timeout(30_000)

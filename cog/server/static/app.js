@@ -451,6 +451,8 @@
   // -- the build log, followed live --------------------------------------------------
 
   const STEP = /^(Step \d+\/\d+ :|#\d+ \[)/;
+  // terminal colour codes (pip's red errors) are not for a page
+  const plain = (text) => text.replace(/\x1b\[[0-9;]*[A-Za-z]/g, "");
 
   function buildLog(doc, signal, onFinal) {
     const element = h("div", { class: "log", role: "log" });
@@ -461,7 +463,7 @@
       if (event.type === "status") return h("div", { class: "status" }, `--> ${event.message}`);
       if (event.type === "log") {
         const where = [event.target, event.stage].filter(Boolean).join("/");
-        return h("div", { class: event.stage === "error" ? "error" : "" }, h("span", { class: "where" }, `[${where}]`), event.line);
+        return h("div", { class: event.stage === "error" ? "error" : "" }, h("span", { class: "where" }, `[${where}]`), plain(event.line));
       }
       if (event.type === "error") return h("div", { class: "error" }, `--> Failed: ${event.message}`);
       if (event.type === "package") return h("div", { class: "end" }, `--> Built ${event.package.ID}`);
@@ -512,7 +514,9 @@
       let start = -1;
       if (failing) {
         for (let i = lines.length - 1; i >= 0; i--) {
-          const text = (lines[i].event && lines[i].event.line || "").trim();
+          const event = lines[i].event || {};
+          if (event.type !== "log" || event.stage === "error") continue; // the build's own line
+          const text = (event.line || "").trim();
           if (text && (text === failing.trim() || text.startsWith(failing.trim()))) { start = i; break; }
         }
       }
