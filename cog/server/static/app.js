@@ -6,7 +6,8 @@
   const main = document.getElementById("main");
   const TOKEN = "cog-token";
   const PAGE = 100;
-  let server = { builder: null, predictions: false };
+  let server = { builder: "", predictions: false };
+  let serverKnown = Promise.resolve();
   let view = new AbortController();
 
   // -- small helpers ---------------------------------------------------------------------
@@ -227,10 +228,12 @@
     const footer = h("div", { class: "more" });
     const notes = h("div");
     main.replaceChildren(notes, h("div", { class: "listhead" }, h("h1", {}, "Packages ", count), filter), table, footer);
-    if (!server.builder) {
-      notes.append(notice("warn", h("strong", {}, "This server has no builder. "),
-        "It stores packages as they are: no images are built or checked, and models cannot be run here."));
-    }
+    serverKnown.then(() => {
+      if (server.builder === null) {
+        notes.append(notice("warn", h("strong", {}, "This server has no builder. "),
+          "It stores packages as they are: no images are built or checked, and models cannot be run here."));
+      }
+    });
 
     let offset = 0;
     let total = 0;
@@ -248,6 +251,8 @@
       const fragment = document.createDocumentFragment();
       for (const p of page) fragment.append(packageRow(p));
       if (reset) rows.replaceChildren(fragment); else rows.append(fragment);
+      // for the benchmark: when the rows were laid out, ready to paint (User Timing)
+      requestAnimationFrame(() => setTimeout(() => performance.mark("cog:list-drawn")));
       count.textContent = name ? `(${total} matching)` : `(${total})`;
       footer.replaceChildren();
       if (total === 0 && !name) {
@@ -289,6 +294,7 @@
 
   async function showPackage(ref, signal) {
     let doc = await getJSON(`/v1/packages/${encodeURIComponent(ref)}`, signal);
+    await serverKnown;
     if (ref !== doc.ID) history.replaceState(null, "", `/packages/${doc.ID}`); // the stable URL
     const log = buildLog(doc, signal, async (final) => {
       // the build ended while we watched: show the package as it is now
@@ -640,5 +646,8 @@
 
   document.getElementById("server").textContent = location.host;
   showTokenButton();
-  fetch("/ping").then((r) => r.json()).then((info) => { server = info; }).catch(() => {}).finally(route);
+  // What the server does (its builder) is asked alongside the page's own data.
+  const ping = fetch("/ping").then((r) => r.json()).then((info) => { server = info; }).catch(() => {});
+  serverKnown = ping;
+  route();
 })();
