@@ -3,7 +3,8 @@
 - ``{"type": "status", "message": "Received package 1a2b3c4d5e6f (2.1 KiB)"}``
 - ``{"type": "log", "stage": "build", "target": "cpu", "line": "Step 3/9 : RUN ..."}``
 - ``{"type": "package", "package": {...the package document...}}``  (final, success)
-- ``{"type": "error", "message": "...", "status": 422, "package": {...} | null}`` (final)
+- ``{"type": "error", "message": "...", "status": 422, "package": {...} | null}`` (final;
+  with ``"step"``, the failing step as the build's log named it, when one is known)
 
 The server writes them and the CLI reads them; both use this module so the wire format is
 defined once. Only the standard library is used: the CLI imports it too.
@@ -32,8 +33,16 @@ def package(document: dict[str, Any]) -> dict[str, Any]:
     return {"type": "package", "package": document}
 
 
-def error(message: str, http_status: int, document: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"type": "error", "message": message, "status": http_status, "package": document}
+def error(
+    message: str,
+    http_status: int,
+    document: dict[str, Any] | None = None,
+    step: str | None = None,
+) -> dict[str, Any]:
+    event = {"type": "error", "message": message, "status": http_status, "package": document}
+    if step:
+        event["step"] = step
+    return event
 
 
 def encode(event: dict[str, Any]) -> bytes:

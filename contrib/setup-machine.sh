@@ -4,6 +4,7 @@
 #
 #   - Debian's docker.io (dockerd) running, log in /var/log/cog/dockerd.log
 #   - Debian's docker-registry (CNCF distribution) on 127.0.0.1:5000, no auth
+#   - Debian's chromium (and chromium-driver), headless, for the tests of the web page
 #   - base images built locally (Docker Hub is not reachable): a debootstrap'd bookworm with
 #     python3, pip and venv, tagged python:3.11-slim so cog's default CPU base resolves.
 #     The site's extra CA certificates (/usr/local/share/ca-certificates) go into the image,
@@ -35,6 +36,9 @@ command -v dockerd >/dev/null || missing+=(docker.io)
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v curl >/dev/null || missing+=(curl)
+# the browser the page's tests drive headless (through Playwright, never its own download)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -3,4 +3,6 @@
 pytest_plugins = [
     "tests.services.docker",
     "tests.services.s3",
+    "tests.services.browser",
+    "tests.built_examples",
 ]

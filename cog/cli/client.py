@@ -80,6 +80,25 @@ class RegistryClient:
     async def delete(self, ref: str) -> dict[str, Any]:
         return await self._json("DELETE", f"/v1/packages/{ref}")
 
+    async def predict(self, ref: str, inputs: list[tuple[str, str]], output_path: Path | None):
+        """One inference on the server (``-i`` inputs, named); the text it answered, or
+        the file it answered saved (as ``cog infer`` saves it)."""
+        from cog.cli.infer import Output, _form, _save
+
+        opened: list = []
+        try:
+            form = _form(inputs, opened)
+            async with await self._request(
+                "POST", f"/v1/packages/{ref}/predictions", data=form
+            ) as response:
+                kind = response.content_type
+                if kind.startswith("text/") or kind == "application/json":
+                    return Output(kind, text=await response.text())
+                return Output(kind, path=await _save(response, output_path))
+        finally:
+            for file in opened:
+                file.close()
+
     async def upload(
         self, zip_path: Path, progress: Progress | None = None
     ) -> AsyncIterator[dict[str, Any]]:

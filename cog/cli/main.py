@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.set_defaults(func=lambda a: run(logs(a)))
 
-    p = sub.add_parser("infer", help="run an inference on a package's image, locally")
+    p = sub.add_parser(
+        "infer", help="run an inference on a package's image, locally (or on the server)"
+    )
     p.add_argument("id")
     p.add_argument(
         "-i",
@@ -127,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--output", type=Path, help="where to write a file output")
     p.add_argument("--docker-host", help="Docker Engine to run on (default: $DOCKER_HOST)")
+    p.add_argument(
+        "--remote",
+        dest="on_server",
+        action="store_true",
+        help="run it on the cog server's Docker Engine instead of the local one",
+    )
     p.set_defaults(func=lambda a: run(infer(a)))
     return parser
 
@@ -336,6 +344,8 @@ async def infer(args: argparse.Namespace) -> int:
     from cog.cli.infer import InferenceError, run_inference
     from cog.cli.output import is_tty
 
+    if args.on_server:
+        return await infer_on_server(args)
     async with client(args) as registry:
         package = await registry.show(args.id)
     artifacts = {a["Target"]: a["URI"] for a in package.get("Artifacts") or []}
@@ -368,12 +378,31 @@ async def infer(args: argparse.Namespace) -> int:
         )
     except InferenceError as exc:
         raise CLIError(str(exc)) from None
+    print_output(output, args.output)
+    return 0
+
+
+async def infer_on_server(args: argparse.Namespace) -> int:
+    from cog.cli.infer import InferenceError, parse_inputs, resolve_names
+
+    async with client(args) as registry:
+        package = await registry.show(args.id)
+        arguments = (package.get("Signature") or {}).get("arguments") or {}
+        try:
+            inputs = resolve_names(parse_inputs(args.input), arguments)
+            output = await registry.predict(package["ID"], inputs, args.output)
+        except InferenceError as exc:
+            raise CLIError(str(exc)) from None
+    print_output(output, args.output)
+    return 0
+
+
+def print_output(output, path: Path | None) -> None:
     if output.text is not None:
-        if args.output:
-            args.output.write_text(output.text)
-            print(f"Written to {args.output}", file=sys.stderr)
+        if path:
+            path.write_text(output.text)
+            print(f"Written to {path}", file=sys.stderr)
         else:
             print(output.text.rstrip("\n"))
     else:
         print(f"Written to {output.path}", file=sys.stderr)
-    return 0

@@ -162,6 +162,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="seconds between refreshes of the package index from storage; how soon "
         "packages stored by other servers appear in listings (default: 2)",
     )
+    # Predictions (POST /v1/packages/<id>/predictions): warm model containers.
+    p.add_argument(
+        "--warm-for",
+        type=positive_float,
+        default=300.0,
+        help="seconds a model's container stays up after its last prediction (default: 300)",
+    )
+    p.add_argument(
+        "--max-warm",
+        type=positive_int,
+        default=2,
+        help="model containers up at once for predictions (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=8,
+        help="predictions waiting for a model at once; more are answered 503 "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--predict-timeout",
+        type=positive_float,
+        default=600.0,
+        help="seconds one prediction may take (default: 600)",
+    )
     p.add_argument("--tmp-dir", type=Path, help="where uploads are spooled")
     p.add_argument(
         "--log-format", choices=["auto", "json", "console"], default="auto", help="server log"
@@ -172,7 +198,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace):
     from cog.builders import DEFAULT_BASE_IMAGES, BuilderSettings
     from cog.package import PackageLimits
-    from cog.server.settings import IngestOptions, ServerSettings
+    from cog.server.settings import IngestOptions, PredictionOptions, ServerSettings
 
     base_images = dict(DEFAULT_BASE_IMAGES)
     for target, image in args.base_image:
@@ -210,6 +236,12 @@ def settings_from_args(args: argparse.Namespace):
             max_text_bytes=args.max_text_size,
         ),
         cache_ttl=args.cache_ttl,
+        predictions=PredictionOptions(
+            warm_for=args.warm_for,
+            max_warm=args.max_warm,
+            max_queue=args.max_queue,
+            timeout=args.predict_timeout,
+        ),
     )
 
 

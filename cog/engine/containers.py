@@ -1,7 +1,7 @@
 """A built model image running as a container: start it, wait until ready, call it, remove it.
 
-Used by the check after a build (:mod:`cog.server.check`) and by ``cog infer``
-(:mod:`cog.cli.infer`).
+Used by the check after a build (:mod:`cog.server.check`), by ``cog infer``
+(:mod:`cog.cli.infer`) and by the server's warm models (:mod:`cog.server.warm`).
 The container publishes the model's port 5000 on a random host port and is always
 removed on the way out, also when the caller is cancelled (Ctrl-C, client gone), even
 in the middle of its creation: it is named up front, so it can be removed without its ID.
@@ -388,3 +388,8 @@ class ModelContainer:
         """POST /infer; use as ``async with model.infer(form) as response``."""
         assert self._session is not None
         return self._session.post(f"{self.url}/infer", data=form)
+
+    def request(self, method: str, path: str, **kwargs: Any):
+        """Any request to the model's server; ``async with model.request(...) as response``."""
+        assert self._session is not None
+        return self._session.request(method, f"{self.url}{path}", **kwargs)

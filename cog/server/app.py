@@ -18,17 +18,27 @@ import structlog
 from aiohttp import web
 
 from cog.builders import Builder, CheckedBuilder, load_builder
-from cog.server import views
+from cog.server import page, predictions, views
 from cog.server.catalog import Catalog
+from cog.server.examples import ExampleFiles
 from cog.server.ingest import IngestService
-from cog.server.keys import CATALOG, INGEST, SETTINGS, STORAGE, TMP_DIR
+from cog.server.keys import (
+    CATALOG,
+    EXAMPLE_FILES,
+    INGEST,
+    SETTINGS,
+    STORAGE,
+    TMP_DIR,
+    WARM_POOL,
+)
 from cog.server.middleware import access_log, json_errors
-from cog.server.settings import IngestOptions, ServerSettings
+from cog.server.settings import IngestOptions, PredictionOptions, ServerSettings
+from cog.server.warm import WarmPool
 from cog.storage import CheckedStorage, Storage, load_storage
 
 log = structlog.get_logger("cog.server")
 
-__all__ = ["IngestOptions", "ServerSettings", "make_app"]
+__all__ = ["IngestOptions", "PredictionOptions", "ServerSettings", "make_app"]
 
 
 def make_app(
@@ -44,6 +54,8 @@ def make_app(
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_backends(storage, builder))
     views.add_routes(app)
+    predictions.add_routes(app)
+    page.add_routes(app)
     return app
 
 
@@ -75,6 +87,9 @@ def _backends(storage: Storage | None, builder: Builder | None):
                 await build.open()
                 stack.push_async_callback(build.close)
 
+            app[EXAMPLE_FILES] = ExampleFiles(store, tmp_dir)
+            stack.callback(app[EXAMPLE_FILES].close)
+
             catalog = Catalog(store, ttl=settings.cache_ttl)
             await catalog.refresh()
             app[CATALOG] = catalog
@@ -94,6 +109,11 @@ def _backends(storage: Storage | None, builder: Builder | None):
                 limits=settings.package_limits,
                 tmp_dir=tmp_dir,
             )
+            if build is not None:
+                # Models run where their images are built: the builder's Docker Engine.
+                pool = WarmPool(settings.predictions, settings.builder_settings.docker_host)
+                stack.push_async_callback(pool.close)
+                app[WARM_POOL] = pool
             log.info(
                 "cog server ready",
                 storage=repr(store),

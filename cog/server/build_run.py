@@ -116,7 +116,7 @@ class BuildRun:
         status = 503 if isinstance(exc, BuilderUnavailable) else 422
         return [
             *(events.log("error", line, self.position.target) for line in lines),
-            events.error(str(exc), status, record_to_json(self.record)),
+            events.error(str(exc), status, record_to_json(self.record), step=exc.step),
         ]
 
     async def interrupted(self, exc: BaseException, builder: str) -> None:

@@ -74,6 +74,8 @@ class Catalog:
         self._refreshed_at = float("-inf")
         self._lock = asyncio.Lock()
         self._listing: bytes | None = None
+        #: the records newest first, kept until the index changes
+        self._sorted: list[PackageRecord] | None = None
 
     # -- index maintenance -------------------------------------------------------------
 
@@ -129,13 +131,13 @@ class Catalog:
         self._records[record.id] = record
         self._documents[record.id] = document
         self._versions[record.id] = version
-        self._listing = None
+        self._listing = self._sorted = None
 
     def _forget(self, package_id: str) -> None:
         self._records.pop(package_id, None)
         self._documents.pop(package_id, None)
         self._versions.pop(package_id, None)
-        self._listing = None
+        self._listing = self._sorted = None
 
     async def _read(self, package_id: str) -> tuple[PackageRecord, bytes] | None:
         try:
@@ -181,7 +183,22 @@ class Catalog:
     async def newest_first(self) -> list[PackageRecord]:
         if self._refreshed_at == float("-inf"):
             await self.refresh()
-        return sorted(self._records.values(), key=lambda r: (r.created, r.id), reverse=True)
+        if self._sorted is None:
+            self._sorted = sorted(
+                self._records.values(), key=lambda r: (r.created, r.id), reverse=True
+            )
+        return self._sorted
+
+    async def page(
+        self, *, name: str = "", offset: int = 0, limit: int = 100
+    ) -> tuple[int, list[PackageRecord]]:
+        """A page of the packages whose name contains `name` (any case), newest first: how
+        many match, and those from `offset` on, at most `limit` of them."""
+        records = await self.newest_first()
+        if name:
+            needle = name.lower()
+            records = [r for r in records if needle in r.name.lower()]
+        return len(records), records[offset : offset + limit]
 
     async def listing_json(self) -> bytes:
         """The rendered `GET /v1/packages/` body, cached until the index changes."""

@@ -16,7 +16,10 @@ from aiohttp import web
 from cog.config import ConfigError
 from cog.package import InvalidPackage
 from cog.server.catalog import AmbiguousPrefix, PackageNotFound
+from cog.server.examples import ExampleFileNotFound
+from cog.server.model_api import BadInputs, PredictionFailed, TooLarge
 from cog.server.uploads import UploadError
+from cog.server.warm import ModelUnavailable, QueueFull
 from cog.storage import StorageError, StorageUnavailable
 
 log = structlog.get_logger("cog.server")
@@ -30,12 +33,22 @@ def error_response(exc: BaseException) -> tuple[int, str, dict[str, Any]]:
     """Status, message and extra JSON fields for any error a handler lets through."""
     if isinstance(exc, web.HTTPException):
         return exc.status, (exc.text or exc.reason).removeprefix(f"{exc.status}: ").strip(), {}
-    if isinstance(exc, PackageNotFound):
+    if isinstance(exc, (PackageNotFound, ExampleFileNotFound)):
         return 404, str(exc), {}
     if isinstance(exc, AmbiguousPrefix):
         return 409, str(exc), {"matches": exc.matches}
     if isinstance(exc, (UploadError, InvalidPackage)):
         return getattr(exc, "http_status", 400), str(exc), {}
+    if isinstance(exc, BadInputs):
+        return 400, str(exc), {}
+    if isinstance(exc, TooLarge):
+        return 413, str(exc), {}
+    if isinstance(exc, QueueFull):
+        return 503, str(exc), {}
+    if isinstance(exc, ModelUnavailable):
+        return 502, str(exc), {"logs": list(exc.logs)}
+    if isinstance(exc, PredictionFailed):
+        return exc.http_status, str(exc), {"logs": list(exc.logs)}
     if isinstance(exc, ConfigError):
         return 400, f"invalid cog.yaml:\n{exc}", {"problems": list(exc.problems)}
     if isinstance(exc, StorageUnavailable):

@@ -88,6 +88,20 @@ def record_to_json(record: PackageRecord) -> dict[str, Any]:
     }
 
 
+#: the keys of a package in a listing: enough for a list, not the whole document
+SUMMARY_KEYS = ("ID", "Name", "Status", "Created", "Size")
+
+
+def summary_to_json(record: PackageRecord) -> dict[str, Any]:
+    return {
+        "ID": record.id,
+        "Name": record.name,
+        "Status": record.status.value,
+        "Created": _timestamp(record.created),
+        "Size": record.size,
+    }
+
+
 def record_from_json(doc: dict[str, Any]) -> PackageRecord:
     return PackageRecord(
         id=doc["ID"],

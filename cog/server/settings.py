@@ -26,6 +26,26 @@ class IngestOptions:
 
 
 @attrs.frozen
+class PredictionOptions:
+    """How the server runs models (``POST /v1/packages/<id>/predictions``)."""
+
+    #: seconds a model's container stays up with no request before it is removed
+    warm_for: float = 300.0
+    #: model containers up at once; a request for another model waits for one to be free
+    max_warm: int = 2
+    #: requests waiting for a model at once; more are answered 503
+    max_queue: int = 8
+    #: seconds a model may take to start (pull, boot, setup())
+    start_timeout: float = 300.0
+    #: seconds one prediction may take; its container is removed after it
+    timeout: float = 600.0
+    #: largest multipart request (files included)
+    max_form_bytes: int = 1024**3
+    #: largest JSON request (files as data: URIs)
+    max_json_bytes: int = 32 * 1024**2
+
+
+@attrs.frozen
 class ServerSettings:
     storage_url: str = "file:///var/lib/cog"
     #: builder entry-point name; None: store packages only, build no images
@@ -42,3 +62,4 @@ class ServerSettings:
     package_limits: PackageLimits = attrs.field(factory=PackageLimits)
     #: how often the package index is refreshed from Storage (seconds)
     cache_ttl: float = 2.0
+    predictions: PredictionOptions = attrs.field(factory=PredictionOptions)

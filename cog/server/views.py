@@ -16,8 +16,16 @@ from cog import events
 from cog.server.catalog import log_key, package_key
 from cog.server.errors import error_response, json_error
 from cog.server.ingest import PackageBusy, missing_zip
-from cog.server.keys import CATALOG, INGEST, SETTINGS, STORAGE, TMP_DIR
-from cog.server.records import PackageRecord, record_to_json
+from cog.server.keys import (
+    CATALOG,
+    EXAMPLE_FILES,
+    INGEST,
+    SETTINGS,
+    STORAGE,
+    TMP_DIR,
+    WARM_POOL,
+)
+from cog.server.records import PackageRecord, record_to_json, summary_to_json
 from cog.server.uploads import receive_upload
 from cog.storage import NotFound
 
@@ -33,10 +41,20 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/v1/packages/{ref}", delete)
     app.router.add_get("/v1/packages/{ref}/log", build_log)
     app.router.add_post("/v1/packages/{ref}/build", rebuild)
+    app.router.add_get("/v1/packages/{ref}/files/{name:.+}", example_file)
 
 
 async def ping(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": cog.__version__})
+    """Health, and what this server does (the page says what it cannot do)."""
+    builder = request.app[INGEST].builder
+    return web.json_response(
+        {
+            "status": "ok",
+            "version": cog.__version__,
+            "builder": builder.label if builder is not None else None,
+            "predictions": WARM_POOL in request.app,
+        }
+    )
 
 
 async def upload(request: web.Request) -> web.StreamResponse:
@@ -51,9 +69,36 @@ async def upload(request: web.Request) -> web.StreamResponse:
         await asyncio.shield(asyncio.to_thread(received.path.unlink, missing_ok=True))
 
 
+#: the most packages one page of a listing holds
+MAX_PAGE = 1000
+
+
 async def list_packages(request: web.Request) -> web.Response:
-    body = await request.app[CATALOG].listing_json()
-    return web.Response(body=body, content_type="application/json")
+    """Every package document; or, asked with ``limit``, ``offset`` or ``name`` (a part of
+    the name, any case), one page of summaries with the number of matches in
+    ``X-Total-Count``."""
+    query = request.query
+    if not {"limit", "offset", "name"} & query.keys():
+        body = await request.app[CATALOG].listing_json()
+        return web.Response(body=body, content_type="application/json")
+    limit = _whole_number(query, "limit", 100, 1, MAX_PAGE)
+    offset = _whole_number(query, "offset", 0, 0, None)
+    total, records = await request.app[CATALOG].page(
+        name=query.get("name", "").strip(), offset=offset, limit=limit
+    )
+    return web.json_response(
+        [summary_to_json(r) for r in records], headers={"X-Total-Count": str(total)}
+    )
+
+
+def _whole_number(query: Mapping[str, str], key: str, default: int, low: int, high: int | None):
+    text = query.get(key, "")
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < low or (high is not None and int(text) > high):
+        upto = f" to {high}" if high is not None else " or more"
+        raise web.HTTPBadRequest(text=f"{key} must be a whole number from {low}{upto}")
+    return int(text)
 
 
 async def resolve(request: web.Request, ref: str) -> PackageRecord:
@@ -91,6 +136,25 @@ async def download(request: web.Request, ref: str) -> web.StreamResponse:
         log.warning("package record without its zip", package_id=record.id)
         return json_error(404, missing_zip(record.id))
     return response
+
+
+async def example_file(request: web.Request) -> web.StreamResponse:
+    """A file one of the package's examples names (for the page to show)."""
+    record = await resolve(request, request.match_info["ref"])
+    found = await request.app[EXAMPLE_FILES].get(record, request.match_info["name"])
+    shown = found.content_type != "application/octet-stream"
+    disposition = "inline" if shown else f'attachment; filename="{found.filename}"'
+    return web.FileResponse(
+        found.path,
+        headers={
+            "Content-Type": found.content_type,
+            "Content-Disposition": disposition,
+            "Cache-Control": "public, max-age=31536000, immutable",
+            "X-Content-Type-Options": "nosniff",
+            # never a document that runs anything, whatever the file holds
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+        },
+    )
 
 
 async def delete(request: web.Request) -> web.Response:
