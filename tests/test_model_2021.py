@@ -76,9 +76,9 @@ def test_declaration_messages_name_predict_for_a_predict_model():
                 return text
 
     (problem,) = caught.value.problems
-    assert problem.endswith(
-        "Wrong.predict: parameter 'extra' of predict() has no @cog.input"
-    ), problem
+    assert problem.endswith("Wrong.predict: parameter 'extra' of predict() has no @cog.input"), (
+        problem
+    )
 
 
 async def test_a_predict_model_is_served(aiohttp_client):

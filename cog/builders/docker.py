@@ -24,7 +24,7 @@ from cog.builders import (
     BuildRequest,
 )
 from cog.builders.context import build_context
-from cog.builders.dockerfile import base_image, dockerfile_for_request
+from cog.builders.dockerfile import base_image, dockerfile_for_request, missing_base_image
 from cog.builders.push import push_events
 from cog.engine import Engine, EngineError, EngineUnreachable
 from cog.engine.client import stream_error
@@ -68,7 +68,9 @@ class DockerBuilder(Builder):
                 async for event in stage:
                     yield event
 
-    async def _base_image(self, engine: Engine, base: str) -> AsyncIterator[BuildLog]:
+    async def _base_image(
+        self, engine: Engine, base: str, request: BuildRequest
+    ) -> AsyncIterator[BuildLog]:
         """Make sure the engine has the base image; pull it (progress as log lines) if not.
 
         A base image nobody can get is the server's setup, not the package's fault; so is
@@ -93,9 +95,14 @@ class DockerBuilder(Builder):
                     yield BuildLog(stage="build", line=line)
         except EngineError as exc:
             raise BuilderUnavailable(
-                f"base image {base} not found on the Docker engine; build it "
-                "(contrib/setup-machine.sh) or set --base-image (pulling it failed: "
-                f"{exc.message})",
+                missing_base_image(
+                    request.config,
+                    request.target,
+                    self.settings,
+                    base,
+                    "on the Docker Engine",
+                    f"pulling it failed: {exc.message}",
+                ),
                 step="base image",
                 output=tuple(tail),
             ) from None
@@ -103,7 +110,7 @@ class DockerBuilder(Builder):
     async def _engine_build(self, engine: Engine, request: BuildRequest) -> AsyncIterator[BuildLog]:
         dockerfile = self.dockerfile(request)
         base = base_image(request.config, request.target, self.settings)
-        async with contextlib.aclosing(self._base_image(engine, base)) as preparing:
+        async with contextlib.aclosing(self._base_image(engine, base, request)) as preparing:
             async for line in preparing:
                 yield line
         params = {"t": request.image, "rm": "1", "forcerm": "1", "pull": "0"}

@@ -33,7 +33,7 @@ from cog.builders import Builder, BuildError, BuilderSettings, BuildLog, BuildRe
 from cog.package import PackageLimits, short_id
 from cog.server.build_run import BuildRun
 from cog.server.catalog import Catalog, PackageNotFound, log_key, package_key
-from cog.server.inspection import Inspection, inspect_package, verify_package
+from cog.server.inspection import Inspection, build_notes, inspect_package, verify_package
 from cog.server.live import LiveBuild
 from cog.server.records import Artifact, PackageRecord, Status, now, record_to_json
 from cog.server.settings import IngestOptions
@@ -356,6 +356,8 @@ class IngestService:
             await self._end(run)
 
     async def _steps(self, run: BuildRun, zip_path: Path) -> AsyncIterator[Event]:
+        for note in await asyncio.to_thread(build_notes, zip_path, self.limits):
+            yield events.status(note)
         if self._slots.locked():
             run.position.enter("waiting for a free build slot")
             yield events.status("Waiting for a free build slot")
