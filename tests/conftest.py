@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.services.docker",
     "tests.services.s3",
+    "tests.services.standins",
 ]
