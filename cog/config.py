@@ -347,6 +347,16 @@ def _model_problems(config: Config, files: PackageFiles) -> list[str]:
     return []
 
 
+def name_problem(name: str) -> str | None:
+    """Why a package name cannot name its images, or None."""
+    if _NAME.fullmatch(name) and len(name) <= 200:
+        return None
+    return (
+        f"{name[:200]!r} is not a valid image name (lowercase letters, digits, "
+        "'.', '_', '-' and '/' between parts, e.g. 'acme/colorizer')"
+    )
+
+
 def _python_version_problem(version: str) -> str | None:
     """Why a python_version cannot be built, or None: it must name a CPython release
     (major.minor) that the runtime runs on."""
@@ -369,11 +379,8 @@ def validate_config(config: Config, files: PackageFiles) -> None:
     """Raise ConfigError listing every problem of config for a package with these files."""
     env = config.environment
     problems: list[str] = []
-    if config.name and not _NAME.fullmatch(config.name):
-        problems.append(
-            f"name: {config.name!r} is not a valid image name (lowercase letters, digits, "
-            "'.', '_', '-' and '/' between parts, e.g. 'acme/colorizer')"
-        )
+    if config.name and name_problem(config.name):
+        problems.append(f"name: {name_problem(config.name)}")
     problems += _model_problems(config, files)
     problem = _python_version_problem(env.python_version)
     if problem:

@@ -171,6 +171,10 @@ async def test_setup_failure_is_reported_with_the_models_error(
     everything = json.dumps(events)
     assert "setup failed" in everything and "no weights here" in everything
     await assert_failed_at(client, package_id, "test: setup", "no weights here")
+    # The traceback went out live as the model printed it: not a second time after it.
+    lines = [e["line"] for e in events if e["type"] == "log"]
+    assert lines.count("model: ValueError: no weights here") == 1, lines
+    assert "Last lines of its output:" not in lines
 
 
 @pytest.mark.parametrize(
@@ -245,6 +249,10 @@ async def test_an_image_never_runs_another_python_than_its_package_asks_for(
         final["message"],
     ), final["message"]
     assert not any("pip install" in e.get("line", "") for e in events)  # it failed first
+    # The engine's red around the step's stderr is not in the log; nor is the output again.
+    lines = [e["line"] for e in events if e["type"] == "log"]
+    assert not any("\x1b" in line for line in lines)
+    assert "Last lines of its output:" not in lines
     doc = await assert_failed_at(client, package_id, "Step 3/", "runs Python 3.11")
     assert doc["Artifacts"] == []
     image = f"{registry}/test/upper:{package_id[:12]}"
@@ -329,9 +337,8 @@ def test_cog_build_and_infer_as_a_user(tmp_path, registry, base_images):
         ran = cog("infer", package_id[:12], "-i", "text=hi", cwd=elsewhere)
         assert ran.returncode == 0, ran.stderr
         assert ran.stdout == "HI\n"
-        assert ran.stderr.startswith(
-            f"cog: warning: package {package_id[:12]} is failed: example 1"
-        )
+        assert ran.stderr.startswith(f"cog: warning: package {package_id[:12]} failed: example 1")
+        assert ran.stderr.endswith("; running its image anyway\n")
         assert len(ran.stderr.splitlines()) == 1
 
         # A model whose process dies during run(): one error, exit 1, no container left.

@@ -31,6 +31,25 @@ from cog.engine.client import stream_error
 
 TAIL = 20
 _STEP = re.compile(r"^Step \d+/\d+ : ")
+_LABEL_STEP = re.compile(r"^(Step \d+/\d+ : LABEL )(.*)$")
+_LABEL = re.compile(r'([^\s=]+)="((?:[^"\\]|\\.)*)"')
+#: A label's value is shown this long at most in the log (the config's is a screen long).
+_LABEL_SHOWN = 24
+
+
+def _shortened(line: str) -> str:
+    """A LABEL step as the log shows it: each value cut short."""
+    step = _LABEL_STEP.match(line)
+    if step is None:
+        return line
+
+    def short(label: re.Match[str]) -> str:
+        value = label[2]
+        if len(value) > _LABEL_SHOWN:
+            value = value[: _LABEL_SHOWN - 3] + "..."
+        return f'{label[1]}="{value}"'
+
+    return step[1] + _LABEL.sub(short, step[2])
 
 
 class DockerBuilder(Builder):
@@ -139,6 +158,7 @@ class DockerBuilder(Builder):
                         if not line.strip():
                             continue
                         if _STEP.match(line):
+                            line = _shortened(line)
                             step = line
                             tail.clear()
                         tail.append(line)

@@ -78,6 +78,11 @@ def resolve_names(inputs: list[RawInput], arguments: dict[str, Any]) -> list[tup
                 )
         if name not in arguments:
             raise InferenceError(f"the model has no input {name!r} (inputs: {names})")
+        if arguments[name].get("type") == "Path" and not item.value.startswith("@"):
+            written = f"{item.name}=@{item.value}" if item.name else f"@{item.value}"
+            raise InferenceError(
+                f"input {name} is a file: write -i {written} (a value without @ is sent as text)"
+            )
         resolved.append((name, item.value))
     return resolved
 
