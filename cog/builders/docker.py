@@ -38,7 +38,7 @@ _LABEL_SHOWN = 24
 
 
 def _shortened(line: str) -> str:
-    """A LABEL step as the log shows it: each value cut short."""
+    """A LABEL step as the log shows it: each label, its value cut short."""
     step = _LABEL_STEP.match(line)
     if step is None:
         return line
@@ -49,7 +49,7 @@ def _shortened(line: str) -> str:
             value = value[: _LABEL_SHOWN - 3] + "..."
         return f'{label[1]}="{value}"'
 
-    return step[1] + _LABEL.sub(short, step[2])
+    return step[1] + " ".join(short(label) for label in _LABEL.finditer(step[2]))
 
 
 class DockerBuilder(Builder):

@@ -192,6 +192,10 @@ async def _save(response: aiohttp.ClientResponse, output_path: Path | None) -> P
         raise InferenceError(f"cannot write {output_path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as file:
+            # As any new file: mkstemp's is private (0600).
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(file.fileno(), 0o666 & ~umask)
             async for chunk in response.content.iter_chunked(1024 * 1024):
                 file.write(chunk)
         os.replace(tmp, output_path)
