@@ -31,9 +31,14 @@ from cog.cuda import NoCudaPair, choose_pair
 from cog.requirements import pinned, requirement_specs
 
 ARCHITECTURES = ("cpu", "gpu")
-DEFAULT_PYTHON_VERSION = "3.11"
+#: The Python of a package whose cog.yaml names none: Cog 2021's default, so that the
+#: models written for it build unchanged (the build log says when it is used).
+DEFAULT_PYTHON_VERSION = "3.8"
 #: The oldest Python the in-image runtime runs on (cog.builders.runtime declares it too).
 RUNTIME_MIN_PYTHON = (3, 8)
+#: The newest CPython release (3.15.0: October 2026); a python_version past it is refused.
+#: Raise it when CPython releases the next one.
+NEWEST_PYTHON = (3, 15)
 
 
 @attrs.frozen
@@ -342,23 +347,44 @@ def _model_problems(config: Config, files: PackageFiles) -> list[str]:
     return []
 
 
+def name_problem(name: str) -> str | None:
+    """Why a package name cannot name its images, or None."""
+    if _NAME.fullmatch(name) and len(name) <= 200:
+        return None
+    return (
+        f"{name[:200]!r} is not a valid image name (lowercase letters, digits, "
+        "'.', '_', '-' and '/' between parts, e.g. 'acme/colorizer')"
+    )
+
+
+def _python_version_problem(version: str) -> str | None:
+    """Why a python_version cannot be built, or None: it must name a CPython release
+    (major.minor) that the runtime runs on."""
+    newest = "{}.{}".format(*NEWEST_PYTHON)
+    oldest = "{}.{}".format(*RUNTIME_MIN_PYTHON)
+    if not re.fullmatch(r"\d{1,9}(\.\d{1,9})*", version):
+        return f'{version!r} must look like "3.11" (major.minor)'
+    parts = tuple(int(part) for part in version.split("."))
+    if parts[:2] > NEWEST_PYTHON:
+        return f"{version} is no CPython release (the newest is {newest})"
+    if len(parts) != 2:
+        example = "{}.{}".format(*parts) if len(parts) > 2 else newest
+        return f'{version!r}: give the major and minor version only, e.g. "{example}"'
+    if parts < RUNTIME_MIN_PYTHON:
+        return f"{version} is older than the cog runtime supports ({oldest} or newer)"
+    return None
+
+
 def validate_config(config: Config, files: PackageFiles) -> None:
     """Raise ConfigError listing every problem of config for a package with these files."""
     env = config.environment
     problems: list[str] = []
-    if config.name and not _NAME.fullmatch(config.name):
-        problems.append(
-            f"name: {config.name!r} is not a valid image name (lowercase letters, digits, "
-            "'.', '_', '-' and '/' between parts, e.g. 'acme/colorizer')"
-        )
+    if config.name and name_problem(config.name):
+        problems.append(f"name: {name_problem(config.name)}")
     problems += _model_problems(config, files)
-    if not re.fullmatch(r"3\.\d+", env.python_version):
-        problems.append(f'environment.python_version: {env.python_version!r} must look like "3.11"')
-    elif int(env.python_version.split(".")[1]) < RUNTIME_MIN_PYTHON[1]:
-        problems.append(
-            f"environment.python_version: {env.python_version} is older than the cog runtime "
-            f"supports (3.{RUNTIME_MIN_PYTHON[1]} or newer)"
-        )
+    problem = _python_version_problem(env.python_version)
+    if problem:
+        problems.append(f"environment.python_version: {problem}")
     if env.python_requirements:
         if not _relative_file(env.python_requirements):
             problems.append(
@@ -453,6 +479,18 @@ def complete_config(config: Config, files: PackageFiles) -> Config:
         field = f"environment.{exc.field}" if exc.field else "environment"
         raise ConfigError([f"{field}: {exc}"]) from None
     return attrs.evolve(config, environment=attrs.evolve(env, cuda=pair.cuda, cudnn=pair.cudnn))
+
+
+def defaults_taken(text: str | bytes) -> list[str]:
+    """Lines for the build log naming the defaults a 2021-format cog.yaml (``model:`` and
+    ``environment:``) relies on; the text is one that load_config accepts."""
+    doc = yaml.safe_load(text)
+    if not isinstance(doc, dict) or "model" not in doc:
+        return []
+    environment = doc.get("environment") or {}
+    if isinstance(environment, dict) and "python_version" not in environment:
+        return [f"python_version not set: using {DEFAULT_PYTHON_VERSION}, Cog's default"]
+    return []
 
 
 # -- wire format ------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The model API: ``cog.Model``, ``@cog.input``, ``cog.Path`` and ``cog.request_directory``.
+"""The model API: ``cog.Model``, ``@cog.input``, ``cog.Path``, ``cog.request_directory`` and
+``cog.make_temp_path``.
 
 A model author writes::
 
@@ -11,7 +12,9 @@ A model author writes::
         def run(self, image, scale):
             ...
 
-Declarations are checked when the class is defined: every problem is raised at once as
+Models written for Cog from June 2021 on name the method ``predict()`` instead of
+``run()``; either works (when a class has both, ``run()`` is the one served). Declarations
+are checked when the class is defined: every problem is raised at once as
 :class:`cog.signature.SignatureError`, naming the model file, the line and the input.
 
 This module runs inside every image: Python 3.8+, attrs and the standard library only.
@@ -34,11 +37,23 @@ from cog.signature import (
     run_parameters,
 )
 
-__all__ = ["Model", "Path", "input", "request_directory", "signature_of"]
+__all__ = [
+    "METHODS",
+    "Model",
+    "Path",
+    "input",
+    "make_temp_path",
+    "method_of",
+    "request_directory",
+    "signature_of",
+]
 
 _Function = TypeVar("_Function", bound=Callable[..., Any])
 _INPUTS = "_cog_inputs"
 _SIGNATURE = "_cog_signature"
+#: The names of a model's inference method, in order of preference: ``run()`` (Cog's first
+#: API) and ``predict()`` (its name in Cog models from June 2021).
+METHODS = ("run", "predict")
 
 
 class Path(type(pathlib.Path())):  # type: ignore[misc]  # the concrete class (PosixPath)
@@ -82,6 +97,20 @@ def request_directory() -> Path:
     return Path(directory())
 
 
+def make_temp_path(filename: str) -> Path:
+    """A path named ``filename`` in a new, empty temporary directory: Cog 2021's helper for
+    output files (``out = cog.make_temp_path("output.png"); image.save(out); return out``).
+
+    The directory is made inside the inference's own (:func:`request_directory`), so it is
+    removed, with the file, once the answer is sent. ``filename`` is a relative path that
+    stays inside the directory (parent folders in it are not made).
+    """
+    name = pathlib.PurePosixPath(filename)
+    if not name.parts or name.is_absolute() or ".." in name.parts:
+        raise ValueError(f"make_temp_path() takes a file name, not {filename!r}")
+    return Path(tempfile.mkdtemp(prefix="output-", dir=request_directory())) / name
+
+
 def input(
     name: str,
     type: type,
@@ -92,7 +121,7 @@ def input(
     options: list[Any] | None = None,
     help: str | None = None,
 ) -> Callable[[_Function], _Function]:
-    """Declare an input of ``run()``.
+    """Declare an input of ``run()`` (or ``predict()``).
 
     ``type`` is str, int, float, bool or cog.Path (a file). Without ``default`` the input is
     required; ``default=None`` makes it optional (run() gets None), the only default a file
@@ -120,33 +149,50 @@ def input(
 
 
 class Model:
-    """Base class of a model: override ``setup()`` (optional) and ``run()``.
+    """Base class of a model: override ``setup()`` (optional) and ``run()`` or ``predict()``.
 
     The inference server creates one instance, calls ``setup()`` once before the first
-    inference, then calls ``run(**inputs)`` for every request, in a worker thread.
-    ``run()`` may return str, int, float, bool, None, a list or dict (sent as JSON), bytes,
-    or a cog.Path (the file is sent).
+    inference, then calls ``run(**inputs)`` for every request, in a worker thread (for a
+    model that defines ``predict()`` instead, ``run()`` calls it). It may return str, int,
+    float, bool, None, a list or dict (sent as JSON), bytes, or a cog.Path (the file is
+    sent).
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "run" in cls.__dict__:
+        if any(name in cls.__dict__ for name in METHODS):
             setattr(cls, _SIGNATURE, _build(cls))
 
     def setup(self) -> None:
-        """Load weights and anything else slow; called once, before the first ``run()``."""
+        """Load weights and anything else slow; called once, before the first inference."""
 
     def run(self, **inputs: Any) -> Any:
         """Run one inference on the declared inputs and return the output."""
-        raise NotImplementedError(f"{type(self).__name__} does not define run()")
+        if method_of(type(self)) == "predict":
+            return self.predict(**inputs)
+        raise NotImplementedError(f"{type(self).__name__} defines neither run() nor predict()")
+
+    def predict(self, **inputs: Any) -> Any:
+        """What ``run()`` is called in models written for Cog from June 2021: define either."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither run() nor predict()")
+
+
+def method_of(model_class: type[Model]) -> str | None:
+    """The name of the method that runs a model class's inferences: ``"run"`` when it
+    defines ``run()`` (itself or a base class below cog.Model), else ``"predict"`` when it
+    defines that; None when it defines neither."""
+    for name in METHODS:
+        if getattr(model_class, name, None) is not getattr(Model, name):
+            return name
+    return None
 
 
 def signature_of(model_class: type) -> Signature:
     """The input signature of a model class, checked; raises SignatureError."""
     if not (isinstance(model_class, type) and issubclass(model_class, Model)):
         raise SignatureError([f"{model_class!r} is not a subclass of cog.Model"])
-    if model_class.run is Model.run:
-        raise SignatureError([f"{model_class.__qualname__} does not define run()"])
+    if method_of(model_class) is None:
+        raise SignatureError([f"{model_class.__qualname__} defines neither run() nor predict()"])
     signature = getattr(model_class, _SIGNATURE, None)
     if signature is None:
         signature = _build(model_class)
@@ -155,8 +201,9 @@ def signature_of(model_class: type) -> Signature:
 
 
 def _build(cls: type) -> Signature:
-    run = cls.run
-    if not callable(run):
-        raise SignatureError([f"{cls.__qualname__}.run is not a method"])
-    declarations = getattr(run, _INPUTS, [])
-    return build_signature(declarations, run_parameters(run, f"{cls.__qualname__}.run"))
+    name = method_of(cls) or "run"
+    method = getattr(cls, name)
+    if not callable(method):
+        raise SignatureError([f"{cls.__qualname__}.{name} is not a method"])
+    declarations = getattr(method, _INPUTS, [])
+    return build_signature(declarations, run_parameters(method, f"{cls.__qualname__}.{name}"))

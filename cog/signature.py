@@ -346,8 +346,9 @@ def build_signature(declarations: Sequence[InputDeclaration], run: RunParameters
     def where(line: int | None) -> str:
         return f"{run.filename}:{line if line is not None else '?'}: {run.qualname}"
 
+    method = run.qualname.rpartition(".")[2] + "()"  # run() or predict()
     if run.is_async:
-        problems.append(f"{where(run.line)}: run() must be a plain method, not async")
+        problems.append(f"{where(run.line)}: {method} must be a plain method, not async")
     arguments: dict[str, Argument] = {}
     seen: set[str] = set()
     for declaration in declarations:
@@ -360,9 +361,11 @@ def build_signature(declarations: Sequence[InputDeclaration], run: RunParameters
         if name in seen:
             found.insert(0, "declared more than once")
         elif not run.takes_any and name not in run.names:
-            found.insert(0, "is not a parameter of run()")
+            found.insert(0, f"is not a parameter of {method}")
         elif name in run.positional_only:
-            found.insert(0, "is a positional-only parameter of run(); inputs are passed by name")
+            found.insert(
+                0, f"is a positional-only parameter of {method}; inputs are passed by name"
+            )
         problems.extend(f"{where(declaration.line)}: input {name!r}: {p}" for p in found)
         if argument is not None and name not in seen:
             arguments[name] = argument
@@ -371,7 +374,7 @@ def build_signature(declarations: Sequence[InputDeclaration], run: RunParameters
     for parameter in run.names:
         if parameter not in declared:
             problems.append(
-                f"{where(run.line)}: parameter {parameter!r} of run() has no @cog.input"
+                f"{where(run.line)}: parameter {parameter!r} of {method} has no @cog.input"
             )
     if problems:
         raise SignatureError(problems)

@@ -5,19 +5,22 @@
 #   - Debian's docker.io (dockerd) running, log in /var/log/cog/dockerd.log
 #   - Debian's docker-registry (CNCF distribution) on 127.0.0.1:5000, no auth
 #   - Debian's chromium (and chromium-driver), headless, for the tests of the web page
-#   - base images built locally (Docker Hub is not reachable): a debootstrap'd bookworm with
-#     python3, pip and venv, tagged python:3.11-slim so cog's default CPU base resolves.
-#     The site's extra CA certificates (/usr/local/share/ca-certificates) go into the image,
-#     so `pip install` works behind a TLS-intercepting proxy.
+#   - base images built locally (Docker Hub is not reachable), one per Python that Debian's
+#     suites ship: a debootstrap'd suite with python3, pip and venv, tagged like the
+#     registry's images so cog's default CPU base resolves (bullseye: python:3.9-slim,
+#     bookworm: python:3.11-slim, trixie: python:3.13-slim). The site's extra CA
+#     certificates (/usr/local/share/ca-certificates) go into them, so `pip install` works
+#     behind a TLS-intercepting proxy. The mirror is the machine's own (its apt sources),
+#     or else debootstrap's default.
 #
-# Environment: COG_REGISTRY_PORT (5000), COG_BASE_TAGS (python:3.11-slim),
+# Environment: COG_REGISTRY_PORT (5000), COG_BASE_IMAGES (suite=tag[,tag] ..., as above),
 # COG_DEBIAN_MIRROR (from /etc/apt/sources*), COG_STATE_DIR (/var/lib/cog-services).
 set -euo pipefail
 
 state=${COG_STATE_DIR:-/var/lib/cog-services}
 logs=/var/log/cog
 registry_port=${COG_REGISTRY_PORT:-5000}
-base_tags=${COG_BASE_TAGS:-python:3.11-slim}
+base_images=${COG_BASE_IMAGES:-bullseye=python:3.9-slim bookworm=python:3.11-slim trixie=python:3.13-slim}
 mkdir -p "$state" "$logs"
 
 say() { echo "setup-machine: $*"; }
@@ -27,7 +30,7 @@ mirror() {
     local uri
     uri=$(grep -rhoE '(URIs:|^deb) +https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
         | grep -oE 'https?://[^ ]+' | grep -v security | head -n 1 || true)
-    echo "${uri:-http://deb.debian.org/debian}"
+    echo "$uri"  # none: debootstrap's default
 }
 
 # -- packages ---------------------------------------------------------------------------
@@ -83,23 +86,28 @@ fi
 say "registry answers on 127.0.0.1:$registry_port"
 
 # -- base images ------------------------------------------------------------------------
-need_base=false
-for tag in $base_tags; do
-    docker image inspect "$tag" >/dev/null 2>&1 || need_base=true
-done
-if $need_base; then
-    tarball="$state/bookworm-python3.tar"
-    # The image is rebuilt when the site's extra CA certificates change (none is fine too:
-    # under pipefail a failing cat would end the script here).
+# One per Python that Debian's suites ship, tagged as the registry's images are. A suite's
+# image is built only when one of its tags is missing; its root file system is kept (as a
+# tarball under $state) and rebuilt only when the site's extra CA certificates change.
+build_base() {
+    local suite=$1 tags=$2 tag need=false
+    for tag in ${tags//,/ }; do
+        docker image inspect "$tag" >/dev/null 2>&1 || need=true
+    done
+    $need || return 0
+    local tarball="$state/$suite-python3.tar" certs_sum from
+    # (none is fine too: under pipefail a failing cat would end the script here)
     certs_sum=$( (cat /usr/local/share/ca-certificates/*.crt 2>/dev/null || true) | sha256sum | cut -c1-12)
     if [ ! -s "$tarball" ] || [ "$(cat "$tarball.certs" 2>/dev/null)" != "$certs_sum" ]; then
+        from=$(mirror)
         rootfs=$(mktemp -d "$state/rootfs.XXXXXX")
         trap 'rm -rf "$rootfs"' EXIT
-        say "debootstrap bookworm from $(mirror) (about a minute)"
+        say "debootstrap $suite from ${from:-the default mirror of debootstrap} (a minute or two)"
+        # shellcheck disable=SC2086  # no mirror: debootstrap's own default
         debootstrap --variant=minbase \
             --include=python3,python3-pip,python3-venv,ca-certificates \
-            bookworm "$rootfs" "$(mirror)" >"$logs/debootstrap.log" 2>&1 \
-            || { say "debootstrap failed; see $logs/debootstrap.log"; exit 1; }
+            "$suite" "$rootfs" $from >"$logs/debootstrap-$suite.log" 2>&1 \
+            || { say "debootstrap $suite failed; see $logs/debootstrap-$suite.log"; exit 1; }
         rm -f "$rootfs"/usr/lib/python3*/EXTERNALLY-MANAGED
         ln -sf python3 "$rootfs/usr/bin/python"
         if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
@@ -114,8 +122,8 @@ if $need_base; then
         rm -rf "$rootfs"
         trap - EXIT
     fi
-    first=""
-    for tag in $base_tags; do
+    local first="" python wanted
+    for tag in ${tags//,/ }; do
         if [ -z "$first" ]; then
             docker import \
                 --change 'ENV LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore' \
@@ -124,7 +132,19 @@ if $need_base; then
         else
             docker tag "$first" "$tag"
         fi
-        say "base image $tag created from $tarball"
+        # A tag never names another Python than the image runs (python:3.9-slim runs 3.9).
+        wanted=$(echo "$tag" | sed -nE 's/.*:([0-9]+\.[0-9]+)(-.*)?$/\1/p')
+        python=$(docker run --rm "$tag" python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+        if [ -n "$wanted" ] && [ "$python" != "$wanted" ]; then
+            docker rmi "$tag" >/dev/null
+            say "$suite's Python is $python, not $wanted: not tagged $tag; see COG_BASE_IMAGES"
+            exit 1
+        fi
+        say "base image $tag (Debian $suite, Python $python) created from $tarball"
     done
-fi
-say "base images present: $base_tags"
+}
+
+for entry in $base_images; do
+    build_base "${entry%%=*}" "${entry#*=}"
+done
+say "base images present: $(echo "$base_images" | sed -E 's/[a-z]+=//g; s/,/ /g')"

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.services.s3",
     "tests.services.browser",
     "tests.built_examples",
+    "tests.services.standins",
 ]

@@ -66,7 +66,7 @@ async def stored_keys(storage) -> list[str]:
     return sorted([info.key async for info in storage.list("")])
 
 
-def post_package(url: str, data: bytes) -> tuple[int, dict]:
+def post_package(url: str, data: bytes, query: str = "") -> tuple[int, dict]:
     """Upload a zip to a server process as `curl -F file=@pkg.zip URL/v1/packages/upload`
     does: the status and the JSON answer."""
     boundary = uuid.uuid4().hex
@@ -79,7 +79,7 @@ def post_package(url: str, data: bytes) -> tuple[int, dict]:
         + f"\r\n--{boundary}--\r\n".encode()
     )
     request = urllib.request.Request(
-        f"{url}/v1/packages/upload",
+        f"{url}/v1/packages/upload{query}",
         data=body,
         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
     )

@@ -21,7 +21,7 @@ import attrs
 import grpc
 import pytest
 
-from cog.builders import BuildError, BuilderSettings, BuilderUnavailable
+from cog.builders import BuildError, BuilderSettings, BuilderUnavailable, CheckedBuilder
 from cog.builders.buildkit import (
     BuildKitBuilder,
     BuildKitConnection,
@@ -170,9 +170,37 @@ async def test_a_missing_base_image_is_the_servers_setup(
         with pytest.raises(BuilderUnavailable) as caught:
             await collect(builder.build(request))
     message = str(caught.value)
-    assert message.startswith(f"buildkit at {engine_addr}: base image ")
-    assert "cog-test/no-such-base" in message and "--base-image" in message
+    assert message.startswith(
+        f"buildkit at {engine_addr}: no base image for Python 3.11: "
+        "docker.io/cog-test/no-such-base:"  # as BuildKit names it
+    )
+    assert "--base-image cpu=IMAGE" in message
     assert caught.value.step.startswith("[internal] load metadata for ")
+
+
+async def test_a_base_image_of_another_python_fails_naming_both(
+    registry, base_images, engine_addr, tmp_path
+):
+    """The check of the image's Python through BuildKit, as the server runs every builder
+    (CheckedBuilder): the failure says both Pythons, and nothing is exported."""
+    settings = BuilderSettings(
+        registry=registry, base_images={"cpu": base_images["cpu"]}, options={"addr": engine_addr}
+    )
+    root = model_dir(tmp_path)
+    (root / "cog.yaml").write_text((root / "cog.yaml").read_text().replace("'3.11'", "'3.8'"))
+    request = package_request(root, tmp_path / "p.zip", registry)
+    async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+        with pytest.raises(BuildError) as caught:
+            await collect(CheckedBuilder(builder).build(request))
+    assert re.fullmatch(
+        rf"python_version is 3\.8, but the base image {re.escape(base_images['cpu'])} runs "
+        r"Python 3\.11\.\d+; give the server a base image with Python 3\.8 "
+        r"\(--base-image cpu=IMAGE\)",
+        caught.value.message,
+    ), caught.value.message
+    assert caught.value.step.startswith("[2/")  # the first step after FROM
+    inspected = subprocess.run(["docker", "image", "inspect", request.image], capture_output=True)
+    assert inspected.returncode != 0
 
 
 # ---- TLS: a real TLS listener in front of the embedded BuildKit ------------------------
@@ -422,7 +450,7 @@ async def test_failing_run_step_is_named_with_its_output(builder, registry, tmp_
     assert not isinstance(error, BuilderUnavailable)
     assert str(error).startswith(f"{builder.label}: ")
     assert "exit code: 100" in error.message
-    assert error.step.startswith("[2/") and "apt-get install" in error.step
+    assert error.step.startswith("[3/") and "apt-get install" in error.step
     assert any("Unable to locate package no-such-package-cog-test" in line for line in error.output)
     assert any(line.endswith("ERROR: " + error.message.split(": ", 1)[1]) for line in seen)
 

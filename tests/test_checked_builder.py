@@ -94,3 +94,47 @@ async def test_build_errors_pass_unchanged():
     with pytest.raises(BuildError) as caught:
         await run(Scripted(fail=error))
     assert caught.value is error
+
+
+@pytest.mark.parametrize("cls", [BuildError, BuilderUnavailable])
+async def test_a_step_that_says_why_in_cogs_words_fails_with_that_why(cls):
+    """A step of cog's Dockerfile that fails printing `cog: <why>` (the check of the
+    image's Python): its why is the build's error, kind, step and output kept. The engine's
+    colour codes around it and its lines after it do not hide it."""
+    output = (
+        " ---> Running in 917906857d30",
+        "\x1b[91mcog: python_version is 3.8, but ...\x1b[0m\x1b[91m",
+        "\x1b[0mRemoving intermediate container 917906857d30",
+    )
+    step = """Step 3/9 : RUN python -c 'import sys; sys.exit(... "cog: python_version is ...")'"""
+    error = cls("The command ... returned a non-zero code: 1", step=step, output=output)
+    with pytest.raises(cls) as caught:
+        await run(Scripted(fail=error))
+    assert caught.value.message == "python_version is 3.8, but ..."
+    assert caught.value.step == error.step and caught.value.output == output
+
+
+@pytest.mark.parametrize(
+    ("step", "output"),
+    [
+        ("RUN apt-get install x", ("cog: a package's step says it", "E: no package x")),
+        ("RUN pip install x", ("cog: a package's step says it",)),
+        ("RUN echo 'cog: no python'", ("cog: ",)),
+        ("RUN echo 'cog: no python'", ("pip says cog: something",)),
+        ("RUN echo 'cog: no python'", ()),
+        (None, ("cog: no step",)),
+    ],
+)
+async def test_only_cogs_own_steps_are_taken_at_their_word(step, output):
+    error = BuildError("failed", step=step, output=output)
+    with pytest.raises(BuildError) as caught:
+        await run(Scripted(fail=error))
+    assert caught.value is error
+
+
+def test_a_long_step_is_shortened_in_the_message():
+    step = "Step 3/9 : RUN " + "x" * 500
+    message = str(BuildError("failed", step=step))
+    assert message == f"failed (step: {step[:117]}...)"
+    assert len(message) == len("failed (step: )") + 120
+    assert str(BuildError("failed", step="Step 1/2 : FROM a")) == "failed (step: Step 1/2 : FROM a)"

@@ -16,6 +16,7 @@ from cog.config import (
     complete_config,
     config_from_json,
     config_to_json,
+    defaults_taken,
     load_config,
     validate_config,
 )
@@ -61,7 +62,7 @@ def test_wire_format_is_the_seeds():
     assert config_to_json(config) == {
         "Name": "a/b",
         "Environment": {
-            "PythonVersion": "3.11",
+            "PythonVersion": "3.8",
             "PythonRequirements": "",
             "PythonPackages": None,
             "SystemPackages": None,
@@ -77,8 +78,56 @@ def test_wire_format_is_the_seeds():
 def test_defaults():
     config = load_config("model: infer.py:Model\n")
     assert config == Config(model="infer.py:Model", environment=Environment())
-    assert config.environment.python_version == "3.11"
+    assert config.environment.python_version == "3.8"  # Cog 2021's, for its models
     assert config.environment.architectures == ("cpu",)
+
+
+@pytest.mark.parametrize(
+    ("text", "notes"),
+    [
+        ("model: infer.py:Model\n", ["python_version not set: using 3.8, Cog's default"]),
+        (
+            "model: infer.py:Model\nenvironment:\n",
+            ["python_version not set: using 3.8, Cog's default"],
+        ),
+        (
+            "model: infer.py:Model\nenvironment:\n  python_packages: [pillow==8.2.0]\n",
+            ["python_version not set: using 3.8, Cog's default"],
+        ),
+        ("model: infer.py:Model\nenvironment:\n  python_version: '3.8'\n", []),
+        ("model: infer.py:Model\nenvironment:\n  python_version: '3.11'\n", []),
+        # not the 2021 format (today's Cog says build: and predict:): not this default's
+        ("build:\n  gpu: false\npredict: predict.py:Predictor\n", []),
+    ],
+)
+def test_the_default_python_is_named_for_the_build_log(text, notes):
+    assert defaults_taken(text) == notes
+
+
+@pytest.mark.parametrize(
+    ("version", "problem"),
+    [
+        ("3.99", "3.99 is no CPython release (the newest is 3.15)"),
+        ("3.16", "3.16 is no CPython release (the newest is 3.15)"),
+        ("4", "4 is no CPython release (the newest is 3.15)"),
+        ("4.0", "4.0 is no CPython release (the newest is 3.15)"),
+        ("3.999999", "3.999999 is no CPython release (the newest is 3.15)"),
+        ("3.8.10", "'3.8.10': give the major and minor version only, e.g. \"3.8\""),
+        ("3", "'3': give the major and minor version only, e.g. \"3.15\""),
+        ("3.7", "3.7 is older than the cog runtime supports (3.8 or newer)"),
+        ("2.7", "2.7 is older than the cog runtime supports (3.8 or newer)"),
+        ("three", "'three' must look like \"3.11\" (major.minor)"),
+    ],
+)
+def test_a_python_version_must_be_a_cpython_release(version, problem):
+    text = f"model: infer.py:Model\nenvironment:\n  python_version: '{version}'\n"
+    assert problems_of(text) == [f"environment.python_version: {problem}"]
+
+
+@pytest.mark.parametrize("version", ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13", "3.14", "3.15"])
+def test_every_cpython_release_the_runtime_runs_on_is_taken(version):
+    text = f"model: infer.py:Model\nenvironment:\n  python_version: '{version}'\n"
+    assert check_config(text, Files({"infer.py": MODEL})).environment.python_version == version
 
 
 def test_example_values_become_text():
@@ -198,8 +247,6 @@ def test_yaml_merge_keys_are_not_duplicates():
         ("architectures: [cpu, cpu]", {}, "twice"),
         ("cuda: '11.8'", {}, "cuda: set, but architectures has no gpu"),
         ("cudnn: '8'", {}, "cudnn: set, but architectures has no gpu"),
-        ("python_version: '3'", {}, "python_version"),
-        ("python_version: '3.7'", {}, "3.7 is older than the cog runtime supports (3.8 or newer)"),
         ("system_packages: ['ffmpeg; curl evil']", {}, "not a Debian package name"),
     ],
 )

@@ -358,7 +358,9 @@ def dying_model(registry, base_images, tmp_path_factory):
     it has an input named `input` (with a default) and another required one."""
     root = tmp_path_factory.mktemp("dying") / "model"
     root.mkdir()
-    (root / "cog.yaml").write_text("name: test/dying\nmodel: infer.py:Model\n")
+    (root / "cog.yaml").write_text(
+        "name: test/dying\nmodel: infer.py:Model\nenvironment:\n  python_version: '3.11'\n"
+    )
     (root / "infer.py").write_text(DYING_MODEL)
     request = package_request(root, root.parent / "p.zip", registry)
 

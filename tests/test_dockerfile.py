@@ -13,6 +13,7 @@ import asyncio
 import io
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from cog.builders.dockerfile import (
     dockerfile_for,
     dockerfile_for_request,
     gpu_packages,
+    python_check,
 )
 from cog.builders.runtime import runtime_wheel
 from cog.cli.infer import (
@@ -108,7 +110,8 @@ def render(
 CASES = {
     "cpu-minimal": ("model: infer.py:Model\n", "cpu", "wheels", {}),
     "cpu-packages": (
-        "model: infer.py:Model\nenvironment:\n  python_requirements: requirements.txt\n"
+        "model: infer.py:Model\nenvironment:\n  python_version: '3.11'\n"
+        "  python_requirements: requirements.txt\n"
         "  python_packages: ['pillow==11.3.0', 'numpy==2.1.0']\n"
         "  system_packages: [ffmpeg, libsndfile1]\n",
         "cpu",
@@ -116,7 +119,8 @@ CASES = {
         {"requirements.txt": "requests==2.32.3\n"},
     ),
     "gpu-wheels-torch": (
-        "model: infer.py:Model\nenvironment:\n  architectures: [cpu, gpu]\n"
+        "model: infer.py:Model\nenvironment:\n  python_version: '3.11'\n"
+        "  architectures: [cpu, gpu]\n"
         "  cudnn: '8'\n"
         "  python_packages: ['torch==2.1.0', 'torchvision==0.16.0', 'pillow==11.3.0']\n",
         "gpu",
@@ -124,7 +128,8 @@ CASES = {
         {},
     ),
     "gpu-image-torch": (
-        "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "model: infer.py:Model\nenvironment:\n  python_version: '3.11'\n"
+        "  architectures: [gpu]\n"
         "  cudnn: '9'\n"
         "  python_packages: ['torch==2.4.1', 'torchvision==0.19.1']\n",
         "gpu",
@@ -147,7 +152,8 @@ CASES = {
     ),
     # torch brings its own nvidia-* wheels: none installed beside them, registered after.
     "gpu-wheels-torch-requirements": (
-        "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "model: infer.py:Model\nenvironment:\n  python_version: '3.11'\n"
+        "  architectures: [gpu]\n"
         "  cudnn: '8'\n"
         "  python_requirements: requirements.txt\n  python_packages: ['torchvision==0.16.0']\n",
         "gpu",
@@ -156,14 +162,16 @@ CASES = {
     ),
     # No framework: the CUDA runtime and cuDNN, and the cuBLAS of that CUDA cuDNN needs.
     "gpu-wheels-no-framework": (
-        "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "model: infer.py:Model\nenvironment:\n  python_version: '3.11'\n"
+        "  architectures: [gpu]\n"
         "  cuda: '11.7'\n  cudnn: '8.5'\n  python_packages: ['numpy==2.1.0']\n",
         "gpu",
         "wheels",
         {},
     ),
     "gpu-wheels-tf-and-cuda": (
-        "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "model: infer.py:Model\nenvironment:\n  python_version: '3.11'\n"
+        "  architectures: [gpu]\n"
         "  cudnn: '8'\n"
         "  python_packages: ['tensorflow==2.15.0']\n",
         "gpu",
@@ -172,7 +180,8 @@ CASES = {
     ),
     # TensorFlow before the and-cuda extra: every library it loads, explicitly.
     "gpu-wheels-tf-explicit": (
-        "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "model: infer.py:Model\nenvironment:\n  python_version: '3.11'\n"
+        "  architectures: [gpu]\n"
         "  cudnn: '8'\n"
         "  python_requirements: requirements.txt\n",
         "gpu",
@@ -180,7 +189,8 @@ CASES = {
         {"requirements.txt": "tensorflow==2.13.1\n"},
     ),
     "gpu-image-tf1": (
-        "model: infer.py:Model\nenvironment:\n  architectures: [gpu]\n"
+        "model: infer.py:Model\nenvironment:\n  python_version: '3.11'\n"
+        "  architectures: [gpu]\n"
         "  cudnn: '7'\n"
         "  python_packages: ['tensorflow==1.15.0']\n",
         "gpu",
@@ -365,7 +375,7 @@ def test_image_strategy_gives_the_packages_python():
 
 
 def test_default_bases_and_templates():
-    assert render("model: infer.py:Model\n", "cpu").splitlines()[1] == "FROM python:3.11-slim"
+    assert render("model: infer.py:Model\n", "cpu").splitlines()[1] == "FROM python:3.8-slim"
     gpu = render(CASES["gpu-image-torch"][0], "gpu", "image")
     assert "FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04" in gpu
     assert DEFAULT_BASE_IMAGES["cpu"] == "python:{python_version}-slim"
@@ -689,3 +699,37 @@ async def test_a_connection_broken_while_saving_the_output_is_no_write_error(tmp
     with pytest.raises(aiohttp.ClientOSError):
         await _save(Response(), tmp_path / "output.bin")  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []  # no half-written file, no temporary one
+
+
+@pytest.mark.parametrize(
+    ("version", "fails"),
+    [("{}.{}".format(*sys.version_info[:2]), False), ("3.8", True), ("3.99", True)],
+)
+def test_the_python_check_passes_only_the_packages_python(version, fails):
+    """The RUN line, run by this interpreter as the image's would run it: it passes only
+    when its Python is the package's, and otherwise says so naming both, in cog's words
+    (which CheckedBuilder makes the build's error)."""
+    line = python_check(version, "site/python:x", "cpu")
+    assert line.startswith("RUN python -c ")
+    command = line.removeprefix("RUN ").replace("python", sys.executable, 1)
+    result = subprocess.run(["sh", "-c", command], capture_output=True, text=True)
+    assert (result.returncode != 0) is fails
+    if fails:
+        assert result.stderr == (
+            f"cog: python_version is {version}, but the base image site/python:x runs Python "
+            f"{sys.version.split()[0]}; give the server a base image with Python {version} "
+            "(--base-image cpu=IMAGE)\n"
+        )
+    else:
+        assert result.stderr == result.stdout == ""
+
+
+def test_the_python_check_comes_first():
+    """Before anything slow (apt-get, pip), so a wrong base image fails at once; on an
+    NVIDIA image, after the package's Python is installed and on the PATH."""
+    cpu = render(CASES["cpu-packages"][0], "cpu", files=CASES["cpu-packages"][3])
+    assert cpu.splitlines()[3].startswith('RUN python -c \'import sys; sys.exit("%d.%d"')
+    gpu = render(*CASES["gpu-image-torch"][:3])
+    assert layer_index(gpu, "ENV PATH=/opt/cog/bin") < layer_index(gpu, "sys.version_info")
+    assert layer_index(gpu, "sys.version_info") < layer_index(gpu, "torch==2.4.1")
+    assert "(--base-image gpu=IMAGE)" in gpu

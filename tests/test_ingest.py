@@ -262,3 +262,32 @@ async def test_a_builder_that_yields_no_image_fails_the_build(aiohttp_client, se
     assert "no-image ended without reporting an image" in events[-1]["message"]
     document = await (await client.get(f"/v1/packages/{package_id}")).json()
     assert document["Status"] == "failed" and document["Artifacts"] == []
+
+
+async def test_the_build_log_says_when_the_default_python_is_used(
+    aiohttp_client, settings, tmp_path
+):
+    """One line, in the build's log and again when it is rebuilt; none when the package
+    names its Python."""
+    builder = GatedBuilder()
+    builder.gate.set()
+    client = await server(aiohttp_client, settings, builder)
+    note = "python_version not set: using 3.8, Cog's default"
+    unset = make_model_dir(tmp_path / "unset")
+    (unset / "cog.yaml").write_text("name: test/unset\nmodel: infer.py:Model\n")
+    data, package_id = package_bytes(unset)
+    events = await events_of(client, data)
+    assert events[-1]["type"] == "package", events[-1]
+    assert events[-1]["package"]["Config"]["Environment"]["PythonVersion"] == "3.8"
+    said = statuses(events)
+    assert said.count(note) == 1
+    building = next(i for i, s in enumerate(said) if s.startswith("Building CPU image "))
+    assert said.index(note) < building
+    log = await client.get(f"/v1/packages/{package_id}/log")
+    assert statuses([json.loads(line) for line in (await log.read()).splitlines()]).count(note) == 1
+    response = await client.post(f"/v1/packages/{package_id}/build", headers={"Accept": NDJSON})
+    rebuilt = [json.loads(line) for line in (await response.read()).splitlines()]
+    assert statuses(rebuilt).count(note) == 1
+
+    named = package_bytes(make_model_dir(tmp_path / "named"))[0]  # python_version: '3.11'
+    assert note not in statuses(await events_of(client, named))

@@ -226,6 +226,19 @@ def test_a_model_file_named_like_a_stdlib_module_does_not_shadow_it(tmp_path, mo
         sys.modules["queue"] = queue
 
 
+@pytest.mark.parametrize(
+    ("name", "stdlib"),
+    [("colorsys", True), ("xml", True), ("math", True), ("infer", False), ("cog", False)],
+)
+def test_the_standard_library_is_known_before_python_3_10(monkeypatch, name, stdlib):
+    """Python 3.8 and 3.9 have no sys.stdlib_module_names (the runtime once failed every
+    model there for it): the standard library's own folders are looked in instead."""
+    from cog.runtime.model_ref import _in_standard_library
+
+    monkeypatch.delattr(sys, "stdlib_module_names", raising=False)
+    assert _in_standard_library(name) is stdlib
+
+
 def test_a_model_file_is_the_module_its_name_says(tmp_path, monkeypatch):
     """Registered as `infer`, as `import infer` would: a sibling importing it gets the
     same module (not a second copy), and a spawned process can import its classes."""

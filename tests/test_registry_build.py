@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -169,13 +171,17 @@ async def test_setup_failure_is_reported_with_the_models_error(
     everything = json.dumps(events)
     assert "setup failed" in everything and "no weights here" in everything
     await assert_failed_at(client, package_id, "test: setup", "no weights here")
+    # The traceback went out live as the model printed it: not a second time after it.
+    lines = [e["line"] for e in events if e["type"] == "log"]
+    assert lines.count("model: ValueError: no weights here") == 1, lines
+    assert "Last lines of its output:" not in lines
 
 
 @pytest.mark.parametrize(
     ("extra", "step", "needle"),
     [
-        ("  system_packages: [no-such-package-cog-test]\n", "Step 3/", "no-such-package-cog-test"),
-        ("  python_packages: ['cog-no-such-dist-xyz==0.0.1']\n", "Step 3/", "cog-no-such-dist-xyz"),
+        ("  system_packages: [no-such-package-cog-test]\n", "Step 4/", "no-such-package-cog-test"),
+        ("  python_packages: ['cog-no-such-dist-xyz==0.0.1']\n", "Step 4/", "cog-no-such-dist-xyz"),
     ],
     ids=["system-package", "pip-requirement"],
 )
@@ -213,10 +219,46 @@ async def test_a_base_image_the_engine_lacks_is_the_servers_problem(
     final = events[-1]
     assert final["type"] == "error" and final["status"] == 503
     assert final["message"].startswith(
-        f"base image {base} not found on the Docker engine; build it "
-        "(contrib/setup-machine.sh) or set --base-image"
+        f"no base image for Python 3.11: {base} is not on the Docker Engine (pulling it failed: "
+    )
+    assert final["message"].endswith(
+        "; build it (contrib/setup-machine.sh builds python:3.9-slim, python:3.11-slim and "
+        "python:3.13-slim) or give the server one with --base-image cpu=IMAGE (step: base image)"
     )
     await assert_failed_at(client, package_id, "base image", base)
+
+
+async def test_an_image_never_runs_another_python_than_its_package_asks_for(
+    aiohttp_client, tmp_path, registry, base_images, no_leaked_containers
+):
+    """A base image of the wrong Python (a template without {python_version}): the build
+    fails at once naming both Pythons, and no image is tagged or pushed with a label that
+    says 3.8 over a Python 3.11."""
+    builder = BuilderSettings(registry=registry, base_images={"cpu": base_images["cpu"]})
+    client = await aiohttp_client(make_app(server_settings(tmp_path, registry, builder)))
+    root = model_dir(tmp_path)
+    (root / "cog.yaml").write_text((root / "cog.yaml").read_text().replace("'3.11'", "'3.8'"))
+    data, package_id = package_bytes(root)
+    events = await stream_upload(client, data)
+    final = events[-1]
+    assert final["type"] == "error" and final["status"] == 422, final
+    assert re.fullmatch(
+        rf"python_version is 3\.8, but the base image {re.escape(base_images['cpu'])} runs "
+        r"Python 3\.11\.\d+; give the server a base image with Python 3\.8 "
+        r"\(--base-image cpu=IMAGE\) \(step: Step 3/\d+ : RUN python -c .*\.\.\.\)",
+        final["message"],
+    ), final["message"]
+    assert not any("pip install" in e.get("line", "") for e in events)  # it failed first
+    # The engine's red around the step's stderr is not in the log; nor is the output again.
+    lines = [e["line"] for e in events if e["type"] == "log"]
+    assert not any("\x1b" in line for line in lines)
+    assert "Last lines of its output:" not in lines
+    doc = await assert_failed_at(client, package_id, "Step 3/", "runs Python 3.11")
+    assert doc["Artifacts"] == []
+    image = f"{registry}/test/upper:{package_id[:12]}"
+    assert subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode
+    with urllib.request.urlopen(f"http://{registry}/v2/test/upper/tags/list") as response:
+        assert package_id[:12] not in (json.load(response).get("tags") or [])
 
 
 async def test_unreachable_registry_is_503_and_failed(
@@ -295,9 +337,8 @@ def test_cog_build_and_infer_as_a_user(tmp_path, registry, base_images):
         ran = cog("infer", package_id[:12], "-i", "text=hi", cwd=elsewhere)
         assert ran.returncode == 0, ran.stderr
         assert ran.stdout == "HI\n"
-        assert ran.stderr.startswith(
-            f"cog: warning: package {package_id[:12]} is failed: example 1"
-        )
+        assert ran.stderr.startswith(f"cog: warning: package {package_id[:12]} failed: example 1")
+        assert ran.stderr.endswith("; running its image anyway\n")
         assert len(ran.stderr.splitlines()) == 1
 
         # A model whose process dies during run(): one error, exit 1, no container left.

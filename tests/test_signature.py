@@ -162,7 +162,7 @@ def test_a_model_without_run_is_refused_when_loaded():
     class NoRun(cog.Model):
         pass
 
-    with pytest.raises(SignatureError, match="does not define run"):
+    with pytest.raises(SignatureError, match=r"defines neither run\(\) nor predict\(\)"):
         signature_of(NoRun)
 
 

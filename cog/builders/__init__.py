@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Union
 
 import attrs
 
+from cog.events import plain
 from cog.plugins import installed, load_plugin
 
 if TYPE_CHECKING:
@@ -161,7 +162,14 @@ class BuildError(Exception):
         self.output = tuple(output)
 
     def __str__(self) -> str:
-        return f"{self.message} (step: {self.step})" if self.step else self.message
+        if not self.step:
+            return self.message
+        step = self.step if len(self.step) <= _SHOWN_STEP else self.step[: _SHOWN_STEP - 3] + "..."
+        return f"{self.message} (step: {step})"
+
+
+#: The longest step a BuildError's message quotes (a RUN line can be a screen long).
+_SHOWN_STEP = 120
 
 
 class BuilderUnavailable(BuildError):
@@ -241,7 +249,9 @@ class CheckedBuilder(Builder):
       asked for, with a registry digest: anything else (no image, two, output after it)
       fails the build with :class:`BuildError` naming the builder;
     - an exception that is no BuildError is the builder's own failure, not the
-      package's: it becomes :class:`BuilderUnavailable` (503), with the builder named.
+      package's: it becomes :class:`BuilderUnavailable` (503), with the builder named;
+    - a step of cog's Dockerfile that fails saying why (``cog: <why>``, e.g. the check of
+      the image's Python) fails the build with that why.
     """
 
     def __init__(self, backend: Builder):
@@ -272,36 +282,65 @@ class CheckedBuilder(Builder):
         built: BuiltImage | None = None
         stream = self.backend.build(request)
         try:
-            while True:
-                with _translated(label, "building"):
-                    try:
-                        event = await stream.__anext__()
-                    except StopAsyncIteration:
-                        break
-                if built is not None:
-                    raise BuildError(f"{label} went on after it reported the image {built.image}")
-                if isinstance(event, BuildLog):
-                    yield event
-                elif isinstance(event, BuiltImage):
-                    if event.image != request.image:
-                        raise BuildError(
-                            f"{label} reported the image {event.image}; {request.image} was "
-                            "asked for"
-                        )
-                    if not _DIGEST.fullmatch(event.digest or ""):
-                        raise BuildError(
-                            f"{label} reported {event.image} with no registry digest "
-                            f"({event.digest!r})"
-                        )
-                    built = event
-                else:
-                    raise BuildError(f"{label} yielded {event!r}, which is no build event")
+            async with contextlib.aclosing(self._checked(label, stream, request)) as checked:
+                async for event in checked:
+                    if isinstance(event, BuiltImage):
+                        built = event
+                    else:
+                        yield event
+        except BuildError as exc:
+            said = _in_cogs_words(exc)
+            if said is exc:
+                raise
+            raise said from None
         finally:
             with _translated(label, "stopping"):
                 await stream.aclose()
         if built is None:
             raise BuildError(f"{label} ended without reporting an image of {request.image}")
         yield built
+
+    async def _checked(
+        self, label: str, stream: AsyncIterator[BuildEvent], request: BuildRequest
+    ) -> AsyncIterator[BuildEvent]:
+        """The backend's events, each checked against the contract (see the class)."""
+        built: BuiltImage | None = None
+        while True:
+            with _translated(label, "building"):
+                try:
+                    event = await stream.__anext__()
+                except StopAsyncIteration:
+                    return
+            if built is not None:
+                raise BuildError(f"{label} went on after it reported the image {built.image}")
+            if isinstance(event, BuildLog):
+                yield event
+            elif isinstance(event, BuiltImage):
+                if event.image != request.image:
+                    raise BuildError(
+                        f"{label} reported the image {event.image}; {request.image} was asked for"
+                    )
+                if not _DIGEST.fullmatch(event.digest or ""):
+                    raise BuildError(
+                        f"{label} reported {event.image} with no registry digest ({event.digest!r})"
+                    )
+                built = event
+                yield event
+            else:
+                raise BuildError(f"{label} yielded {event!r}, which is no build event")
+
+
+def _in_cogs_words(exc: BuildError) -> BuildError:
+    """A failed step of cog's own that gave its account (a step whose command says
+    ``cog: <why>``, and a line of its output that does), with that account as the
+    failure's message. Other steps' output is never taken for cog's words."""
+    if not exc.step or "cog: " not in exc.step:
+        return exc
+    for line in reversed(exc.output):
+        text = plain(line).strip()
+        if text.startswith("cog: ") and len(text) > len("cog: "):
+            return type(exc)(text[len("cog: ") :], step=exc.step, output=exc.output)
+    return exc
 
 
 @contextlib.contextmanager

@@ -24,13 +24,32 @@ from cog.builders import (
     BuildRequest,
 )
 from cog.builders.context import build_context
-from cog.builders.dockerfile import base_image, dockerfile_for_request
+from cog.builders.dockerfile import base_image, dockerfile_for_request, missing_base_image
 from cog.builders.push import push_events
 from cog.engine import Engine, EngineError, EngineUnreachable
 from cog.engine.client import stream_error
 
 TAIL = 20
 _STEP = re.compile(r"^Step \d+/\d+ : ")
+_LABEL_STEP = re.compile(r"^(Step \d+/\d+ : LABEL )(.*)$")
+_LABEL = re.compile(r'([^\s=]+)="((?:[^"\\]|\\.)*)"')
+#: A label's value is shown this long at most in the log (the config's is a screen long).
+_LABEL_SHOWN = 24
+
+
+def _shortened(line: str) -> str:
+    """A LABEL step as the log shows it: each label, its value cut short."""
+    step = _LABEL_STEP.match(line)
+    if step is None:
+        return line
+
+    def short(label: re.Match[str]) -> str:
+        value = label[2]
+        if len(value) > _LABEL_SHOWN:
+            value = value[: _LABEL_SHOWN - 3] + "..."
+        return f'{label[1]}="{value}"'
+
+    return step[1] + " ".join(short(label) for label in _LABEL.finditer(step[2]))
 
 
 class DockerBuilder(Builder):
@@ -68,7 +87,9 @@ class DockerBuilder(Builder):
                 async for event in stage:
                     yield event
 
-    async def _base_image(self, engine: Engine, base: str) -> AsyncIterator[BuildLog]:
+    async def _base_image(
+        self, engine: Engine, base: str, request: BuildRequest
+    ) -> AsyncIterator[BuildLog]:
         """Make sure the engine has the base image; pull it (progress as log lines) if not.
 
         A base image nobody can get is the server's setup, not the package's fault; so is
@@ -93,9 +114,14 @@ class DockerBuilder(Builder):
                     yield BuildLog(stage="build", line=line)
         except EngineError as exc:
             raise BuilderUnavailable(
-                f"base image {base} not found on the Docker engine; build it "
-                "(contrib/setup-machine.sh) or set --base-image (pulling it failed: "
-                f"{exc.message})",
+                missing_base_image(
+                    request.config,
+                    request.target,
+                    self.settings,
+                    base,
+                    "on the Docker Engine",
+                    f"pulling it failed: {exc.message}",
+                ),
                 step="base image",
                 output=tuple(tail),
             ) from None
@@ -103,7 +129,7 @@ class DockerBuilder(Builder):
     async def _engine_build(self, engine: Engine, request: BuildRequest) -> AsyncIterator[BuildLog]:
         dockerfile = self.dockerfile(request)
         base = base_image(request.config, request.target, self.settings)
-        async with contextlib.aclosing(self._base_image(engine, base)) as preparing:
+        async with contextlib.aclosing(self._base_image(engine, base, request)) as preparing:
             async for line in preparing:
                 yield line
         params = {"t": request.image, "rm": "1", "forcerm": "1", "pull": "0"}
@@ -132,6 +158,7 @@ class DockerBuilder(Builder):
                         if not line.strip():
                             continue
                         if _STEP.match(line):
+                            line = _shortened(line)
                             step = line
                             tail.clear()
                         tail.append(line)

@@ -82,6 +82,45 @@ def base_image(config: Config, target: str, settings: BuilderSettings) -> str:
     )
 
 
+def base_image_for(config: Config, target: str, settings: BuilderSettings) -> str:
+    """What a package's base image is for, in messages: its Python, or (an NVIDIA image of
+    the GPU ``image`` strategy, which gets the package's Python installed) its CUDA."""
+    env = config.environment
+    if target == "gpu" and settings.gpu_strategy == "image":
+        return f"CUDA {env.cuda} (cuDNN {env.cudnn})"
+    return f"Python {env.python_version}"
+
+
+def missing_base_image(
+    config: Config, target: str, settings: BuilderSettings, base: str, where: str, why: str
+) -> str:
+    """The message for a base image the builder cannot get, naming what it is for."""
+    flag = "gpu" if target == "gpu" and settings.gpu_strategy == "image" else "cpu"
+    return (
+        f"no base image for {base_image_for(config, target, settings)}: {base} is not "
+        f"{where} ({why}); build it (contrib/setup-machine.sh builds python:3.9-slim, "
+        f"python:3.11-slim and python:3.13-slim) or give the server one with "
+        f"--base-image {flag}=IMAGE"
+    )
+
+
+def python_check(python_version: str, base: str, flag: str) -> str:
+    """The RUN line that fails the build, early, when the image would run another Python
+    than the package's python_version (major.minor), saying ``cog: <why>`` (which the
+    build's failure then says too: see cog.builders.CheckedBuilder). Its layer is cached
+    with the base image, so it costs one container start per base image and Python."""
+    message = (
+        f"cog: python_version is {python_version}, but the base image {base} runs Python "
+        f"%s; give the server a base image with Python {python_version} "
+        f"(--base-image {flag}=IMAGE)"
+    )
+    code = (
+        f'import sys; sys.exit("%d.%d" % sys.version_info[:2] != "{python_version}" '
+        f'and "{message}" % sys.version.split()[0])'
+    )
+    return f"RUN python -c {shlex.quote(code)}"
+
+
 def gpu_packages(
     packages: Sequence[str],
     cuda: str,
@@ -242,6 +281,9 @@ def dockerfile_for(
             f"ENV PATH={IMAGE_VENV}/bin:${{PATH:-/usr/local/sbin:/usr/local/bin:"
             "/usr/sbin:/usr/bin:/sbin:/bin}",
         ]
+    # The image never runs another Python than the one its labels name.
+    flag = "gpu" if gpu and strategy == "image" else "cpu"
+    lines.append(python_check(env.python_version, base_image(config, target, settings), flag))
     if env.system_packages:
         lines.append(
             "RUN apt-get update -qq && apt-get install -y --no-install-recommends "

@@ -100,9 +100,11 @@ class RegistryClient:
                 file.close()
 
     async def upload(
-        self, zip_path: Path, progress: Progress | None = None
+        self, zip_path: Path, progress: Progress | None = None, *, name: str | None = None
     ) -> AsyncIterator[dict[str, Any]]:
-        """Upload a package zip; the server's build events as they happen."""
+        """Upload a package zip; the server's build events as they happen. ``name``: the
+        package's name if its cog.yaml has none."""
+        params = {"name": name} if name else None
         with aiohttp.MultipartWriter("form-data") as form:
             part = form.append(
                 _counted(file_chunks(zip_path), progress), {"Content-Type": "application/zip"}
@@ -110,7 +112,7 @@ class RegistryClient:
             part.set_content_disposition("form-data", name="file", filename="package.zip")
             headers = {"Accept": events.NDJSON}
             async with await self._request(
-                "POST", "/v1/packages/upload", data=form, headers=headers
+                "POST", "/v1/packages/upload", data=form, headers=headers, params=params
             ) as response:
                 async for event in _events(response):
                     yield event

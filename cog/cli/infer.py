@@ -78,6 +78,11 @@ def resolve_names(inputs: list[RawInput], arguments: dict[str, Any]) -> list[tup
                 )
         if name not in arguments:
             raise InferenceError(f"the model has no input {name!r} (inputs: {names})")
+        if arguments[name].get("type") == "Path" and not item.value.startswith("@"):
+            written = f"{item.name}=@{item.value}" if item.name else f"@{item.value}"
+            raise InferenceError(
+                f"input {name} is a file: write -i {written} (a value without @ is sent as text)"
+            )
         resolved.append((name, item.value))
     return resolved
 
@@ -187,6 +192,10 @@ async def _save(response: aiohttp.ClientResponse, output_path: Path | None) -> P
         raise InferenceError(f"cannot write {output_path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as file:
+            # As any new file: mkstemp's is private (0600).
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(file.fileno(), 0o666 & ~umask)
             async for chunk in response.content.iter_chunked(1024 * 1024):
                 file.write(chunk)
         os.replace(tmp, output_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -22,6 +23,7 @@ from cog.cli.output import (
     time_ago,
 )
 from cog.cli.remote import current_remote, save_remote
+from cog.events import plain
 from cog.units import format_size
 
 
@@ -146,7 +148,20 @@ def run(coro: Coroutine[Any, Any, int | None]) -> int:
 def client(args: argparse.Namespace):
     from cog.cli.client import RegistryClient
 
-    return RegistryClient(current_remote(args.remote)[0])
+    url, source = current_remote(args.remote)
+    if source == "default":
+        print(
+            f"cog: using the cog server at {url} (no remote is set; choose one with "
+            "`cog remote set URL`)",
+            file=sys.stderr,
+        )
+    return RegistryClient(url)
+
+
+def default_name(directory: Path) -> str | None:
+    """The name of a package whose cog.yaml has none: its directory's, as an image name
+    (lowercase letters and digits, other characters as '-'); None if nothing is left."""
+    return re.sub(r"[^a-z0-9]+", "-", directory.name.lower()).strip("-") or None
 
 
 # -- remote ---------------------------------------------------------------------------
@@ -186,7 +201,7 @@ async def build(args: argparse.Namespace) -> int:
         size = zip_path.stat().st_size
         async with client(args) as registry:
             bar = Progress("Uploading", size)
-            stream = registry.upload(zip_path, bar.update)
+            stream = registry.upload(zip_path, bar.update, name=default_name(root))
             return await render_build(stream, args, on_first_event=bar.close)
 
 
@@ -228,12 +243,13 @@ async def render_build(
 
 
 def print_event(event: dict[str, Any]) -> None:
+    # plain(): what a build or a model printed never reaches the terminal as codes.
     if event["type"] == "status":
-        print(style(f"--> {event['message']}", "bold"), flush=True)
+        print(style(f"--> {plain(event['message'])}", "bold"), flush=True)
     elif event["type"] == "log":
         where = "/".join(p for p in (event.get("target"), event.get("stage")) if p)
         colour = ("red",) if event.get("stage") == "error" else ("dim",)
-        print(f"{style(f'[{where}]', *colour)} {event['line']}", flush=True)
+        print(f"{style(f'[{plain(where)}]', *colour)} {plain(event['line'])}", flush=True)
 
 
 async def logs(args: argparse.Namespace) -> int:
@@ -357,11 +373,7 @@ async def infer(args: argparse.Namespace) -> int:
         )
     if package.get("Status") not in (None, "ready"):
         # e.g. built and pushed, then its check failed: the image may not work.
-        reason = f": {package['Error'].splitlines()[0]}" if package.get("Error") else ""
-        print(
-            f"cog: warning: package {package['ID'][:12]} is {package['Status']}{reason}",
-            file=sys.stderr,
-        )
+        print(f"cog: warning: {not_ready(package)}; running its image anyway", file=sys.stderr)
 
     def progress(line: str) -> None:
         if is_tty(sys.stderr):
@@ -401,8 +413,34 @@ def print_output(output, path: Path | None) -> None:
     if output.text is not None:
         if path:
             path.write_text(output.text)
-            print(f"Written to {path}", file=sys.stderr)
+            print(f"Written to {shown_path(path)}")
         else:
             print(output.text.rstrip("\n"))
     else:
-        print(f"Written to {output.path}", file=sys.stderr)
+        print(f"Written to {shown_path(output.path)}")
+
+
+#: How much of a package's error a one-line warning quotes.
+_REASON = 300
+
+
+def not_ready(package: dict[str, Any]) -> str:
+    """Why a package is not ready, in one line: its error's lines joined."""
+    short, status = package["ID"][:12], package.get("Status")
+    lines = (package.get("Error") or "").splitlines()
+    reason = "; ".join(line.strip().rstrip(":") for line in lines if line.strip())
+    reason = plain(reason)
+    if len(reason) > _REASON:
+        reason = reason[: _REASON - 3] + "..."
+    if status == "failed":
+        return f"package {short} failed" + (f": {reason}" if reason else "")
+    return f"package {short} is {status}" + (f" ({reason})" if reason else "")
+
+
+def shown_path(path: Path) -> str:
+    """A path as the user would write it: relative to the current directory if inside."""
+    path = path.resolve()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import re
 import sys
+import sysconfig
 
 import attrs
 import yaml
@@ -74,12 +76,12 @@ class ModelRef:
         if not os.path.isfile(path):
             raise ModelLoadError(f"model file {self.file} not found in {self.directory}")
         folder = os.path.dirname(path)
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
         stem = os.path.splitext(os.path.basename(path))[0]
         module_name = stem
-        if not stem.isidentifier() or stem in sys.modules or stem in sys.stdlib_module_names:
+        if not stem.isidentifier() or stem in sys.modules or _in_standard_library(stem):
             module_name = "_cog_model_" + re.sub(r"\W", "_", stem)  # a dot means a package
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         spec = importlib.util.spec_from_file_location(module_name, path)
         if spec is None or spec.loader is None:
             raise ModelLoadError(f"cannot import {self.file}")
@@ -93,3 +95,16 @@ class ModelRef:
             raise ModelLoadError(f"{self.file}:{self.class_name} is not a subclass of cog.Model")
         signature_of(model_class)
         return model_class
+
+
+def _in_standard_library(name: str) -> bool:
+    """Whether ``name`` is a module of Python's standard library."""
+    names = getattr(sys, "stdlib_module_names", None)  # Python 3.10 and newer
+    if names is not None:
+        return name in names
+    if name in sys.builtin_module_names:
+        return True
+    # Python 3.8 and 3.9: look only where the standard library lives.
+    stdlib = sysconfig.get_paths()["stdlib"]
+    places = [stdlib, os.path.join(stdlib, "lib-dynload")]
+    return importlib.machinery.PathFinder.find_spec(name, places) is not None

@@ -10,6 +10,7 @@ tells other servers the build is alive. Its last act is the outcome: the record 
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any
 
 from cog import events
 from cog.builders import BuildError, BuilderUnavailable, being_cancelled
+from cog.events import plain
 from cog.server.catalog import Catalog
 from cog.server.live import LiveBuild
 from cog.server.records import Artifact, PackageRecord, Status, record_to_json
@@ -25,14 +27,17 @@ Event = dict[str, Any]
 
 
 class BuildPosition:
-    """Where a build is: its phase, the architecture at hand and its last output line."""
+    """Where a build is: its phase, the architecture at hand, its last output lines."""
 
     #: longest piece of the last output line quoted in a message
     QUOTE = 200
+    #: output lines remembered, so a failure does not print again what was just shown
+    RECENT = 500
 
     def __init__(self) -> None:
         self.phase = "starting"
         self.last_line = ""
+        self.recent: collections.deque[str] = collections.deque(maxlen=self.RECENT)
         #: the architecture being built or checked, for the failure's log lines
         self.target: str | None = None
         #: the builder's last line once the cancellation had begun: its own account of it
@@ -44,8 +49,15 @@ class BuildPosition:
     def saw(self, line: str) -> None:
         if line.strip():
             self.last_line = line.strip()
+            self.recent.append(plain(line).strip())
         if being_cancelled():
             self.said_while_cancelling = line.strip()
+
+    def shown(self, output: tuple[str, ...]) -> bool:
+        """Whether these lines were all in the live log just now (each the end of a line
+        shown: a builder or the check may have put a prefix before it)."""
+        lines = [plain(line).strip() for line in output]
+        return all(any(seen.endswith(line) for seen in self.recent) for line in lines if line)
 
     def cancelled(self, builder: str) -> str:
         """Why the build ended, for one cancelled (client gone, server stopping)."""
@@ -111,7 +123,7 @@ class BuildRun:
         )
         await self._catalog.put(self.record)
         lines = [f"Build failed: {exc}"]
-        if exc.output:
+        if exc.output and not self.position.shown(exc.output):
             lines += ["Last lines of its output:", *(f"  {line}" for line in exc.output)]
         status = 503 if isinstance(exc, BuilderUnavailable) else 422
         return [

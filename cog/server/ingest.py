@@ -33,7 +33,7 @@ from cog.builders import Builder, BuildError, BuilderSettings, BuildLog, BuildRe
 from cog.package import PackageLimits, short_id
 from cog.server.build_run import BuildRun
 from cog.server.catalog import Catalog, PackageNotFound, log_key, package_key
-from cog.server.inspection import Inspection, inspect_package, verify_package
+from cog.server.inspection import Inspection, build_notes, inspect_package, verify_package
 from cog.server.live import LiveBuild
 from cog.server.records import Artifact, PackageRecord, Status, now, record_to_json
 from cog.server.settings import IngestOptions
@@ -45,6 +45,8 @@ from cog.units import format_size
 log = structlog.get_logger(__name__)
 
 Event = dict[str, Any]
+#: The name of a package whose cog.yaml names none, uploaded without ?name= (`cog build`
+#: sends its directory's name)
 DEFAULT_NAME = "cog-model"
 
 
@@ -130,14 +132,17 @@ class IngestService:
 
     # -- an upload ---------------------------------------------------------------------
 
-    async def accept(self, received: ReceivedUpload) -> AsyncIterator[Event]:
+    async def accept(
+        self, received: ReceivedUpload, *, default_name: str | None = None
+    ) -> AsyncIterator[Event]:
         """Inspect an upload (InvalidPackage or ConfigError now, before any event), then
-        its stream of events. The received file stays the caller's."""
+        its stream of events. The received file stays the caller's. ``default_name``: the
+        package's name if its cog.yaml has none (else DEFAULT_NAME)."""
         inspection = await asyncio.to_thread(inspect_package, received.path, self.limits)
-        return self._accepted(received, inspection)
+        return self._accepted(received, inspection, default_name)
 
     async def _accepted(
-        self, received: ReceivedUpload, inspection: Inspection
+        self, received: ReceivedUpload, inspection: Inspection, default_name: str | None
     ) -> AsyncIterator[Event]:
         # "Received" at once: verifying every member takes seconds for a large package,
         # and the client hears from us first.
@@ -146,22 +151,28 @@ class IngestService:
         )
         await asyncio.to_thread(verify_package, received.path, self.limits)
         async with contextlib.aclosing(
-            self.ingest(received.package_id, received.size, received.path, inspection)
+            self.ingest(received.package_id, received.size, received.path, inspection, default_name)
         ) as stream:
             async for event in stream:
                 yield event
 
     async def ingest(
-        self, package_id: str, size: int, zip_path: Path, inspection: Inspection
+        self,
+        package_id: str,
+        size: int,
+        zip_path: Path,
+        inspection: Inspection,
+        default_name: str | None = None,
     ) -> AsyncIterator[Event]:
         """Store, build and check one received and verified package, or follow the build
         of it that runs already (zip_path stays the caller's)."""
         run: BuildRun | None = None
+        name = inspection.config.name or default_name or DEFAULT_NAME
         async with self._claims.hold(package_id):
             existing = await self._existing(package_id)
             live = self._live.get(package_id)
             if live is None and self.builder is not None and self._to_build(existing):
-                record = self._new_record(package_id, size, inspection, existing)
+                record = self._new_record(package_id, size, inspection, existing, name)
                 run = self._start(record)
         if run is not None:
             stream = self._build(run, zip_path, store=True)
@@ -172,7 +183,7 @@ class IngestService:
         elif existing is not None and existing.status is Status.BUILDING:
             stream = self._await_other_server(package_id)
         else:
-            stream = self._store_only(package_id, size, zip_path, inspection, existing)
+            stream = self._store_only(package_id, size, zip_path, inspection, existing, name)
         async with contextlib.aclosing(stream):
             async for event in stream:
                 yield event
@@ -237,12 +248,13 @@ class IngestService:
         size: int,
         inspection: Inspection,
         existing: PackageRecord | None,
+        name: str,
         status: Status = Status.BUILDING,
     ) -> PackageRecord:
         stamp = self.clock()
         return PackageRecord(
             id=package_id,
-            name=inspection.config.name or DEFAULT_NAME,
+            name=name,
             config=inspection.config,
             created=existing.created if existing else stamp,
             updated=stamp,
@@ -301,9 +313,10 @@ class IngestService:
         zip_path: Path,
         inspection: Inspection,
         existing: PackageRecord | None,
+        name: str,
     ) -> AsyncIterator[Event]:
         """A server without a builder: the package is stored, and ready as it is."""
-        record = self._new_record(package_id, size, inspection, existing, Status.READY)
+        record = self._new_record(package_id, size, inspection, existing, name, Status.READY)
         async for event in self._store(record, zip_path):
             yield event
         yield events.status("Stored (this server has no builder, so no images were built)")
@@ -356,6 +369,8 @@ class IngestService:
             await self._end(run)
 
     async def _steps(self, run: BuildRun, zip_path: Path) -> AsyncIterator[Event]:
+        for note in await asyncio.to_thread(build_notes, zip_path, self.limits):
+            yield events.status(note)
         if self._slots.locked():
             run.position.enter("waiting for a free build slot")
             yield events.status("Waiting for a free build slot")

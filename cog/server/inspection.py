@@ -10,8 +10,8 @@ from typing import Any
 
 import attrs
 
-from cog.config import Config, ConfigError, check_config
-from cog.package import PackageArchive, PackageLimits
+from cog.config import Config, ConfigError, check_config, defaults_taken
+from cog.package import InvalidPackage, PackageArchive, PackageLimits
 from cog.server.source import static_signature
 from cog.signature import SignatureError
 
@@ -34,6 +34,17 @@ def inspect_package(path: Path, limits: PackageLimits) -> Inspection:
     with PackageArchive.open(path, limits, verify=False) as archive:
         config = check_config(archive.read_text("cog.yaml"), archive)
         return Inspection(config, _signature(archive, config))
+
+
+def build_notes(path: Path, limits: PackageLimits) -> list[str]:
+    """What the build log says first about a stored package: the defaults its cog.yaml
+    relies on (the Python it gets when it names none). Nothing for a package that today's
+    limits refuse (a rebuild): its build goes on without them."""
+    try:
+        with PackageArchive.open(path, limits, verify=False) as archive:
+            return defaults_taken(archive.read_text("cog.yaml"))
+    except InvalidPackage:
+        return []
 
 
 def verify_package(path: Path, limits: PackageLimits) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import ast
 import pathlib
-from typing import Any
+from typing import Any, Union
 
 import attrs
 
+from cog.model import METHODS
 from cog.signature import (
     InputDeclaration,
     RunParameters,
@@ -26,37 +27,115 @@ class _Undetermined(Exception):
 
 
 def static_signature(source: str, class_name: str, filename: str = "<model>") -> Signature | None:
-    """The signature of ``class_name.run`` in a model file, read with ``ast`` (never imported).
+    """The signature of the model's ``run()`` (or ``predict()``) in a model file, read with
+    ``ast`` (never imported).
 
-    Returns None when it cannot be determined statically: the class or its ``run`` is not
-    defined at the top level of the file (e.g. inherited), ``run`` has a decorator other than
-    ``@cog.input``, or an argument of ``@cog.input`` is not a literal. Raises SignatureError
-    when the declarations are definitely wrong (the same rules, and messages, as at import).
+    Returns None when it cannot be determined statically: the class or its method is not
+    defined at the top level of the file (e.g. inherited), the method has a decorator other
+    than ``@cog.input``, or an argument of ``@cog.input`` is not a literal. Raises
+    SignatureError when the declarations are definitely wrong (the same rules, and
+    messages, as at import), or when the class surely defines neither method.
     """
     try:
         tree = ast.parse(source, filename)
     except SyntaxError as e:
         raise SignatureError([f"{filename}:{e.lineno}: {e.msg}"]) from None
     names = _CogNames.of(tree)
-    cls = None
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == class_name:
-            cls = node
+    classes = _top_level_classes(tree)
+    cls = classes.get(class_name)
     if cls is None:
         return None
-    run = None
-    for node in cls.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "run":
-            run = node
-        elif _assigns(node, "run"):
-            run = None
-    if run is None:
+    methods = _methods(cls)
+    if not methods and _defines_neither(cls, classes, names, tree):
+        raise SignatureError(
+            [
+                f"{filename}:{cls.lineno}: class {class_name} defines neither run() nor "
+                "predict(); define one of them, with its inputs declared by @cog.input"
+            ]
+        )
+    # run() is served when a class has both; a predict() beside an inherited run() is not.
+    if "run" in methods:
+        method = methods["run"]
+    elif "predict" in methods and _bases_are_cog_model(cls, names):
+        method = methods["predict"]
+    else:
+        method = None
+    if method is None:
         return None
     try:
-        declarations = [names.declaration(d, filename) for d in run.decorator_list]
+        declarations = [names.declaration(d, filename) for d in method.decorator_list]
     except _Undetermined:
         return None
-    return build_signature(declarations, _static_parameters(run, filename, f"{class_name}.run"))
+    qualname = f"{class_name}.{method.name}"
+    return build_signature(declarations, _static_parameters(method, filename, qualname))
+
+
+Method = Union[ast.FunctionDef, ast.AsyncFunctionDef]
+
+
+def _top_level_classes(tree: ast.Module) -> dict[str, ast.ClassDef]:
+    """The classes defined at the top of a module, by name (the last definition wins)."""
+    return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
+def _methods(cls: ast.ClassDef) -> dict[str, Method | None]:
+    """run and predict as the class body defines them: the function, or None when the name
+    is bound some other way (``run = ...``), which a static reader cannot follow."""
+    found: dict[str, Method | None] = {}
+    for node in cls.body:
+        for name in METHODS:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+                found[name] = node
+            elif _assigns(node, name):
+                found[name] = None
+    return found
+
+
+def _bases_are_cog_model(cls: ast.ClassDef, names: _CogNames) -> bool:
+    return bool(cls.bases) and all(names.is_model(base) for base in cls.bases)
+
+
+def _defines_neither(
+    cls: ast.ClassDef,
+    classes: dict[str, ast.ClassDef],
+    names: _CogNames,
+    tree: ast.Module,
+    seen: frozenset[str] = frozenset(),
+) -> bool:
+    """Whether the class surely has neither method: not in its body nor in any base class
+    (each cog.Model or a class of this file that has neither), no decorator or metaclass
+    that could add one, and no assignment in the module that could (``Model.run = f``)."""
+    if cls.name in seen or cls.decorator_list or cls.keywords or not cls.bases:
+        return False
+    if _methods(cls) or _patched(tree, cls.name):
+        return False
+    for base in cls.bases:
+        if names.is_model(base):
+            continue
+        if not isinstance(base, ast.Name) or base.id not in classes:
+            return False  # from another module: it may define run()
+        if not _defines_neither(classes[base.id], classes, names, tree, seen | {cls.name}):
+            return False
+    return True
+
+
+def _patched(tree: ast.Module, class_name: str) -> bool:
+    """Whether the module sets attributes of the class, or calls setattr on anything."""
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.ctx, ast.Store)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == class_name
+        ):
+            return True
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "setattr"
+        ):
+            return True
+    return False
 
 
 def _assigns(node: ast.stmt, name: str) -> bool:
@@ -68,9 +147,7 @@ def _assigns(node: ast.stmt, name: str) -> bool:
     return any(isinstance(t, ast.Name) and t.id == name for t in targets)
 
 
-def _static_parameters(
-    run: ast.FunctionDef | ast.AsyncFunctionDef, filename: str, qualname: str
-) -> RunParameters:
+def _static_parameters(run: Method, filename: str, qualname: str) -> RunParameters:
     args = run.args
     positional = [a.arg for a in args.posonlyargs] + [a.arg for a in args.args]
     positional_only = [a.arg for a in args.posonlyargs][1:]
@@ -96,10 +173,12 @@ class _CogNames:
     inputs: frozenset[str]
     paths: frozenset[str]
     pathlib_modules: frozenset[str]
+    models: frozenset[str]
 
     @classmethod
     def of(cls, tree: ast.Module) -> _CogNames:
         modules, inputs, paths, pathlib_modules = {"cog"}, set(), {"Path"}, {"pathlib"}
+        models: set[str] = set()
         for node in tree.body:
             if isinstance(node, ast.Import):
                 for alias in node.names:
@@ -111,10 +190,27 @@ class _CogNames:
                 for alias in node.names:
                     if node.module == "cog" and alias.name == "input":
                         inputs.add(alias.asname or "input")
+                    elif node.module == "cog" and alias.name == "Model":
+                        models.add(alias.asname or "Model")
                     elif alias.name in ("Path", "PosixPath", "PurePath"):
                         paths.add(alias.asname or alias.name)
         return cls(
-            frozenset(modules), frozenset(inputs), frozenset(paths), frozenset(pathlib_modules)
+            frozenset(modules),
+            frozenset(inputs),
+            frozenset(paths),
+            frozenset(pathlib_modules),
+            frozenset(models),
+        )
+
+    def is_model(self, node: ast.expr) -> bool:
+        """Whether a base class is cog.Model (``cog.Model``, or ``Model`` imported from cog)."""
+        if isinstance(node, ast.Name):
+            return node.id in self.models
+        return (
+            isinstance(node, ast.Attribute)
+            and node.attr == "Model"
+            and isinstance(node.value, ast.Name)
+            and node.value.id in self.modules
         )
 
     def declaration(self, decorator: ast.expr, filename: str) -> InputDeclaration:

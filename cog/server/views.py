@@ -13,6 +13,7 @@ from aiohttp import web
 
 import cog
 from cog import events
+from cog.config import name_problem
 from cog.server.catalog import log_key, package_key
 from cog.server.errors import error_response, json_error
 from cog.server.ingest import PackageBusy, missing_zip
@@ -59,10 +60,15 @@ async def ping(request: web.Request) -> web.Response:
 
 async def upload(request: web.Request) -> web.StreamResponse:
     app = request.app
+    # ?name=: the package's name if its cog.yaml has none (`cog build` sends its
+    # directory's name), checked before the body is read.
+    name = request.query.get("name") or None
+    if name is not None and name_problem(name):
+        raise web.HTTPBadRequest(text=f"name: {name_problem(name)}")
     received = await receive_upload(request, app[TMP_DIR], app[SETTINGS].max_upload_bytes)
     structlog.contextvars.bind_contextvars(package_id=received.package_id)
     try:
-        stream = await app[INGEST].accept(received)
+        stream = await app[INGEST].accept(received, default_name=name)
         return await respond_with_events(request, stream)
     finally:
         # Shielded: a handler cancelled here still removes its upload.

@@ -31,7 +31,7 @@ from cog.builders.buildkit.connection import BuildKitConnection, TLSFiles
 from cog.builders.buildkit.context_server import ContextServer
 from cog.builders.buildkit.pb import messages as pb
 from cog.builders.buildkit.progress import Progress
-from cog.builders.dockerfile import dockerfile_for_request
+from cog.builders.dockerfile import dockerfile_for_request, missing_base_image
 from cog.engine.client import engine_address
 
 DEFAULT_ADDR = "docker-grpc://"
@@ -291,7 +291,7 @@ class BuildKitBuilder(Builder):
         return BuilderUnavailable(f"{self.label} is not reachable: {details}")
 
     def _solve_error(
-        self, exc: grpc.aio.AioRpcError, progress: Progress, context_url: str
+        self, exc: grpc.aio.AioRpcError, progress: Progress, context_url: str, build: BuildRequest
     ) -> BuildError:
         code, details = exc.code(), exc.details() or exc.code().name
         step, output = progress.failed_step()
@@ -314,12 +314,12 @@ class BuildKitBuilder(Builder):
             )
         if step and step.startswith(RESOLVE_BASE):
             # The FROM image cannot be had: the server's setup, not the package's fault.
-            return BuilderUnavailable(
-                f"{self.label}: base image {step.removeprefix(RESOLVE_BASE)} not found where "
-                "BuildKit looks for it; build it there (contrib/setup-machine.sh for a "
-                f"Docker Engine's BuildKit) or set --base-image ({details})",
-                step=step,
+            base = step.removeprefix(RESOLVE_BASE)
+            where = "where BuildKit looks for it (for a Docker Engine's BuildKit: that engine)"
+            message = missing_base_image(
+                build.config, build.target, self.settings, base, where, details
             )
+            return BuilderUnavailable(f"{self.label}: {message}", step=step)
         if code == grpc.StatusCode.CANCELLED:
             running = ", ".join(progress.running_steps()) or None
             return BuildError(
@@ -389,7 +389,7 @@ class BuildKitBuilder(Builder):
             result: dict[str, str] = {}
             # aclosing: a build closed by its consumer cancels the Solve now, not when the
             # generator is collected.
-            async with contextlib.aclosing(self._solve(solve, url, result)) as lines:
+            async with contextlib.aclosing(self._solve(solve, url, result, request)) as lines:
                 async for line in lines:
                     yield BuildLog(stage="build", line=line)
         digest = result.get("containerimage.digest", "")
@@ -443,7 +443,9 @@ class BuildKitBuilder(Builder):
             during = "before any step ran" if not progress.seen else "between steps"
         return f"{self.label}: build cancelled {during}; its Solve was cancelled in BuildKit too"
 
-    async def _solve(self, request: Any, context_url: str, result: dict) -> AsyncIterator[str]:
+    async def _solve(
+        self, request: Any, context_url: str, result: dict, build: BuildRequest
+    ) -> AsyncIterator[str]:
         """Run Solve with Status alongside: progress lines, then result filled in."""
         connection = self._connection
         assert connection is not None
@@ -503,7 +505,7 @@ class BuildKitBuilder(Builder):
             try:
                 response = await solving
             except grpc.aio.AioRpcError as exc:
-                raise self._solve_error(exc, progress, context_url) from None
+                raise self._solve_error(exc, progress, context_url, build) from None
             except asyncio.CancelledError:
                 # grpcio cancels the calls of a channel being closed: close() while
                 # building. Anything else is our consumer's cancellation (below).
