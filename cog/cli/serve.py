@@ -56,7 +56,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="run a cog server",
         description="Run the cog server: stores packages, builds and pushes their images.",
     )
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    p.add_argument(
+        "--host",
+        help="address to listen on (default: 0.0.0.0 with --tokens; 127.0.0.1 without, as "
+        "then anyone who can reach the server may change it)",
+    )
     p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
     p.add_argument(
         "--storage",
@@ -162,6 +166,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="seconds between refreshes of the package index from storage; how soon "
         "packages stored by other servers appear in listings (default: 2)",
     )
+    p.add_argument(
+        "--tokens",
+        type=Path,
+        metavar="FILE",
+        help="who may do what: lines of NAME SCOPES SHA256 (make them with `cog token new`); "
+        "without it there is no authentication",
+    )
+    p.add_argument(
+        "--public-read",
+        action="store_true",
+        help="with --tokens: callers without a token may list, show, download and read logs",
+    )
     p.add_argument("--tmp-dir", type=Path, help="where uploads are spooled")
     p.add_argument(
         "--log-format", choices=["auto", "json", "console"], default="auto", help="server log"
@@ -185,6 +201,8 @@ def settings_from_args(args: argparse.Namespace):
         if value:
             options[option] = value
     builder = None if args.builder in ("none", "") else args.builder
+    if args.public_read and args.tokens is None:
+        raise CLIError("--public-read needs --tokens (without it every caller may do everything)")
     return ServerSettings(
         storage_url=args.storage,
         builder=builder,
@@ -210,6 +228,8 @@ def settings_from_args(args: argparse.Namespace):
             max_text_bytes=args.max_text_size,
         ),
         cache_ttl=args.cache_ttl,
+        tokens_file=args.tokens,
+        public_read=args.public_read,
     )
 
 
@@ -219,29 +239,37 @@ def run_server(args: argparse.Namespace) -> int:
     from cog.builders import BuilderConfigError
     from cog.logs import configure_logging
     from cog.server.app import make_app
+    from cog.server.auth import TokensFileError
     from cog.storage import StorageConfigError, StorageError
 
     configure_logging(args.log_format)
     try:
         settings = settings_from_args(args)
-    except BuilderConfigError as exc:  # e.g. a --base-image template with a bad placeholder
+        app = make_app(settings)
+    except (BuilderConfigError, TokensFileError) as exc:  # e.g. a bad --base-image template
         raise CLIError(str(exc)) from None
-    app = make_app(settings)
+    host = args.host or ("0.0.0.0" if settings.tokens_file else "127.0.0.1")
+    if settings.tokens_file is None:
+        print(
+            f"cog server: no --tokens: anyone who can reach {host}:{args.port} may upload, "
+            "rebuild and delete packages",
+            flush=True,
+        )
     try:
         web.run_app(
             app,
-            host=args.host,
+            host=host,
             port=args.port,
             # A client that goes away cancels its build (and the build in the backend).
             handler_cancellation=True,
             access_log=None,
             shutdown_timeout=10,
-            print=lambda _: print(f"cog server listening on http://{args.host}:{args.port}"),
+            print=lambda _: print(f"cog server listening on http://{host}:{args.port}"),
         )
     except (StorageConfigError, BuilderConfigError) as exc:
         raise CLIError(str(exc)) from None
     except StorageError as exc:
         raise CLIError(f"storage {settings.storage_url} is not usable: {exc}") from None
     except OSError as exc:
-        raise CLIError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+        raise CLIError(f"cannot listen on {host}:{args.port}: {exc.strerror}") from None
     return 0

@@ -1,8 +1,9 @@
 """The cog server's aiohttp application: :func:`make_app` is the one way to build it.
 
 ``cog server`` and the tests use it alike, and services that embed the API pass their own
-backends. Backends are opened in a cleanup context and kept under the typed keys of
-:mod:`cog.server.keys`; errors become JSON in one middleware; each request is logged once.
+backends and authenticator. Backends are opened in a cleanup context and kept under the
+typed keys of :mod:`cog.server.keys`; errors become JSON in one middleware; each request
+is logged once and authorized in one middleware (:mod:`cog.server.auth`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ from aiohttp import web
 
 from cog.builders import Builder, CheckedBuilder, load_builder
 from cog.server import views
+from cog.server.auth import (
+    AUTHENTICATOR,
+    Authenticator,
+    OpenAccess,
+    Scope,
+    TokensFile,
+    authorize,
+)
 from cog.server.catalog import Catalog
 from cog.server.ingest import IngestService
 from cog.server.keys import CATALOG, INGEST, SETTINGS, STORAGE, TMP_DIR
@@ -36,15 +45,26 @@ def make_app(
     *,
     storage: Storage | None = None,
     builder: Builder | None = None,
+    authenticator: Authenticator | None = None,
 ) -> web.Application:
     """The cog server. Pass storage/builder objects to embed cog with your own backends
     (they are wrapped in the checks every backend gets); otherwise they are made from
-    settings when the app starts."""
-    app = web.Application(middlewares=[access_log, json_errors])
+    settings when the app starts. Pass an authenticator to say who callers are your way;
+    otherwise it is the settings' tokens file, or no authentication without one (raises
+    TokensFileError for a tokens file that cannot be used)."""
+    app = web.Application(middlewares=[access_log, json_errors, authorize])
     app[SETTINGS] = settings
+    app[AUTHENTICATOR] = authenticator or default_authenticator(settings)
     app.cleanup_ctx.append(_backends(storage, builder))
     views.add_routes(app)
     return app
+
+
+def default_authenticator(settings: ServerSettings) -> Authenticator:
+    if settings.tokens_file is None:
+        return OpenAccess()
+    anonymous = {Scope.READ} if settings.public_read else set()
+    return TokensFile(settings.tokens_file, anonymous_scopes=anonymous)
 
 
 def _backends(storage: Storage | None, builder: Builder | None):

@@ -130,14 +130,15 @@ class IngestService:
 
     # -- an upload ---------------------------------------------------------------------
 
-    async def accept(self, received: ReceivedUpload) -> AsyncIterator[Event]:
+    async def accept(self, received: ReceivedUpload, *, by: str = "") -> AsyncIterator[Event]:
         """Inspect an upload (InvalidPackage or ConfigError now, before any event), then
-        its stream of events. The received file stays the caller's."""
+        its stream of events. The received file stays the caller's; `by` names who sent it
+        (the record keeps it)."""
         inspection = await asyncio.to_thread(inspect_package, received.path, self.limits)
-        return self._accepted(received, inspection)
+        return self._accepted(received, inspection, by)
 
     async def _accepted(
-        self, received: ReceivedUpload, inspection: Inspection
+        self, received: ReceivedUpload, inspection: Inspection, by: str
     ) -> AsyncIterator[Event]:
         # "Received" at once: verifying every member takes seconds for a large package,
         # and the client hears from us first.
@@ -146,13 +147,13 @@ class IngestService:
         )
         await asyncio.to_thread(verify_package, received.path, self.limits)
         async with contextlib.aclosing(
-            self.ingest(received.package_id, received.size, received.path, inspection)
+            self.ingest(received.package_id, received.size, received.path, inspection, by=by)
         ) as stream:
             async for event in stream:
                 yield event
 
     async def ingest(
-        self, package_id: str, size: int, zip_path: Path, inspection: Inspection
+        self, package_id: str, size: int, zip_path: Path, inspection: Inspection, *, by: str = ""
     ) -> AsyncIterator[Event]:
         """Store, build and check one received and verified package, or follow the build
         of it that runs already (zip_path stays the caller's)."""
@@ -161,7 +162,7 @@ class IngestService:
             existing = await self._existing(package_id)
             live = self._live.get(package_id)
             if live is None and self.builder is not None and self._to_build(existing):
-                record = self._new_record(package_id, size, inspection, existing)
+                record = self._new_record(package_id, size, inspection, existing, by=by)
                 run = self._start(record)
         if run is not None:
             stream = self._build(run, zip_path, store=True)
@@ -172,13 +173,15 @@ class IngestService:
         elif existing is not None and existing.status is Status.BUILDING:
             stream = self._await_other_server(package_id)
         else:
-            stream = self._store_only(package_id, size, zip_path, inspection, existing)
+            stream = self._store_only(package_id, size, zip_path, inspection, existing, by)
         async with contextlib.aclosing(stream):
             async for event in stream:
                 yield event
 
-    async def rebuild(self, record: PackageRecord) -> AsyncIterator[Event]:
-        """Build a stored package again (after the registry came back, say)."""
+    async def rebuild(self, record: PackageRecord, *, by: str = "") -> AsyncIterator[Event]:
+        """Build a stored package again (after the registry came back, say); `by` names
+        who asked."""
+        log.info("rebuild requested", package_id=record.id, by=by)
         if self.builder is None:
             yield events.error("this server has no builder configured", 409)
             return
@@ -211,11 +214,13 @@ class IngestService:
         finally:
             await asyncio.shield(asyncio.to_thread(zip_path.unlink, missing_ok=True))
 
-    async def delete(self, record: PackageRecord) -> None:
-        """Remove a package (record, zip, log); PackageBusy while it is being built."""
+    async def delete(self, record: PackageRecord, *, by: str = "") -> None:
+        """Remove a package (record, zip, log); PackageBusy while it is being built. `by`
+        names who asked (logged: the record goes)."""
         if self.busy(record):
             raise PackageBusy("this package is being built; delete it when the build ends")
         await self.catalog.delete(record.id)
+        log.info("package deleted", package_id=record.id, name=record.name, by=by)
 
     # -- deciding ----------------------------------------------------------------------
 
@@ -238,6 +243,8 @@ class IngestService:
         inspection: Inspection,
         existing: PackageRecord | None,
         status: Status = Status.BUILDING,
+        *,
+        by: str = "",
     ) -> PackageRecord:
         stamp = self.clock()
         return PackageRecord(
@@ -249,6 +256,7 @@ class IngestService:
             status=status,
             size=size,
             signature=inspection.signature,
+            uploaded_by=by,
         )
 
     def _start(self, record: PackageRecord) -> BuildRun:
@@ -301,9 +309,10 @@ class IngestService:
         zip_path: Path,
         inspection: Inspection,
         existing: PackageRecord | None,
+        by: str,
     ) -> AsyncIterator[Event]:
         """A server without a builder: the package is stored, and ready as it is."""
-        record = self._new_record(package_id, size, inspection, existing, Status.READY)
+        record = self._new_record(package_id, size, inspection, existing, Status.READY, by=by)
         async for event in self._store(record, zip_path):
             yield event
         yield events.status("Stored (this server has no builder, so no images were built)")

@@ -2,7 +2,8 @@
 
 The document keeps the seed's keys exactly (``ID``, ``Name``, ``Artifacts`` with
 ``Target``/``URI``, ``Config`` with ``Environment``/``Model``) and adds ``Created``,
-``Updated``, ``Status``, ``Size``, ``Examples``, ``Signature`` and ``Error``. Records are
+``Updated``, ``Status``, ``Size``, ``Examples``, ``Signature``, ``Error`` and
+``UploadedBy`` (the name of the token that uploaded it: an audit trail, never a secret). Records are
 stored as these documents, so what a server writes is exactly what every API client reads.
 """
 
@@ -51,6 +52,8 @@ class PackageRecord:
     signature: dict[str, Any] | None = None
     #: why the last build failed
     error: str = ""
+    #: who uploaded it: the name of the caller's token ("anonymous" on an open server)
+    uploaded_by: str = ""
 
     def evolve(self, *, updated: dt.datetime, **changes: Any) -> PackageRecord:
         """This record changed at `updated` (the caller's clock)."""
@@ -85,6 +88,7 @@ def record_to_json(record: PackageRecord) -> dict[str, Any]:
         "Examples": config.get("Examples"),
         "Signature": record.signature,
         "Error": record.error,
+        "UploadedBy": record.uploaded_by,
     }
 
 
@@ -103,6 +107,7 @@ def record_from_json(doc: dict[str, Any]) -> PackageRecord:
         ),
         signature=doc.get("Signature"),
         error=doc.get("Error") or "",
+        uploaded_by=doc.get("UploadedBy") or "",
     )
 
 

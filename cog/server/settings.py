@@ -42,3 +42,8 @@ class ServerSettings:
     package_limits: PackageLimits = attrs.field(factory=PackageLimits)
     #: how often the package index is refreshed from Storage (seconds)
     cache_ttl: float = 2.0
+    #: the tokens file (``NAME SCOPES SHA256`` lines, see cog.server.auth); None: no
+    #: authentication, every caller may do everything
+    tokens_file: Path | None = None
+    #: callers without a token may read (list, show, download, logs)
+    public_read: bool = False
