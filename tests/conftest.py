@@ -2,5 +2,6 @@
 
 pytest_plugins = [
     "tests.services.docker",
+    "tests.services.auth_registry",
     "tests.services.s3",
 ]

@@ -115,6 +115,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--docker-host", help="Docker Engine address (default: $DOCKER_HOST or socket)")
     p.add_argument(
+        "--registry-auth",
+        type=Path,
+        metavar="FILE",
+        help="registry credentials in Docker's config.json format (its `auths`); default: "
+        "Docker's own, $DOCKER_CONFIG/config.json or ~/.docker/config.json",
+    )
+    p.add_argument(
         "--max-upload-size",
         type=parse_size,
         default="4GiB",
@@ -212,6 +219,7 @@ def settings_from_args(args: argparse.Namespace):
             gpu_strategy=args.gpu_strategy,
             docker_host=args.docker_host,
             options=options,
+            registry_auth=args.registry_auth,
         ),
         ingest=IngestOptions(
             check_images=not args.no_check,
@@ -237,6 +245,7 @@ def run_server(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from cog.builders import BuilderConfigError
+    from cog.engine.auth import RegistryAuth, RegistryAuthError
     from cog.logs import configure_logging
     from cog.server.app import make_app
     from cog.server.auth import TokensFileError
@@ -245,8 +254,9 @@ def run_server(args: argparse.Namespace) -> int:
     configure_logging(args.log_format)
     try:
         settings = settings_from_args(args)
+        RegistryAuth(settings.builder_settings.registry_auth).check()
         app = make_app(settings)
-    except (BuilderConfigError, TokensFileError) as exc:  # e.g. a bad --base-image template
+    except (BuilderConfigError, TokensFileError, RegistryAuthError) as exc:
         raise CLIError(str(exc)) from None
     host = args.host or ("0.0.0.0" if settings.tokens_file else "127.0.0.1")
     if settings.tokens_file is None:
