@@ -1,7 +1,8 @@
 """cog.yaml: the schema, and the three pure steps load -> validate -> complete.
 
-- :func:`load_config` parses YAML and structures it into frozen attrs classes; syntax
-  errors carry line and column, schema errors (unknown keys, wrong types, missing
+- :func:`load_config` parses YAML (once its size, nesting and number of values are
+  within the bounds of :mod:`cog.config_bounds`) and structures it into frozen attrs
+  classes; syntax errors carry line and column, schema errors (unknown keys, wrong types, missing
   ``model``) carry their field path, all reported at once.
 - :func:`validate_config` checks the config against the package's files and lists every
   problem (unpinned packages, missing files, unknown architectures, ...).
@@ -19,7 +20,7 @@ import ast
 import re
 import typing
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -27,8 +28,18 @@ import cattrs
 import yaml
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from cog.config_bounds import (
+    MAX_EXAMPLES,
+    MAX_MODEL_SOURCE,
+    MAX_NAME,
+    PYTHON_MINORS,
+    dockerfile_problem,
+    plain_path_problem,
+    shape_problems,
+)
 from cog.cuda import NoCudaPair, choose_pair
 from cog.requirements import pinned, requirement_specs
+from cog.units import format_size
 
 ARCHITECTURES = ("cpu", "gpu")
 DEFAULT_PYTHON_VERSION = "3.11"
@@ -275,6 +286,9 @@ def _path(path: str) -> str:
 
 
 def load_config(text: str | bytes, source: str = "cog.yaml") -> Config:
+    too_big = shape_problems(text, source)
+    if too_big:
+        raise ConfigError(too_big)
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -317,24 +331,30 @@ _VCS = re.compile(r"git\+(?:https?|ssh)://[A-Za-z0-9._~:/@%+#=&?-]+")
 _DEB = re.compile(r"[a-z0-9][a-z0-9+.-]+(?:=[A-Za-z0-9.+~:-]+)?")
 
 
-def _relative_file(path: str) -> bool:
-    posix = PurePosixPath(path)
-    return bool(path) and not posix.is_absolute() and ".." not in posix.parts
-
-
 def _model_problems(config: Config, files: PackageFiles) -> list[str]:
     match = _MODEL.fullmatch(config.model)
-    if not match or not _relative_file(match["file"]):
+    if not match or plain_path_problem(match["file"]):
         return [f"model: {config.model!r} must be 'file.py:ClassName', e.g. 'infer.py:Model'"]
     module, class_name = match["file"], match["cls"]
     if not files.exists(module):
         return [f"model: {module} is not in the package"]
     try:
-        tree = ast.parse(files.read_text(module), filename=module)
-    except SyntaxError as exc:
-        return [f"model: {module} line {exc.lineno}: syntax error: {exc.msg}"]
+        source = files.read_text(module)
     except (UnicodeDecodeError, ValueError) as exc:
         return [f"model: {module} cannot be read as UTF-8 Python: {exc}"]
+    if len(source) > MAX_MODEL_SOURCE:
+        return [
+            f"model: {module} is {format_size(len(source))}; the model's own file may be at "
+            f"most {format_size(MAX_MODEL_SOURCE)} (put data in files of their own)"
+        ]
+    try:
+        tree = ast.parse(source, filename=module)
+    except SyntaxError as exc:
+        return [f"model: {module} line {exc.lineno}: syntax error: {exc.msg}"]
+    except ValueError as exc:
+        return [f"model: {module} cannot be read as UTF-8 Python: {exc}"]
+    except (RecursionError, MemoryError):
+        return [f"model: {module} nests deeper than the server reads; simplify it"]
     classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
     if class_name not in classes:
         found = f" (it defines {', '.join(sorted(classes))})" if classes else ""
@@ -346,7 +366,11 @@ def validate_config(config: Config, files: PackageFiles) -> None:
     """Raise ConfigError listing every problem of config for a package with these files."""
     env = config.environment
     problems: list[str] = []
-    if config.name and not _NAME.fullmatch(config.name):
+    if len(config.name) > MAX_NAME:
+        problems.append(
+            f"name: {len(config.name)} characters; an image name may have at most {MAX_NAME}"
+        )
+    elif config.name and not _NAME.fullmatch(config.name):
         problems.append(
             f"name: {config.name!r} is not a valid image name (lowercase letters, digits, "
             "'.', '_', '-' and '/' between parts, e.g. 'acme/colorizer')"
@@ -359,12 +383,16 @@ def validate_config(config: Config, files: PackageFiles) -> None:
             f"environment.python_version: {env.python_version} is older than the cog runtime "
             f"supports (3.{RUNTIME_MIN_PYTHON[1]} or newer)"
         )
+    elif len(env.python_version) > 5 or int(env.python_version[2:]) not in PYTHON_MINORS:
+        problems.append(
+            f"environment.python_version: {env.python_version} is not a Python cog knows "
+            f"(3.{PYTHON_MINORS[0]} to 3.{PYTHON_MINORS[-1]})"
+        )
     if env.python_requirements:
-        if not _relative_file(env.python_requirements):
-            problems.append(
-                "environment.python_requirements: must be a path inside the package, "
-                f"not {env.python_requirements!r}"
-            )
+        path = env.python_requirements
+        problem = plain_path_problem(path) or dockerfile_problem(path)
+        if problem:
+            problems.append(f"environment.python_requirements: {problem}")
         elif not files.exists(env.python_requirements):
             problems.append(
                 f"environment.python_requirements: {env.python_requirements} is not in the package"
@@ -397,20 +425,30 @@ def validate_config(config: Config, files: PackageFiles) -> None:
             problems.append(f"environment.{field}: set, but architectures has no gpu")
         elif value and not re.fullmatch(pattern, value):
             problems.append(f'environment.{field}: {value!r} is not a version like "11.8"')
-    for i, example in enumerate(config.examples):
+    if len(config.examples) > MAX_EXAMPLES:
+        problems.append(
+            f"examples: {len(config.examples)} examples; at most {MAX_EXAMPLES} (each is run "
+            "by the check after a build)"
+        )
+    for i, example in enumerate(config.examples[:MAX_EXAMPLES]):
         for name, value in example.input.items():
             if not name.isidentifier():
                 problems.append(f"examples[{i}].input: {name!r} is not an input name")
-            if value.startswith("@") and not files.exists(value[1:]):
-                problems.append(f"examples[{i}].input.{name}: {value[1:]} is not in the package")
-        if (
-            example.output is not None
-            and example.output.startswith("@")
-            and not files.exists(example.output[1:])
-        ):
-            problems.append(f"examples[{i}].output: {example.output[1:]} is not in the package")
+            if value.startswith("@"):
+                problems += _example_file(f"examples[{i}].input.{name}", value[1:], files)
+        if example.output is not None and example.output.startswith("@"):
+            problems += _example_file(f"examples[{i}].output", example.output[1:], files)
     if problems:
         raise ConfigError(problems)
+
+
+def _example_file(where: str, path: str, files: PackageFiles) -> list[str]:
+    problem = plain_path_problem(path)
+    if problem:
+        return [f"{where}: {problem}"]
+    if not files.exists(path):
+        return [f"{where}: {path} is not in the package"]
+    return []
 
 
 def check_config(text: str | bytes, files: PackageFiles, source: str = "cog.yaml") -> Config:

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -33,6 +30,7 @@ from cog.server.ingest import IngestService
 from cog.server.keys import CATALOG, INGEST, SETTINGS, STORAGE, TMP_DIR
 from cog.server.middleware import access_log, json_errors
 from cog.server.settings import IngestOptions, ServerSettings
+from cog.server.workdir import WorkDir
 from cog.storage import CheckedStorage, Storage, load_storage
 
 log = structlog.get_logger("cog.server")
@@ -67,16 +65,29 @@ def default_authenticator(settings: ServerSettings) -> Authenticator:
     return TokensFile(settings.tokens_file, anonymous_scopes=anonymous)
 
 
+async def _sweep_check_containers(settings: ServerSettings) -> None:
+    """Check containers of servers killed on this machine go at start, not at the next
+    check; an engine that cannot be reached now is the next check's to report."""
+    from cog.engine import EngineError  # aiodocker: only where checks run
+    from cog.server.check import sweep_checks
+
+    try:
+        removed = await sweep_checks(settings.builder_settings.docker_host)
+    except EngineError as exc:
+        log.warning("could not look for check containers left behind", error=exc.message)
+        return
+    if removed:
+        log.info("removed check containers of servers that stopped", containers=removed)
+
+
 def _backends(storage: Storage | None, builder: Builder | None):
     async def context(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         async with contextlib.AsyncExitStack() as stack:
-            tmp_dir = settings.tmp_dir
-            if tmp_dir is None:
-                tmp_dir = Path(tempfile.mkdtemp(prefix="cog-server-"))
-                stack.callback(shutil.rmtree, tmp_dir, True)
-            tmp_dir.mkdir(parents=True, exist_ok=True)
-            app[TMP_DIR] = tmp_dir
+            workdir = await asyncio.to_thread(WorkDir, settings.tmp_dir)
+            stack.callback(workdir.close)
+            await asyncio.to_thread(workdir.sweep)
+            tmp_dir = app[TMP_DIR] = workdir.path
 
             if storage is None:
                 store = load_storage(settings.storage_url)
@@ -94,18 +105,13 @@ def _backends(storage: Storage | None, builder: Builder | None):
             if build is not None:
                 await build.open()
                 stack.push_async_callback(build.close)
+                if settings.ingest.check_images:
+                    await _sweep_check_containers(settings)
 
             catalog = Catalog(store, ttl=settings.cache_ttl)
             await catalog.refresh()
             app[CATALOG] = catalog
-            refresher = asyncio.create_task(catalog.run_refresher())
-
-            async def stop_refresher() -> None:
-                refresher.cancel()
-                await asyncio.gather(refresher, return_exceptions=True)
-
-            stack.push_async_callback(stop_refresher)
-            app[INGEST] = IngestService(
+            ingest = app[INGEST] = IngestService(
                 store,
                 catalog,
                 build,
@@ -114,6 +120,17 @@ def _backends(storage: Storage | None, builder: Builder | None):
                 limits=settings.package_limits,
                 tmp_dir=tmp_dir,
             )
+            tasks = [
+                asyncio.create_task(catalog.run_refresher()),
+                asyncio.create_task(ingest.run_janitor()),
+            ]
+
+            async def stop_tasks() -> None:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+            stack.push_async_callback(stop_tasks)
             log.info(
                 "cog server ready",
                 storage=repr(store),

@@ -16,7 +16,7 @@ from aiohttp import web
 from cog.config import ConfigError
 from cog.package import InvalidPackage
 from cog.server.auth import Forbidden, Unauthenticated
-from cog.server.catalog import AmbiguousPrefix, PackageNotFound
+from cog.server.catalog import AmbiguousPrefix, PackageDeleted, PackageNotFound
 from cog.server.uploads import UploadError
 from cog.storage import StorageError, StorageUnavailable
 
@@ -48,6 +48,8 @@ def error_response(exc: BaseException) -> tuple[int, str, dict[str, Any]]:
         return exc.status, (exc.text or exc.reason).removeprefix(f"{exc.status}: ").strip(), {}
     if isinstance(exc, PackageNotFound):
         return 404, str(exc), {}
+    if isinstance(exc, PackageDeleted):
+        return 410, str(exc), {}
     if isinstance(exc, AmbiguousPrefix):
         return 409, str(exc), {"matches": exc.matches}
     if isinstance(exc, (UploadError, InvalidPackage)):

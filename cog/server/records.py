@@ -3,7 +3,11 @@
 The document keeps the seed's keys exactly (``ID``, ``Name``, ``Artifacts`` with
 ``Target``/``URI``, ``Config`` with ``Environment``/``Model``) and adds ``Created``,
 ``Updated``, ``Status``, ``Size``, ``Examples``, ``Signature``, ``Error`` and
-``UploadedBy`` (the name of the token that uploaded it: an audit trail, never a secret). Records are
+``UploadedBy`` (the name of the token that uploaded it: an audit trail, never a secret).
+
+A listing carries each package's :class:`PackageSummary` (the document without
+``Config``, ``Examples`` and ``Signature``, which may be large): it stays small however
+big the packages' configs are. Records are
 stored as these documents, so what a server writes is exactly what every API client reads.
 """
 
@@ -60,6 +64,80 @@ class PackageRecord:
         return attrs.evolve(self, updated=updated, **changes)
 
 
+@attrs.frozen
+class PackageSummary:
+    """What a listing says of a package, and what the catalog's index keeps of it."""
+
+    id: str
+    name: str
+    status: Status
+    created: dt.datetime
+    updated: dt.datetime
+    size: int
+    artifacts: tuple[Artifact, ...] = ()
+    error: str = ""
+    uploaded_by: str = ""
+
+
+SUMMARY_KEYS = ("ID", "Name", "Status", "Created", "Updated", "Size", "Artifacts", "Error")
+
+
+def summary_from_json(doc: dict[str, Any]) -> PackageSummary:
+    """The summary of a stored document, without reading its config."""
+    return PackageSummary(
+        id=doc["ID"],
+        name=doc["Name"],
+        status=Status(doc["Status"]),
+        created=_parse_timestamp(doc["Created"]),
+        updated=_parse_timestamp(doc.get("Updated") or doc["Created"]),
+        size=int(doc["Size"]),
+        artifacts=_artifacts(doc),
+        error=doc.get("Error") or "",
+        uploaded_by=doc.get("UploadedBy") or "",
+    )
+
+
+def summary_to_json(summary: PackageSummary) -> dict[str, Any]:
+    return {
+        "ID": summary.id,
+        "Name": summary.name,
+        "Status": summary.status.value,
+        "Created": _timestamp(summary.created),
+        "Updated": _timestamp(summary.updated),
+        "Size": summary.size,
+        "Artifacts": [
+            {"Target": a.target, "URI": a.uri, "Digest": a.digest} for a in summary.artifacts
+        ],
+        "Error": summary.error,
+        "UploadedBy": summary.uploaded_by,
+    }
+
+
+def encode_summary(summary: PackageSummary) -> bytes:
+    return json.dumps(summary_to_json(summary), separators=(",", ":")).encode()
+
+
+def summarize(record: PackageRecord) -> PackageSummary:
+    return PackageSummary(
+        id=record.id,
+        name=record.name,
+        status=record.status,
+        created=record.created,
+        updated=record.updated,
+        size=record.size,
+        artifacts=record.artifacts,
+        error=record.error,
+        uploaded_by=record.uploaded_by,
+    )
+
+
+def _artifacts(doc: dict[str, Any]) -> tuple[Artifact, ...]:
+    return tuple(
+        Artifact(target=a["Target"], uri=a["URI"], digest=a.get("Digest", ""))
+        for a in doc.get("Artifacts") or ()
+    )
+
+
 def now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 
@@ -101,10 +179,7 @@ def record_from_json(doc: dict[str, Any]) -> PackageRecord:
         updated=_parse_timestamp(doc.get("Updated") or doc["Created"]),
         status=Status(doc["Status"]),
         size=int(doc["Size"]),
-        artifacts=tuple(
-            Artifact(target=a["Target"], uri=a["URI"], digest=a.get("Digest", ""))
-            for a in doc.get("Artifacts") or ()
-        ),
+        artifacts=_artifacts(doc),
         signature=doc.get("Signature"),
         error=doc.get("Error") or "",
         uploaded_by=doc.get("UploadedBy") or "",

@@ -36,7 +36,8 @@ class ServerSettings:
         factory=lambda: BuilderSettings(registry="127.0.0.1:5000")
     )
     ingest: IngestOptions = attrs.field(factory=IngestOptions)
-    #: where uploads are spooled; None: a fresh directory under the system temp dir
+    #: where uploads are spooled, each server in a directory of its own under it (see
+    #: cog.server.workdir); None: cog-server under the system's temp dir
     tmp_dir: Path | None = None
     max_upload_bytes: int = 4 * 1024**3
     package_limits: PackageLimits = attrs.field(factory=PackageLimits)
