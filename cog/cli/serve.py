@@ -185,6 +185,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --tokens: callers without a token may list, show, download and read logs",
     )
+    p.add_argument(
+        "--header-timeout",
+        type=positive_float,
+        default=15.0,
+        help="seconds a client has to send a request's headers; also how long an idle "
+        "connection stays open (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=512,
+        help="connections open at once; more are closed as they come (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections-per-client",
+        type=positive_int,
+        default=64,
+        help="connections open at once from one address (default: %(default)s)",
+    )
     p.add_argument("--tmp-dir", type=Path, help="where uploads are spooled")
     p.add_argument(
         "--log-format", choices=["auto", "json", "console"], default="auto", help="server log"
@@ -242,13 +261,12 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run_server(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from cog.builders import BuilderConfigError
     from cog.engine.auth import RegistryAuth, RegistryAuthError
     from cog.logs import configure_logging
     from cog.server.app import make_app
     from cog.server.auth import TokensFileError
+    from cog.server.serving import ConnectionLimits, serve
     from cog.storage import StorageConfigError, StorageError
 
     configure_logging(args.log_format)
@@ -265,16 +283,18 @@ def run_server(args: argparse.Namespace) -> int:
             "rebuild and delete packages",
             flush=True,
         )
+    limits = ConnectionLimits(
+        header_timeout=args.header_timeout,
+        max_connections=args.max_connections,
+        max_per_client=args.max_connections_per_client,
+    )
     try:
-        web.run_app(
+        serve(
             app,
-            host=host,
-            port=args.port,
-            # A client that goes away cancels its build (and the build in the backend).
-            handler_cancellation=True,
-            access_log=None,
-            shutdown_timeout=10,
-            print=lambda _: print(f"cog server listening on http://{host}:{args.port}"),
+            host,
+            args.port,
+            limits=limits,
+            ready=lambda url: print(f"cog server listening on {url}", flush=True),
         )
     except (StorageConfigError, BuilderConfigError) as exc:
         raise CLIError(str(exc)) from None

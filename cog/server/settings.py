@@ -40,6 +40,8 @@ class ServerSettings:
     #: cog.server.workdir); None: cog-server under the system's temp dir
     tmp_dir: Path | None = None
     max_upload_bytes: int = 4 * 1024**3
+    #: seconds an upload may send nothing before it is cut off (408)
+    upload_idle_timeout: float = 60.0
     package_limits: PackageLimits = attrs.field(factory=PackageLimits)
     #: how often the package index is refreshed from Storage (seconds)
     cache_ttl: float = 2.0
