@@ -33,6 +33,7 @@ from cog.config_bounds import (
     MAX_MODEL_SOURCE,
     MAX_NAME,
     PYTHON_MINORS,
+    YAML_LOADER,
     dockerfile_problem,
     plain_path_problem,
     shape_problems,
@@ -232,7 +233,7 @@ def _join(path: str, key: str) -> str:
 def _duplicate_keys(text: str | bytes, source: str) -> list[str]:
     """Keys given twice in one mapping (YAML keeps the last silently), with positions."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=YAML_LOADER)
     except yaml.YAMLError:
         return []  # reported by load_config as the syntax error it is
     problems: list[str] = []
@@ -290,7 +291,7 @@ def load_config(text: str | bytes, source: str = "cog.yaml") -> Config:
     if too_big:
         raise ConfigError(too_big)
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

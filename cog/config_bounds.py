@@ -32,6 +32,9 @@ MAX_MODEL_SOURCE = 1024 * 1024
 #: the Pythons cog knows, by minor version: 3.8 (the runtime's oldest) to 3.15
 PYTHON_MINORS = range(8, 16)
 
+#: libyaml's loader where PyYAML has it (its wheels do): the same YAML, read many times
+#: faster, so a config at the bounds holds a worker thread (and the GIL) for milliseconds
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 #: what a Dockerfile's COPY reads as a pattern (* ? [ ] \) or a variable ($)
 _DOCKERFILE_SPECIAL = re.compile(r"[*?\[\]\\$]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -49,7 +52,7 @@ def shape_problems(text: str | bytes, source: str = "cog.yaml") -> list[str]:
     #: per anchor: how many values an alias to it stands for
     anchored: dict[str, int] = {}
     try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        for event in yaml.parse(text, Loader=YAML_LOADER):
             if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
                 depth += 1
                 values += 1

@@ -167,6 +167,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--check-timeout", type=float, default=300.0, help="seconds (default: 300)")
     p.add_argument(
+        "--stale-after",
+        type=positive_float,
+        default=120.0,
+        help="seconds without a sign of life after which a build is taken for dead (its "
+        "server stopped): taken over by an upload, marked failed otherwise; a running build "
+        "refreshes its record every quarter of this, at most every 30 s (default: 120)",
+    )
+    p.add_argument(
         "--cache-ttl",
         type=float,
         default=2.0,
@@ -244,6 +252,8 @@ def settings_from_args(args: argparse.Namespace):
             check_images=not args.no_check,
             check_timeout=args.check_timeout,
             max_concurrent_builds=args.max_builds,
+            stale_after=args.stale_after,
+            heartbeat=min(30.0, args.stale_after / 4),
         ),
         tmp_dir=args.tmp_dir,
         max_upload_bytes=args.max_upload_size,

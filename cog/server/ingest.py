@@ -122,6 +122,7 @@ class IngestService:
         self._live: dict[str, LiveBuild] = {}
         self._claims = _Claims()
         self._slots = asyncio.Semaphore(options.max_concurrent_builds)
+        self._inspecting = asyncio.Lock()
 
     def live(self, package_id: str) -> LiveBuild | None:
         """The build of this package running in this server, if any."""
@@ -143,7 +144,10 @@ class IngestService:
         """Inspect an upload (InvalidPackage or ConfigError now, before any event), then
         its stream of events. The received file stays the caller's; `by` names who sent it
         (the record keeps it)."""
-        inspection = await asyncio.to_thread(inspect_package, received.path, self.limits)
+        # One at a time: reading a config and a model's source is Python-bound, and
+        # threads that take turns with the GIL would take turns with the event loop too.
+        async with self._inspecting:
+            inspection = await asyncio.to_thread(inspect_package, received.path, self.limits)
         if self.builder is not None:
             self._check_image_name(inspection.config.name or DEFAULT_NAME)
         return self._accepted(received, inspection, by)
@@ -356,6 +360,7 @@ class IngestService:
             clock=self.clock,
         )
         self._live[record.id] = run.live
+        log.info("build started", package_id=record.id, name=record.name)
         return run
 
     # -- the ways an upload ends without a build of its own ---------------------------
