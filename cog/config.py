@@ -1,7 +1,8 @@
 """cog.yaml: the schema, and the three pure steps load -> validate -> complete.
 
-- :func:`load_config` parses YAML and structures it into frozen attrs classes; syntax
-  errors carry line and column, schema errors (unknown keys, wrong types, missing
+- :func:`load_config` parses YAML (once its size, nesting and number of values are
+  within the bounds of :mod:`cog.config_bounds`) and structures it into frozen attrs
+  classes; syntax errors carry line and column, schema errors (unknown keys, wrong types, missing
   ``model``) carry their field path, all reported at once.
 - :func:`validate_config` checks the config against the package's files and lists every
   problem (unpinned packages, missing files, unknown architectures, ...).
@@ -19,7 +20,7 @@ import ast
 import re
 import typing
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -27,8 +28,18 @@ import cattrs
 import yaml
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from cog.config_bounds import (
+    MAX_EXAMPLES,
+    MAX_MODEL_SOURCE,
+    MAX_NAME,
+    YAML_LOADER,
+    dockerfile_problem,
+    plain_path_problem,
+    shape_problems,
+)
 from cog.cuda import NoCudaPair, choose_pair
 from cog.requirements import pinned, requirement_specs
+from cog.units import format_size
 
 ARCHITECTURES = ("cpu", "gpu")
 #: The Python of a package whose cog.yaml names none: Cog 2021's default, so that the
@@ -226,7 +237,7 @@ def _join(path: str, key: str) -> str:
 def _duplicate_keys(text: str | bytes, source: str) -> list[str]:
     """Keys given twice in one mapping (YAML keeps the last silently), with positions."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=YAML_LOADER)
     except yaml.YAMLError:
         return []  # reported by load_config as the syntax error it is
     problems: list[str] = []
@@ -280,8 +291,11 @@ def _path(path: str) -> str:
 
 
 def load_config(text: str | bytes, source: str = "cog.yaml") -> Config:
+    too_big = shape_problems(text, source)
+    if too_big:
+        raise ConfigError(too_big)
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -322,24 +336,30 @@ _VCS = re.compile(r"git\+(?:https?|ssh)://[A-Za-z0-9._~:/@%+#=&?-]+")
 _DEB = re.compile(r"[a-z0-9][a-z0-9+.-]+(?:=[A-Za-z0-9.+~:-]+)?")
 
 
-def _relative_file(path: str) -> bool:
-    posix = PurePosixPath(path)
-    return bool(path) and not posix.is_absolute() and ".." not in posix.parts
-
-
 def _model_problems(config: Config, files: PackageFiles) -> list[str]:
     match = _MODEL.fullmatch(config.model)
-    if not match or not _relative_file(match["file"]):
+    if not match or plain_path_problem(match["file"]):
         return [f"model: {config.model!r} must be 'file.py:ClassName', e.g. 'infer.py:Model'"]
     module, class_name = match["file"], match["cls"]
     if not files.exists(module):
         return [f"model: {module} is not in the package"]
     try:
-        tree = ast.parse(files.read_text(module), filename=module)
-    except SyntaxError as exc:
-        return [f"model: {module} line {exc.lineno}: syntax error: {exc.msg}"]
+        source = files.read_text(module)
     except (UnicodeDecodeError, ValueError) as exc:
         return [f"model: {module} cannot be read as UTF-8 Python: {exc}"]
+    if len(source) > MAX_MODEL_SOURCE:
+        return [
+            f"model: {module} is {format_size(len(source))}; the model's own file may be at "
+            f"most {format_size(MAX_MODEL_SOURCE)} (put data in files of their own)"
+        ]
+    try:
+        tree = ast.parse(source, filename=module)
+    except SyntaxError as exc:
+        return [f"model: {module} line {exc.lineno}: syntax error: {exc.msg}"]
+    except ValueError as exc:
+        return [f"model: {module} cannot be read as UTF-8 Python: {exc}"]
+    except (RecursionError, MemoryError):
+        return [f"model: {module} nests deeper than the server reads; simplify it"]
     classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
     if class_name not in classes:
         found = f" (it defines {', '.join(sorted(classes))})" if classes else ""
@@ -349,7 +369,9 @@ def _model_problems(config: Config, files: PackageFiles) -> list[str]:
 
 def name_problem(name: str) -> str | None:
     """Why a package name cannot name its images, or None."""
-    if _NAME.fullmatch(name) and len(name) <= 200:
+    if len(name) > MAX_NAME:
+        return f"{len(name)} characters; an image name may have at most {MAX_NAME}"
+    if _NAME.fullmatch(name):
         return None
     return (
         f"{name[:200]!r} is not a valid image name (lowercase letters, digits, "
@@ -386,11 +408,10 @@ def validate_config(config: Config, files: PackageFiles) -> None:
     if problem:
         problems.append(f"environment.python_version: {problem}")
     if env.python_requirements:
-        if not _relative_file(env.python_requirements):
-            problems.append(
-                "environment.python_requirements: must be a path inside the package, "
-                f"not {env.python_requirements!r}"
-            )
+        path = env.python_requirements
+        problem = plain_path_problem(path) or dockerfile_problem(path)
+        if problem:
+            problems.append(f"environment.python_requirements: {problem}")
         elif not files.exists(env.python_requirements):
             problems.append(
                 f"environment.python_requirements: {env.python_requirements} is not in the package"
@@ -423,20 +444,30 @@ def validate_config(config: Config, files: PackageFiles) -> None:
             problems.append(f"environment.{field}: set, but architectures has no gpu")
         elif value and not re.fullmatch(pattern, value):
             problems.append(f'environment.{field}: {value!r} is not a version like "11.8"')
-    for i, example in enumerate(config.examples):
+    if len(config.examples) > MAX_EXAMPLES:
+        problems.append(
+            f"examples: {len(config.examples)} examples; at most {MAX_EXAMPLES} (each is run "
+            "by the check after a build)"
+        )
+    for i, example in enumerate(config.examples[:MAX_EXAMPLES]):
         for name, value in example.input.items():
             if not name.isidentifier():
                 problems.append(f"examples[{i}].input: {name!r} is not an input name")
-            if value.startswith("@") and not files.exists(value[1:]):
-                problems.append(f"examples[{i}].input.{name}: {value[1:]} is not in the package")
-        if (
-            example.output is not None
-            and example.output.startswith("@")
-            and not files.exists(example.output[1:])
-        ):
-            problems.append(f"examples[{i}].output: {example.output[1:]} is not in the package")
+            if value.startswith("@"):
+                problems += _example_file(f"examples[{i}].input.{name}", value[1:], files)
+        if example.output is not None and example.output.startswith("@"):
+            problems += _example_file(f"examples[{i}].output", example.output[1:], files)
     if problems:
         raise ConfigError(problems)
+
+
+def _example_file(where: str, path: str, files: PackageFiles) -> list[str]:
+    problem = plain_path_problem(path)
+    if problem:
+        return [f"{where}: {problem}"]
+    if not files.exists(path):
+        return [f"{where}: {path} is not in the package"]
+    return []
 
 
 def check_config(text: str | bytes, files: PackageFiles, source: str = "cog.yaml") -> Config:

@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.services.docker",
+    "tests.services.auth_registry",
     "tests.services.s3",
     "tests.services.browser",
     "tests.built_examples",

@@ -62,6 +62,12 @@ def form(data: bytes, field: str = "file") -> aiohttp.FormData:
     return body
 
 
+def spooled(root: Path) -> list[Path]:
+    """The files a server holds under its temporary directory root (in its own directory
+    there, see cog.server.workdir), but for its lock."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != ".lock")
+
+
 async def stored_keys(storage) -> list[str]:
     return sorted([info.key async for info in storage.list("")])
 

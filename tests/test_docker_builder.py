@@ -527,8 +527,9 @@ async def test_image_strategy_gives_the_packages_python_or_says_it_cannot(
 
 
 async def test_infer_of_an_image_that_is_no_cog_model(base_images, registry, no_leaked_containers):
-    """Something answers /ping on port 5000, but /help is not JSON: one clear error (was
-    aiohttp's ContentTypeError traceback)."""
+    """Something that would answer /ping on port 5000, but cog did not build it (and it
+    could not be reached there: model containers have no network): one clear error, at
+    once."""
     image = f"{registry}/cog-test/not-a-model:1"
     dockerfile = (
         f"FROM {CPU_BASE}\n"
@@ -543,8 +544,9 @@ async def test_infer_of_an_image_that_is_no_cog_model(base_images, registry, no_
     )
     with pytest.raises(InferenceError) as caught:
         await run_inference(image, ["x"])
-    assert str(caught.value).startswith(
-        f"{image}: /help answered application/octet-stream, not JSON (is it an image cog built?)"
+    assert str(caught.value) == (
+        f"{image} is not an image cog built (it has no org.cog-models.cog-version label): "
+        "cog runs a model only in its own runtime, which serves it with no network"
     )
 
 

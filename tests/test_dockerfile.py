@@ -57,7 +57,7 @@ from cog.engine.containers import (
     pid_namespace,
 )
 from cog.package import PackageArchive
-from cog.server.check import describe_output, output_matches
+from cog.server.answers import describe_output, output_matches
 from tests.builder_helpers import EXAMPLES, collect, package_request
 from tests.registry_helpers import raw_zip
 from tests.test_cli import COG, free_port

@@ -305,3 +305,40 @@ def test_a_setting_that_is_not_a_number_is_one_line(package):
     )
     assert result.returncode == 1
     assert result.stderr == "$COG_CONCURRENCY must be an integer, not 'two'\n"
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+async def test_it_listens_on_a_unix_socket_when_told(package, tmp_path, how):
+    """As the cog server and `cog infer` run it: no network, a socket in a directory they
+    share with the container (COG_UNIX_SOCKET), reachable whoever runs the model."""
+    socket_path = tmp_path / "run" / "model.sock"
+    socket_path.parent.mkdir()
+    args = ["--unix-socket", str(socket_path)] if how == "flag" else []
+    env = {**os.environ, "COG_UNIX_SOCKET": str(socket_path)} if how == "env" else None
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cog.runtime", *args],
+        cwd=package,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(process.stderr.readline), WAIT)
+        while "listening on" not in line:
+            line = await asyncio.wait_for(asyncio.to_thread(process.stderr.readline), WAIT)
+        assert line.rstrip().endswith(f"listening on unix:{socket_path}")
+        assert oct(socket_path.stat().st_mode & 0o777) == "0o666"
+        connector = aiohttp.UnixConnector(path=str(socket_path))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            deadline = asyncio.get_running_loop().time() + WAIT
+            while True:  # the socket is open at once; the model is set up meanwhile
+                async with session.get("http://model/ping") as response:
+                    if response.status == 200:
+                        break
+                assert asyncio.get_running_loop().time() < deadline, "never ready"
+                await asyncio.sleep(0.02)
+    finally:
+        process.terminate()
+        process.wait(timeout=WAIT)
+        process.stderr.close()

@@ -33,6 +33,7 @@ from tests.registry_helpers import (
     make_model_dir,
     package_bytes,
     raw_zip,
+    spooled,
     stored_keys,
     upload_then_hang_up,
 )
@@ -288,7 +289,7 @@ async def test_bad_uploads_are_refused_and_leave_nothing(client, spool, case, ac
     assert words.lower() in body["error"].lower()
     assert "Traceback" not in body["error"]
     assert await stored_keys(client.app[STORAGE]) == []
-    assert list(spool.iterdir()) == []
+    assert spooled(spool) == []
     assert (await client.get("/ping")).status == 200  # still serving
 
 
@@ -318,7 +319,7 @@ async def test_zip_bomb_is_refused(aiohttp_client, settings, spool):
         or "ratio" in (await response.json())["error"]
     )
     assert await stored_keys(client.app[STORAGE]) == []
-    assert list(spool.iterdir()) == []
+    assert spooled(spool) == []
 
 
 async def test_upload_over_the_limit_is_413_while_streaming(client, spool):
@@ -334,7 +335,7 @@ async def test_upload_over_the_limit_is_413_while_streaming(client, spool):
     response = await client.post("/v1/packages/upload", data=payload)
     assert response.status == 413
     assert "limit" in (await response.json())["error"]
-    assert list(spool.iterdir()) == []
+    assert spooled(spool) == []
     assert await stored_keys(client.app[STORAGE]) == []
 
 
@@ -359,7 +360,7 @@ async def test_malformed_requests(client, spool, kwargs, words):
     response = await client.post("/v1/packages/upload", **kwargs)
     assert response.status == 400
     assert words in (await response.json())["error"]
-    assert list(spool.iterdir()) == []
+    assert spooled(spool) == []
 
 
 BOUNDARY = "cogtestboundary"
@@ -457,7 +458,7 @@ async def test_malformed_multipart_bodies_are_400(client, spool, hello, case, ac
         error = (await response.json())["error"]
     assert words.lower() in error.lower(), error
     assert not [entry for entry in logs if entry["log_level"] == "error"], logs
-    assert list(spool.iterdir()) == []
+    assert spooled(spool) == []
     assert await stored_keys(client.app[STORAGE]) == []
     assert (await client.get("/ping")).status == 200
 
@@ -479,9 +480,9 @@ async def test_truncated_upload_leaves_nothing(client, spool, hello):
     writer.write(request + head + data + filler[: len(filler) // 2])
     await writer.drain()
     # The server has begun spooling it (its temp file is made as the file part begins).
-    await until(lambda: any(spool.glob("upload-*")), "spooling")
+    await until(lambda: any(spool.rglob("upload-*")), "spooling")
     writer.transport.abort()
-    await until(lambda: not list(spool.iterdir()), "removed: the spooled upload")
+    await until(lambda: not spooled(spool), "removed: the spooled upload")
     assert await stored_keys(client.app[STORAGE]) == []
     assert (await client.get("/ping")).status == 200
 
@@ -740,7 +741,7 @@ async def test_received_comes_before_the_full_check_of_every_member(client, spoo
     assert events[0]["message"].startswith("Received package")
     assert events[1]["status"] == 400 and "weights.bin is corrupt" in events[1]["message"]
     assert await stored_keys(client.app[STORAGE]) == []
-    assert list(spool.iterdir()) == []
+    assert spooled(spool) == []
 
     response = await upload(client, _corrupt_member_zip())  # without the stream: plain 400
     assert response.status == 400

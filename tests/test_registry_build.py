@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from cog.builders import BuilderSettings
+from cog.builders.docker import DockerBuilder
 from cog.events import NDJSON
 from cog.server.app import ServerSettings, make_app
 from cog.server.settings import IngestOptions
-from tests.registry_helpers import EXAMPLES, form, package_bytes, upload_then_hang_up
+from tests.registry_helpers import EXAMPLES, form, package_bytes, spooled, upload_then_hang_up
 from tests.services.docker import containers
 from tests.test_cli import COG, cog_server
 
@@ -351,3 +352,38 @@ def test_cog_build_and_infer_as_a_user(tmp_path, registry, base_images):
         assert died.stderr.startswith("cog: error: ") and "Traceback" not in died.stderr
         assert "the model's process exited (code 3) while answering the request" in died.stderr
         assert containers() <= before
+
+
+class CountingDockerBuilder(DockerBuilder):
+    """The real Docker builder, counting the builds it is asked for."""
+
+    builds = 0
+
+    def build(self, request):
+        CountingDockerBuilder.builds += 1
+        return super().build(request)
+
+
+async def test_ten_parallel_uploads_of_a_new_package_make_one_build(
+    aiohttp_client, tmp_path, registry, base_images, no_leaked_containers
+):
+    """The sweep's reproduction: ten at once, with build streams. One build; the nine
+    others follow it and end with the same package event; nothing left in the spool."""
+    settings = server_settings(tmp_path, registry)
+    builder = CountingDockerBuilder(settings.builder_settings)
+    CountingDockerBuilder.builds = 0
+    client = await aiohttp_client(make_app(settings, builder=builder))
+    data, _ = package_bytes(model_dir(tmp_path, extra=f"# {uuid.uuid4().hex}\n"))
+    results = await asyncio.gather(*(stream_upload(client, data) for _ in range(10)))
+    finals = [events[-1] for events in results]
+    assert all(final["type"] == "package" for final in finals), finals
+    assert {json.dumps(final, sort_keys=True) for final in finals} == {
+        json.dumps(finals[0], sort_keys=True)
+    }
+    assert finals[0]["package"]["Status"] == "ready"
+    assert CountingDockerBuilder.builds == 1
+    following = [
+        e for events in results for e in events if "following that build" in e.get("message", "")
+    ]
+    assert len(following) == 9
+    assert spooled(tmp_path / "spool") == []

@@ -9,10 +9,11 @@ import asyncio
 import gzip
 import re
 
+import attrs
 import pytest
-from aiohttp import web
 
 from cog.server.app import ServerSettings, make_app
+from cog.server.auth import Scope, TokenEntry, new_token, token_digest
 from tests.registry_helpers import EXAMPLES, form, package_bytes
 from tests.services.browser import PHONE, Pages
 
@@ -265,22 +266,11 @@ def server_session():
 async def test_the_page_asks_for_a_token_and_keeps_it_in_session_storage(
     browser, aiohttp_server, tmp_path
 ):
-    # Tokens come with the trust work (issue 12); until then this small middleware stands
-    # in for the server's: 401 with WWW-Authenticate for the API without the right token.
-    @web.middleware
-    async def bearer(request, handler):
-        if request.path.startswith("/v1/") and (
-            request.headers.get("Authorization") != "Bearer s3cret"
-        ):
-            return web.json_response(
-                {"error": "a token is needed"},
-                status=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        return await handler(request)
-
-    app = make_app(settings(tmp_path))
-    app.middlewares.append(bearer)
+    # A server with tokens: the API answers 401 (WWW-Authenticate: Bearer) without one.
+    token = new_token()
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TokenEntry("browser", frozenset({Scope.READ}), token_digest(token)).line())
+    app = make_app(attrs.evolve(settings(tmp_path), tokens_file=tokens))
     server = await aiohttp_server(app)
     pages = Pages(browser, str(server.make_url("")), "token")
     page = await pages.new()
@@ -291,10 +281,10 @@ async def test_the_page_asks_for_a_token_and_keeps_it_in_session_storage(
     await page.get_by_role("button", name="Use this token").click()
     await dialog.get_by_text("That token was refused").wait_for()
     await pages.shot(page, "prompt")
-    await page.locator("#token-input").fill("s3cret")
+    await page.locator("#token-input").fill(token)
     await page.get_by_role("button", name="Use this token").click()
     await page.get_by_text("No packages yet").wait_for()
-    assert await page.evaluate("sessionStorage.getItem('cog-token')") == "s3cret"
+    assert await page.evaluate("sessionStorage.getItem('cog-token')") == token
     assert await page.evaluate("localStorage.length") == 0
     # Forgetting it asks again.
     await page.get_by_role("button", name="Forget token").click()

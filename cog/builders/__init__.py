@@ -119,6 +119,10 @@ class BuilderSettings:
     docker_host: str | None = None
     #: builder-specific options (`cog server --builder-opt key=value`), e.g. buildkit address
     options: Mapping[str, str] = attrs.field(factory=dict)
+    #: registry credentials for pushes and pulls, in Docker's config format
+    #: (`--registry-auth`); None: Docker's own ($DOCKER_CONFIG/config.json), read at each
+    #: push (see cog.engine.auth)
+    registry_auth: Path | None = None
 
 
 @attrs.frozen

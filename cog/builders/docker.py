@@ -26,7 +26,7 @@ from cog.builders import (
 from cog.builders.context import build_context
 from cog.builders.dockerfile import base_image, dockerfile_for_request, missing_base_image
 from cog.builders.push import push_events
-from cog.engine import Engine, EngineError, EngineUnreachable
+from cog.engine import Engine, EngineError, EngineUnreachable, RegistryAuth
 from cog.engine.client import stream_error
 
 TAIL = 20
@@ -66,7 +66,10 @@ class DockerBuilder(Builder):
     async def open(self) -> None:
         if self._engine is None:
             try:
-                self._engine = Engine(self.settings.docker_host)
+                self._engine = Engine(
+                    self.settings.docker_host,
+                    registry_auth=RegistryAuth(self.settings.registry_auth),
+                )
             except EngineError as exc:
                 raise BuilderUnavailable(exc.message) from None
 

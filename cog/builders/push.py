@@ -7,12 +7,20 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from cog.builders import BuildError, BuilderUnavailable, BuildEvent, BuildLog, BuiltImage
-from cog.engine import Engine, EngineError, EngineUnreachable, Pushed, RegistryUnreachable
+from cog.engine import (
+    Engine,
+    EngineError,
+    EngineUnreachable,
+    Pushed,
+    RegistryLoginRefused,
+    RegistryUnreachable,
+)
 
 
 async def push_events(engine: Engine, image: str) -> AsyncIterator[BuildEvent]:
     """An engine's push of image as build events: progress lines, then the BuiltImage.
-    A registry the engine cannot reach is the server's setup (BuilderUnavailable)."""
+    A registry the engine cannot reach, or one that refuses the login, is the server's
+    setup (BuilderUnavailable: 503), not the package's fault."""
     try:
         async with contextlib.aclosing(engine.push(image)) as pushing:
             async for item in pushing:
@@ -20,7 +28,7 @@ async def push_events(engine: Engine, image: str) -> AsyncIterator[BuildEvent]:
                     yield BuiltImage(image=item.image, digest=item.digest)
                 else:
                     yield BuildLog(stage="push", line=item)
-    except (EngineUnreachable, RegistryUnreachable) as exc:
+    except (EngineUnreachable, RegistryUnreachable, RegistryLoginRefused) as exc:
         raise BuilderUnavailable(exc.message, step="push", output=exc.output) from None
     except EngineError as exc:
         raise BuildError(exc.message, step="push", output=exc.output) from None

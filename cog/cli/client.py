@@ -25,13 +25,15 @@ Progress = Callable[[int], None]
 
 
 class RegistryClient:
-    def __init__(self, base_url: str, *, connect_timeout: float = 10.0):
+    def __init__(self, base_url: str, *, token: str | None = None, connect_timeout: float = 10.0):
+        """token: sent as ``Authorization: Bearer`` with every request (None: anonymous)."""
         self.base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> RegistryClient:
-        self._session = aiohttp.ClientSession(timeout=self._timeout)
+        self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -53,7 +55,11 @@ class RegistryClient:
         except aiohttp.ClientError as exc:
             raise CLIError(f"request to {self.base_url} failed: {exc}") from None
         if response.status >= 400:
-            raise CLIError(await _error_message(response))
+            message = await _error_message(response)
+            if response.status == 401:
+                how = "a different token" if self._headers else "a token"
+                message += f"; log in with `cog login` or set COG_TOKEN to use {how}"
+            raise CLIError(message)
         return response
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -70,6 +76,10 @@ class RegistryClient:
 
     async def ping(self) -> dict[str, Any]:
         return await self._json("GET", "/ping")
+
+    async def whoami(self) -> dict[str, Any]:
+        """Who the server takes this client for: Name, Scopes, Anonymous."""
+        return await self._json("GET", "/v1/whoami")
 
     async def list(self) -> list[dict[str, Any]]:
         return await self._json("GET", "/v1/packages/")

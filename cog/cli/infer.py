@@ -8,6 +8,7 @@ Ctrl-C.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import mimetypes
 import os
@@ -135,7 +136,13 @@ async def run_inference(
                 await engine.ensure_image(image, progress)
             except ImageNotFound as exc:
                 raise InferenceError(f"cannot pull {image}: {exc.message}") from None
-            async with ModelContainer(engine, image, role="infer") as model:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    model = await stack.enter_async_context(
+                        ModelContainer(engine, image, role="infer")
+                    )
+                except ContainerError as exc:
+                    raise InferenceError(str(exc)) from None
                 if progress:
                     progress("Waiting for the model to be ready")
                 try:

@@ -22,7 +22,7 @@ from cog.cli.output import (
     table,
     time_ago,
 )
-from cog.cli.remote import current_remote, save_remote
+from cog.cli.remote import current_remote, current_token, forget_token, save_remote, save_token
 from cog.events import plain
 from cog.units import format_size
 
@@ -76,6 +76,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = remote_sub.add_parser("show", help="print the server URL in use")
     p.set_defaults(func=remote_show)
     remote.set_defaults(func=remote_show)
+
+    p = sub.add_parser("login", help="save a token for the cog server in use")
+    p.add_argument(
+        "--token-stdin", action="store_true", help="read the token from stdin, not a prompt"
+    )
+    p.set_defaults(func=lambda a: run(login(a)))
+    p = sub.add_parser("logout", help="forget the token saved for the cog server in use")
+    p.set_defaults(func=logout)
+    p = sub.add_parser("whoami", help="who the cog server takes you for, and what you may do")
+    p.set_defaults(func=lambda a: run(whoami(a)))
+
+    token = sub.add_parser("token", help="make tokens for a cog server's tokens file")
+    token_sub = token.add_subparsers(metavar="ACTION")
+    p = token_sub.add_parser(
+        "new",
+        help="print a new random token and its line for the server's --tokens file",
+        description="Print a new random token (give it to its user) and the line to add to "
+        "the server's tokens file, which holds only the token's SHA-256.",
+    )
+    p.add_argument("name", help="who the token is for: named in the access log and records")
+    p.add_argument(
+        "--scopes",
+        default="read",
+        help="comma-separated from read (list, show, download, logs), write (upload, "
+        "rebuild), admin (delete) (default: %(default)s)",
+    )
+    p.set_defaults(func=token_new)
+    token.set_defaults(func=lambda a: token.print_help() or 2)
 
     p = sub.add_parser("build", help="package a directory, upload it, build its images")
     p.add_argument("dir", nargs="?", default=".", help="model directory (default: .)")
@@ -145,7 +173,7 @@ def run(coro: Coroutine[Any, Any, int | None]) -> int:
     return asyncio.run(coro) or 0
 
 
-def client(args: argparse.Namespace):
+def client(args: argparse.Namespace, token: str | None = None):
     from cog.cli.client import RegistryClient
 
     url, source = current_remote(args.remote)
@@ -155,13 +183,71 @@ def client(args: argparse.Namespace):
             "`cog remote set URL`)",
             file=sys.stderr,
         )
-    return RegistryClient(url)
+    return RegistryClient(url, token=token or current_token(url)[0])
 
 
 def default_name(directory: Path) -> str | None:
     """The name of a package whose cog.yaml has none: its directory's, as an image name
     (lowercase letters and digits, other characters as '-'); None if nothing is left."""
     return re.sub(r"[^a-z0-9]+", "-", directory.name.lower()).strip("-") or None
+
+
+# -- tokens ---------------------------------------------------------------------------
+
+
+def token_new(args: argparse.Namespace) -> int:
+    from cog.server.auth import TokenEntry, check_token_name, new_token, parse_scopes, token_digest
+
+    try:
+        name = check_token_name(args.name)
+        scopes = parse_scopes(args.scopes)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    token = new_token()
+    line = TokenEntry(name, scopes, token_digest(token)).line()
+    print(f"Token for {name} (shown only now; give it to its user, keep it secret):")
+    print(token)
+    print("Add this line to the server's --tokens file (it holds no secret):")
+    print(line)
+    return 0
+
+
+async def login(args: argparse.Namespace) -> int:
+    import getpass
+
+    url = current_remote(args.remote)[0]
+    if args.token_stdin or not sys.stdin.isatty():
+        token = sys.stdin.readline().strip()
+    else:
+        token = getpass.getpass(f"Token for {url}: ").strip()
+    if not token:
+        raise CLIError("no token given")
+    async with client(args, token) as registry:
+        me = await registry.whoami()  # a refused token ends here (401), nothing saved
+    save_token(url, token)
+    if me.get("Anonymous"):
+        print(f"Saved a token for {url} (that server does not check tokens at present)")
+    else:
+        scopes = ", ".join(me.get("Scopes") or []) or "no scopes"
+        print(f"Logged in to {url} as {me.get('Name')} ({scopes})")
+    return 0
+
+
+def logout(args: argparse.Namespace) -> int:
+    url = current_remote(args.remote)[0]
+    if forget_token(url):
+        print(f"Logged out of {url}")
+    else:
+        print(f"No token was saved for {url}")
+    return 0
+
+
+async def whoami(args: argparse.Namespace) -> int:
+    async with client(args) as registry:
+        me = await registry.whoami()
+    scopes = ", ".join(me.get("Scopes") or []) or "none"
+    print(f"{me.get('Name')} at {registry.base_url} (scopes: {scopes})")
+    return 0
 
 
 # -- remote ---------------------------------------------------------------------------

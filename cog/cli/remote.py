@@ -1,4 +1,8 @@
-"""Which cog server the CLI talks to: --remote, then $COG_REMOTE, then the saved one."""
+"""Which cog server the CLI talks to (--remote, then $COG_REMOTE, then the saved one), and
+the token it sends there ($COG_TOKEN, else the one `cog login` saved for that server).
+
+Both are saved in one JSON file under $XDG_CONFIG_HOME/cog, readable by its owner only
+(mode 0600: it holds tokens)."""
 
 from __future__ import annotations
 
@@ -36,16 +40,57 @@ def normalize(url: str) -> str:
     return url.rstrip("/")
 
 
-def save_remote(url: str) -> str:
-    url = normalize(url)
+def _write_saved(settings: dict) -> None:
     path = config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    settings = _read_saved()
-    settings["remote"] = url
+    # A new file each time (mode 0600 from mkstemp), moved over the old one: never a
+    # moment where the tokens are readable by others or half written.
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
+        os.chmod(tmp.name, 0o600)
         json.dump(settings, tmp, indent=2)
     os.replace(tmp.name, path)
+
+
+def save_remote(url: str) -> str:
+    url = normalize(url)
+    settings = _read_saved()
+    settings["remote"] = url
+    _write_saved(settings)
     return url
+
+
+def _saved_tokens(settings: dict) -> dict[str, str]:
+    tokens = settings.get("tokens")
+    return tokens if isinstance(tokens, dict) else {}
+
+
+def save_token(url: str, token: str) -> None:
+    """Remember token for the server at url (`cog login`)."""
+    settings = _read_saved()
+    settings["tokens"] = {**_saved_tokens(settings), normalize(url): token}
+    _write_saved(settings)
+
+
+def forget_token(url: str) -> bool:
+    """Forget the token saved for url (`cog logout`); whether there was one."""
+    settings = _read_saved()
+    tokens = _saved_tokens(settings)
+    if normalize(url) not in tokens:
+        return False
+    del tokens[normalize(url)]
+    settings["tokens"] = tokens
+    _write_saved(settings)
+    return True
+
+
+def current_token(url: str) -> tuple[str | None, str]:
+    """The token to send to url, and where it came from."""
+    if os.environ.get("COG_TOKEN"):
+        return os.environ["COG_TOKEN"].strip(), "$COG_TOKEN"
+    token = _saved_tokens(_read_saved()).get(normalize(url))
+    if isinstance(token, str) and token:
+        return token, str(config_path())
+    return None, "none"
 
 
 def current_remote(override: str | None = None) -> tuple[str, str]:

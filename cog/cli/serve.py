@@ -56,7 +56,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="run a cog server",
         description="Run the cog server: stores packages, builds and pushes their images.",
     )
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    p.add_argument(
+        "--host",
+        help="address to listen on (default: 0.0.0.0 with --tokens; 127.0.0.1 without, as "
+        "then anyone who can reach the server may change it)",
+    )
     p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
     p.add_argument(
         "--storage",
@@ -111,6 +115,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--docker-host", help="Docker Engine address (default: $DOCKER_HOST or socket)")
     p.add_argument(
+        "--registry-auth",
+        type=Path,
+        metavar="FILE",
+        help="registry credentials in Docker's config.json format (its `auths`); default: "
+        "Docker's own, $DOCKER_CONFIG/config.json or ~/.docker/config.json",
+    )
+    p.add_argument(
         "--max-upload-size",
         type=parse_size,
         default="4GiB",
@@ -156,6 +167,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--check-timeout", type=float, default=300.0, help="seconds (default: 300)")
     p.add_argument(
+        "--stale-after",
+        type=positive_float,
+        default=120.0,
+        help="seconds without a sign of life after which a build is taken for dead (its "
+        "server stopped): taken over by an upload, marked failed otherwise; a running build "
+        "refreshes its record every quarter of this, at most every 30 s (default: 120)",
+    )
+    p.add_argument(
         "--cache-ttl",
         type=float,
         default=2.0,
@@ -188,6 +207,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=600.0,
         help="seconds one prediction may take (default: 600)",
     )
+    p.add_argument(
+        "--tokens",
+        type=Path,
+        metavar="FILE",
+        help="who may do what: lines of NAME SCOPES SHA256 (make them with `cog token new`); "
+        "without it there is no authentication",
+    )
+    p.add_argument(
+        "--public-read",
+        action="store_true",
+        help="with --tokens: callers without a token may list, show, download and read logs",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=positive_float,
+        default=15.0,
+        help="seconds a client has to send a request's headers; also how long an idle "
+        "connection stays open (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=512,
+        help="connections open at once; more are closed as they come (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections-per-client",
+        type=positive_int,
+        default=64,
+        help="connections open at once from one address (default: %(default)s)",
+    )
     p.add_argument("--tmp-dir", type=Path, help="where uploads are spooled")
     p.add_argument(
         "--log-format", choices=["auto", "json", "console"], default="auto", help="server log"
@@ -211,6 +261,8 @@ def settings_from_args(args: argparse.Namespace):
         if value:
             options[option] = value
     builder = None if args.builder in ("none", "") else args.builder
+    if args.public_read and args.tokens is None:
+        raise CLIError("--public-read needs --tokens (without it every caller may do everything)")
     return ServerSettings(
         storage_url=args.storage,
         builder=builder,
@@ -220,11 +272,14 @@ def settings_from_args(args: argparse.Namespace):
             gpu_strategy=args.gpu_strategy,
             docker_host=args.docker_host,
             options=options,
+            registry_auth=args.registry_auth,
         ),
         ingest=IngestOptions(
             check_images=not args.no_check,
             check_timeout=args.check_timeout,
             max_concurrent_builds=args.max_builds,
+            stale_after=args.stale_after,
+            heartbeat=min(30.0, args.stale_after / 4),
         ),
         tmp_dir=args.tmp_dir,
         max_upload_bytes=args.max_upload_size,
@@ -242,38 +297,51 @@ def settings_from_args(args: argparse.Namespace):
             max_queue=args.max_queue,
             timeout=args.predict_timeout,
         ),
+        tokens_file=args.tokens,
+        public_read=args.public_read,
     )
 
 
 def run_server(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from cog.builders import BuilderConfigError
+    from cog.engine.auth import RegistryAuth, RegistryAuthError
     from cog.logs import configure_logging
     from cog.server.app import make_app
+    from cog.server.auth import TokensFileError
+    from cog.server.serving import ConnectionLimits, serve
     from cog.storage import StorageConfigError, StorageError
 
     configure_logging(args.log_format)
     try:
         settings = settings_from_args(args)
-    except BuilderConfigError as exc:  # e.g. a --base-image template with a bad placeholder
+        RegistryAuth(settings.builder_settings.registry_auth).check()
+        app = make_app(settings)
+    except (BuilderConfigError, TokensFileError, RegistryAuthError) as exc:
         raise CLIError(str(exc)) from None
-    app = make_app(settings)
+    host = args.host or ("0.0.0.0" if settings.tokens_file else "127.0.0.1")
+    if settings.tokens_file is None:
+        print(
+            f"cog server: no --tokens: anyone who can reach {host}:{args.port} may upload, "
+            "rebuild and delete packages",
+            flush=True,
+        )
+    limits = ConnectionLimits(
+        header_timeout=args.header_timeout,
+        max_connections=args.max_connections,
+        max_per_client=args.max_connections_per_client,
+    )
     try:
-        web.run_app(
+        serve(
             app,
-            host=args.host,
-            port=args.port,
-            # A client that goes away cancels its build (and the build in the backend).
-            handler_cancellation=True,
-            access_log=None,
-            shutdown_timeout=10,
-            print=lambda _: print(f"cog server listening on http://{args.host}:{args.port}"),
+            host,
+            args.port,
+            limits=limits,
+            ready=lambda url: print(f"cog server listening on {url}", flush=True),
         )
     except (StorageConfigError, BuilderConfigError) as exc:
         raise CLIError(str(exc)) from None
     except StorageError as exc:
         raise CLIError(f"storage {settings.storage_url} is not usable: {exc}") from None
     except OSError as exc:
-        raise CLIError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+        raise CLIError(f"cannot listen on {host}:{args.port}: {exc.strerror}") from None
     return 0

@@ -6,6 +6,7 @@ presence, pull and push), :mod:`cog.engine.containers` runs a model image as a c
 here: callers see :class:`EngineError` and its kinds.
 """
 
+from cog.engine.auth import RegistryAuth, RegistryAuthError
 from cog.engine.client import (
     DEFAULT_ENGINE,
     Engine,
@@ -13,6 +14,7 @@ from cog.engine.client import (
     EngineUnreachable,
     ImageNotFound,
     Pushed,
+    RegistryLoginRefused,
     RegistryUnreachable,
     engine_address,
     split_image,
@@ -25,6 +27,9 @@ __all__ = [
     "EngineUnreachable",
     "ImageNotFound",
     "Pushed",
+    "RegistryAuth",
+    "RegistryAuthError",
+    "RegistryLoginRefused",
     "RegistryUnreachable",
     "engine_address",
     "split_image",

@@ -1,10 +1,12 @@
 """One Docker Engine, through its API: address, streamed calls, image presence, pull, push.
 
 The address is ``--docker-host``, else ``DOCKER_HOST``, else the local socket, in the
-docker CLI's order (cog reads no docker context). Every failure is an :class:`EngineError`:
-:class:`EngineUnreachable` when the engine cannot be reached at all,
-:class:`RegistryUnreachable` when the engine cannot reach a registry,
-:class:`ImageNotFound` for a pull of an image nobody has.
+docker CLI's order (cog reads no docker context). Pushes and pulls carry the registry's
+credentials from Docker's config or a file in its format (:mod:`cog.engine.auth`). Every
+failure is an :class:`EngineError`: :class:`EngineUnreachable` when the engine cannot be
+reached at all, :class:`RegistryUnreachable` when the engine cannot reach a registry,
+:class:`RegistryLoginRefused` when the registry refuses the credentials (or their
+absence), :class:`ImageNotFound` for a pull of an image nobody has.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import aiodocker
 import aiohttp
 import attrs
 
+from cog.engine.auth import RegistryAuth, RegistryAuthError, registry_of
 from cog.streams import lines
 
 #: The Docker Engine when neither --docker-host nor DOCKER_HOST names one
@@ -29,8 +32,11 @@ DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 _CONNECTION_FAILED = 900
 #: lines of progress kept for an error's account of a failed pull or push
 TAIL = 20
-#: An anonymous X-Registry-Auth: "{}" in base64
-_ANONYMOUS = "e30="
+_LOGIN_REFUSED = re.compile(
+    r"no basic auth credentials|unauthorized|authentication required|denied|"
+    r"incorrect username or password",
+    re.IGNORECASE,
+)
 _REGISTRY_UNREACHABLE = re.compile(
     r"connection refused|no such host|dial tcp|i/o timeout|server gave HTTP response|"
     r"network is unreachable|no route to host|TLS handshake",
@@ -55,6 +61,10 @@ class EngineUnreachable(EngineError):
 
 class RegistryUnreachable(EngineError):
     """The engine could not reach the registry it was to pull from or push to."""
+
+
+class RegistryLoginRefused(EngineError):
+    """The registry refused the credentials cog sent (or wants some and got none)."""
 
 
 class ImageNotFound(EngineError):
@@ -93,8 +103,12 @@ def stream_error(item: dict) -> str | None:
 class Engine:
     """A client of one Docker Engine; ``async with Engine(docker_host) as engine:``."""
 
-    def __init__(self, docker_host: str | None = None):
+    def __init__(
+        self, docker_host: str | None = None, *, registry_auth: RegistryAuth | None = None
+    ):
         self.address = engine_address(docker_host)
+        #: where pushes and pulls find registry credentials (default: Docker's config)
+        self.registry_auth = registry_auth or RegistryAuth()
         try:
             self.docker = aiodocker.Docker(url=self.address)
         except (ValueError, OSError) as exc:
@@ -125,14 +139,6 @@ class Engine:
             raise EngineError(str(exc.message), exc.status) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise self.unreachable(str(exc) or type(exc).__name__) from None
-
-    def published_host(self) -> str:
-        """Where a port this engine publishes can be reached from here."""
-        from urllib.parse import urlsplit
-
-        if self.address.startswith(("tcp://", "http://", "https://")):
-            return urlsplit(self.address.replace("tcp://", "http://")).hostname or "127.0.0.1"
-        return "127.0.0.1"
 
     @contextlib.asynccontextmanager
     async def stream(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[Any]:
@@ -191,25 +197,28 @@ class Engine:
         last: dict[str, str] = {}
         tail: collections.deque[str] = collections.deque(maxlen=TAIL)
         params = {"fromImage": repository, "tag": tag}
-        headers = {"X-Registry-Auth": _ANONYMOUS}
+        headers = {"X-Registry-Auth": self._credentials(image)}
         try:
             async with self.stream("POST", "images/create", params=params, headers=headers) as r:
                 async for item in self.json_lines(r):
                     error = stream_error(item)
                     if error:
-                        kind = ImageNotFound if "not found" in error else _registry_error(error)
-                        raise kind(f"pulling {image} failed: {error}", 404, tuple(tail))
+                        raise self._registry_error(image, "pulling", error, tuple(tail))
                     status, layer = item.get("status", ""), item.get("id", "")
                     if status and last.get(layer) != status and status != "Downloading":
                         last[layer] = status
                         line = f"{layer}: {status}" if layer else status
                         tail.append(line)
                         yield line
+        except (ImageNotFound, RegistryLoginRefused, RegistryUnreachable, EngineUnreachable):
+            raise
         except EngineError as exc:
-            # The engine asks the registry before it answers: no such image is a plain 404.
-            if exc.status != 404 or isinstance(exc, ImageNotFound):
-                raise
-            raise ImageNotFound(f"pulling {image} failed: {exc.message}", 404) from None
+            # The engine asks the registry before it answers: a refusal, or no such image
+            # (a plain 404), can come as the call's own error.
+            kind = self._registry_error(image, "pulling", exc.message, exc.output)
+            if exc.status == 404 and not isinstance(kind, RegistryLoginRefused):
+                raise ImageNotFound(f"pulling {image} failed: {exc.message}", 404) from None
+            raise kind from None
 
     async def push(self, image: str) -> AsyncIterator[str | Pushed]:
         """Push image (repository:tag): compact progress lines, then one :class:`Pushed`."""
@@ -218,14 +227,13 @@ class Engine:
         last_status: dict[str, str] = {}
         tail: collections.deque[str] = collections.deque(maxlen=TAIL)
         params = {"tag": tag}
-        headers = {"X-Registry-Auth": _ANONYMOUS}
+        headers = {"X-Registry-Auth": self._credentials(image)}
         path = f"images/{repository}/push"
         async with self.stream("POST", path, params=params, headers=headers) as response:
             async for item in self.json_lines(response):
                 error = stream_error(item)
                 if error:
-                    kind = _registry_error(error)
-                    raise kind(f"pushing {image} failed: {error}", 500, tuple(tail))
+                    raise self._registry_error(image, "pushing", error, tuple(tail))
                 if isinstance(item.get("aux"), dict):
                     digest = item["aux"].get("Digest", digest)
                     continue
@@ -246,6 +254,32 @@ class Engine:
             raise EngineError(f"pushing {image} reported no digest", 500, tuple(tail))
         yield Pushed(image, digest)
 
+    def _credentials(self, image: str) -> str:
+        """The X-Registry-Auth header for image; a credentials file that cannot be read is
+        a refused login, said as such."""
+        try:
+            return self.registry_auth.header(image)
+        except RegistryAuthError as exc:
+            raise RegistryLoginRefused(
+                f"cannot log in to the registry {registry_of(image)}: {exc}"
+            ) from None
 
-def _registry_error(message: str) -> type[EngineError]:
-    return RegistryUnreachable if _REGISTRY_UNREACHABLE.search(message) else EngineError
+    def _registry_error(
+        self, image: str, doing: str, message: str, tail: tuple[str, ...]
+    ) -> EngineError:
+        """An error a push or pull reported, as the kind it is."""
+        if "not found" in message or "does not exist" in message:
+            return ImageNotFound(f"{doing} {image} failed: {message}", 404, tail)
+        if _LOGIN_REFUSED.search(message):
+            registry = registry_of(image)
+            had = self.registry_auth.has_credentials(image)
+            sent = "the credentials" if had else "no credentials"
+            return RegistryLoginRefused(
+                f"the registry {registry} refused the login ({message}) {doing} {image}: "
+                f"cog sent {sent} for it from {self.registry_auth.source()}",
+                401,
+                tail,
+            )
+        if _REGISTRY_UNREACHABLE.search(message):
+            return RegistryUnreachable(f"{doing} {image} failed: {message}", 500, tail)
+        return EngineError(f"{doing} {image} failed: {message}", 500, tail)

@@ -2,7 +2,10 @@
 
 Used by the check after a build (:mod:`cog.server.check`), by ``cog infer``
 (:mod:`cog.cli.infer`) and by the server's warm models (:mod:`cog.server.warm`).
-The container publishes the model's port 5000 on a random host port and is always
+The container has no network (``--network none``): the model's code cannot reach the
+cog server, the engine, the host's services or other containers. Its runtime listens on
+a Unix socket in a directory shared with this machine, and cog talks to it there
+(:mod:`cog.engine.model_socket`); so the engine must run on this machine. It is always
 removed on the way out, also when the caller is cancelled (Ctrl-C, client gone), even
 in the middle of its creation: it is named up front, so it can be removed without its ID.
 
@@ -24,16 +27,17 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiodocker
 import aiohttp
 
 from cog.engine.client import Engine, EngineError
+from cog.engine.model_socket import ModelSocketConnector, SocketDirectory, remove_directory_of
 
-__all__ = ["ContainerError", "ModelContainer", "remove_stale_containers"]
+__all__ = ["ContainerError", "ModelContainer", "remove_stale_containers", "sweep_containers"]
 
-MODEL_PORT = "5000/tcp"
 LABEL = "org.cog-models.role"
 #: "<host>/<pid namespace>/<pid>/<instance>" of the cog process that started the container
 OWNER_LABEL = "org.cog-models.owner"
@@ -42,6 +46,12 @@ EXPIRES_LABEL = "org.cog-models.expires"
 #: This process's instance, told apart from a later process that got the same PID
 INSTANCE = uuid.uuid4().hex[:12]
 TARGET_LABEL = "org.cog-models.target"  # written by cog.builders.dockerfile
+VERSION_LABEL = "org.cog-models.cog-version"  # so is this one, on every image cog builds
+#: how long a model's runtime may take to open its socket (it opens it before the
+#: model's setup): an image whose runtime never does was built by an older cog
+SOCKET_WAIT = 60.0
+#: the package a check container checks
+PACKAGE_LABEL = "org.cog-models.package"
 #: the longest line of the model's output kept (the rest of it is dropped)
 MAX_LOG_LINE = 16 * 1024
 #: every GPU the engine has, as `docker run --gpus all` asks for them
@@ -119,20 +129,32 @@ def abandoned(labels: dict[str, str], state: str, now: float) -> bool:
 
 async def remove_stale_containers(engine: Engine, role: str) -> list[str]:
     """Remove the containers of `role` whose owner is gone; their names."""
-    with engine.translated():
-        found = await engine.docker.containers.list(
-            all=True, filters=json.dumps({"label": [f"{LABEL}={role}"]})
-        )
-        now = time.time()
-        removed = []
-        for container in found:
-            # The listing's summary of each: Labels, State, Names, Id.
-            labels, state = container["Labels"] or {}, container["State"]
-            if abandoned(labels, state, now):
-                await ModelContainer._delete(container)
-                names = ",".join(n.lstrip("/") for n in container["Names"] or [])
-                removed.append(names or container.id)
+    removed, _ = await sweep_containers(engine, role)
     return removed
+
+
+async def sweep_containers(
+    engine: Engine, role: str, *, package: str | None = None
+) -> tuple[list[str], list[str]]:
+    """Remove the containers of `role` (of one package, if given) whose owner is gone,
+    with their socket directories: the names of those removed and of those left to
+    owners still alive."""
+    labels = [f"{LABEL}={role}"] + ([f"{PACKAGE_LABEL}={package}"] if package else [])
+    with engine.translated():
+        found = await engine.docker.containers.list(all=True, filters=json.dumps({"label": labels}))
+        now = time.time()
+        removed, kept = [], []
+        for container in found:
+            # The listing's summary of each: Labels, State, Names, Id, Mounts.
+            names = ",".join(n.lstrip("/") for n in container["Names"] or []) or container.id
+            if abandoned(container["Labels"] or {}, container["State"], now):
+                await ModelContainer._delete(container)
+                for mount in container["Mounts"] or ():
+                    remove_directory_of(mount.get("Source", ""))
+                removed.append(names)
+            else:
+                kept.append(names)
+    return removed, kept
 
 
 class ModelContainer:
@@ -147,13 +169,20 @@ class ModelContainer:
         *,
         role: str = "check",
         lifetime: float | None = None,
+        socket_root: Path | None = None,
+        labels: dict[str, str] | None = None,
     ):
-        """lifetime: seconds after which whoever finds the container may remove it."""
+        """lifetime: seconds after which whoever finds the container may remove it;
+        socket_root: where the directory of the model's socket is made (default: the
+        system's temp dir); labels: more labels for the container."""
         self.engine = engine
         self.docker = engine.docker
         self.image = image
         self.role = role
         self.lifetime = lifetime
+        self.socket_root = socket_root
+        self.extra_labels = dict(labels or {})
+        self.socket_dir: SocketDirectory | None = None
         #: given up front, so a container whose creation was interrupted can be removed
         self.name = f"cog-{role}-{uuid.uuid4().hex[:16]}"
         self.container: Any = None
@@ -170,27 +199,42 @@ class ModelContainer:
         self._log_task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ModelContainer:
-        with self.engine.translated():
-            await self._start()
+        try:
+            with self.engine.translated():
+                await self._start()
+        except EngineError as exc:
+            if "bind source path does not exist" not in exc.message:
+                raise
+            raise EngineError(
+                f"the Docker Engine at {self.engine.address} is not on this machine: cog "
+                "runs models with no network and talks to them through a socket in a "
+                "directory of this machine, which that engine cannot see"
+            ) from None
         return self
 
     async def _start(self) -> None:
-        host = self.engine.published_host()
-        bind = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
         image = await self.docker.images.inspect(self.image)
-        self.target = (image.get("Config", {}).get("Labels") or {}).get(TARGET_LABEL, "")
+        image_labels = image.get("Config", {}).get("Labels") or {}
+        if VERSION_LABEL not in image_labels:
+            raise ContainerError(
+                f"{self.image} is not an image cog built (it has no {VERSION_LABEL} label): "
+                "cog runs a model only in its own runtime, which serves it with no network"
+            )
+        self.target = image_labels.get(TARGET_LABEL, "")
         if self.target == "gpu":
             runtimes = (await self.docker.system.info()).get("Runtimes")
             self.device_requests = device_requests(image["Config"]["Labels"], runtimes)
-        labels = {LABEL: self.role, OWNER_LABEL: owner()}
+        labels = {**self.extra_labels, LABEL: self.role, OWNER_LABEL: owner()}
         if self.lifetime is not None:
             labels[EXPIRES_LABEL] = f"{time.time() + self.lifetime:.0f}"
+        self.socket_dir = await asyncio.to_thread(SocketDirectory, self.socket_root)
         config = {
             "Image": self.image,
             "Labels": labels,
-            "ExposedPorts": {MODEL_PORT: {}},
+            "Env": [self.socket_dir.env()],
             "HostConfig": {
-                "PortBindings": {MODEL_PORT: [{"HostIp": bind, "HostPort": ""}]},
+                "NetworkMode": "none",
+                "Mounts": [self.socket_dir.mount()],
                 "DeviceRequests": self.device_requests,
             },
         }
@@ -200,13 +244,14 @@ class ModelContainer:
         try:
             self.container = await asyncio.shield(creating)
             await self.container.start()
-            info = await self.container.show()
-            port = info["NetworkSettings"]["Ports"][MODEL_PORT][0]["HostPort"]
         except BaseException:
             await asyncio.shield(self._discard(creating))
             raise
-        self.url = f"http://{host}:{port}"
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        self.url = "http://model"
+        self._session = aiohttp.ClientSession(
+            connector=ModelSocketConnector(self.socket_dir.socket),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
         self._log_task = asyncio.create_task(self._follow_logs())
 
     async def __aexit__(self, *exc: object) -> None:
@@ -226,14 +271,25 @@ class ModelContainer:
         # Awaited and its exception retrieved: the caller's own exception is what counts.
         await asyncio.gather(creating, return_exceptions=True)
         self.container = None
-        await self._delete(self.docker.containers.container(self.name))
+        try:
+            await self._delete(self.docker.containers.container(self.name))
+        finally:
+            self._remove_socket_dir()
 
     async def _remove(self) -> None:
-        if self.container is not None:
-            # Shielded: removal must finish even when the caller is being cancelled.
-            with self.engine.translated():
-                await asyncio.shield(self._delete(self.container))
-            self.container = None
+        try:
+            if self.container is not None:
+                # Shielded: removal must finish even when the caller is being cancelled.
+                with self.engine.translated():
+                    await asyncio.shield(self._delete(self.container))
+                self.container = None
+        finally:
+            self._remove_socket_dir()
+
+    def _remove_socket_dir(self) -> None:
+        if self.socket_dir is not None:
+            self.socket_dir.remove()
+            self.socket_dir = None
 
     @staticmethod
     async def _delete(container: Any) -> None:
@@ -321,10 +377,16 @@ class ModelContainer:
 
     async def wait_ready(self, timeout: float) -> AsyncIterator[str]:
         """Poll /ping until ready; yields the model's log lines meanwhile."""
-        assert self._session is not None
+        assert self._session is not None and self.socket_dir is not None
         started = time.monotonic()
         deadline = started + timeout
         while True:
+            if time.monotonic() - started > SOCKET_WAIT and not self.socket_dir.socket.exists():
+                raise ContainerError(
+                    f"{self.image}: the model's runtime did not open its socket within "
+                    f"{SOCKET_WAIT:.0f} seconds (built by an older cog? build it again)",
+                    self.log_tail(),
+                )
             for line in self.new_log_lines():
                 yield line
             try:

@@ -1,7 +1,9 @@
 """``python -m cog.runtime``: serve the model named in ./cog.yaml.
 
 Options (each also from the environment): ``--port`` ($PORT, default 5000), ``--host``
-($COG_HOST, default 0.0.0.0), ``--concurrency`` ($COG_CONCURRENCY, default 1: inferences
+($COG_HOST, default 0.0.0.0), ``--unix-socket`` ($COG_UNIX_SOCKET: listen on this Unix
+socket instead of a port, as the cog server and ``cog infer`` ask of a model that runs
+with no network), ``--concurrency`` ($COG_CONCURRENCY, default 1: inferences
 at once), ``--max-queue`` ($COG_MAX_QUEUE, default 64: requests that may wait for one),
 ``--dir`` (the package directory, default the working directory), ``--log-level``
 ($COG_LOG_LEVEL, default info; debug adds a line per inference).
@@ -46,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=os.environ.get("COG_HOST", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=_env_int("PORT", 5000))
     parser.add_argument(
+        "--unix-socket",
+        default=os.environ.get("COG_UNIX_SOCKET") or None,
+        help="listen on this Unix socket (made writable by anyone: its directory says who "
+        "may reach it) instead of --host/--port",
+    )
+    parser.add_argument(
         "--concurrency",
         type=int,
         default=_env_int("COG_CONCURRENCY", 1),
@@ -80,7 +88,9 @@ def configure_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
 
 
-async def serve(server: InferenceServer, host: str, port: int) -> int:
+async def serve(
+    server: InferenceServer, host: str, port: int, unix_socket: str | None = None
+) -> int:
     """Serve until SIGTERM/SIGINT, then shut down gracefully; the exit status."""
     loop = asyncio.get_running_loop()
     stop, force = asyncio.Event(), asyncio.Event()
@@ -97,10 +107,18 @@ async def serve(server: InferenceServer, host: str, port: int) -> int:
         server.app, handle_signals=False, access_log=None, handler_cancellation=True
     )
     await app_runner.setup()
-    site = web.TCPSite(app_runner, host, port)
-    await site.start()
-    for address in app_runner.addresses:
-        logger.info("listening on http://%s:%s", *address[:2])
+    if unix_socket:
+        # Whoever runs the container may be another user than the model's: the socket's
+        # directory (made by them) says who can reach it, not the socket's own mode.
+        site: web.BaseSite = web.UnixSite(app_runner, unix_socket)
+        await site.start()
+        os.chmod(unix_socket, 0o666)
+        logger.info("listening on unix:%s", unix_socket)
+    else:
+        site = web.TCPSite(app_runner, host, port)
+        await site.start()
+        for address in app_runner.addresses:
+            logger.info("listening on http://%s:%s", *address[:2])
 
     await stop.wait()
     running, refused = server.runner.stop()
@@ -131,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         concurrency=args.concurrency,
         max_queue=args.max_queue,
     )
-    status = asyncio.run(serve(server, args.host, args.port))
+    status = asyncio.run(serve(server, args.host, args.port, args.unix_socket))
     sys.stdout.flush()
     sys.stderr.flush()
     if status:

@@ -4,13 +4,16 @@ A :class:`BuildRun` holds what the steps of the pipeline (:mod:`cog.server.inges
 the record being built, the live log every event goes to, the images pushed so far,
 where the build is (for the account of one cancelled midway) and the heartbeat that
 tells other servers the build is alive. Its last act is the outcome: the record as
-``ready`` or ``failed``, and the final event.
+``ready`` or ``failed``, and the final event. Every record it writes goes through
+:meth:`Catalog.put_stored`: a package deleted meanwhile is not brought back
+(:class:`PackageDeleted`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import time
 from collections.abc import Callable
@@ -19,7 +22,7 @@ from typing import Any
 from cog import events
 from cog.builders import BuildError, BuilderUnavailable, being_cancelled
 from cog.events import plain
-from cog.server.catalog import Catalog
+from cog.server.catalog import Catalog, PackageDeleted
 from cog.server.live import LiveBuild
 from cog.server.records import Artifact, PackageRecord, Status, record_to_json
 
@@ -92,6 +95,8 @@ class BuildRun:
         self._heartbeat = heartbeat
         self._clock = clock
         self._last_beat = time.monotonic()
+        #: the package was deleted meanwhile: its log is not stored
+        self.deleted = False
 
     def emit(self, event: Event) -> Event:
         """An event of this build: into its log, to its followers, and back to the caller."""
@@ -104,13 +109,13 @@ class BuildRun:
         if time.monotonic() - self._last_beat > self._heartbeat:
             self._last_beat = time.monotonic()
             self.record = self.record.evolve(updated=self._clock())
-            await self._catalog.put(self.record)
+            await self._catalog.put_stored(self.record)
 
     async def succeeded(self) -> Event:
         self.record = self.record.evolve(
             updated=self._clock(), status=Status.READY, artifacts=tuple(self.artifacts), error=""
         )
-        await self._catalog.put(self.record)
+        await self._catalog.put_stored(self.record)
         return events.package(record_to_json(self.record))
 
     async def failed(self, exc: BuildError) -> list[Event]:
@@ -121,7 +126,7 @@ class BuildRun:
             artifacts=tuple(self.artifacts),
             error=str(exc),
         )
-        await self._catalog.put(self.record)
+        await self._catalog.put_stored(self.record)
         lines = [f"Build failed: {exc}"]
         if exc.output and not self.position.shown(exc.output):
             lines += ["Last lines of its output:", *(f"  {line}" for line in exc.output)]
@@ -148,4 +153,5 @@ class BuildRun:
             error=reason,
         )
         self.live.publish(events.error(reason, 500, record_to_json(self.record)))
-        await asyncio.shield(self._catalog.put(self.record))
+        with contextlib.suppress(PackageDeleted):  # nothing to say it to: the caller left
+            await asyncio.shield(self._catalog.put_stored(self.record))

@@ -1,11 +1,12 @@
 """The catalog: package records kept in Storage, with an in-memory index over them.
 
 Storage is the only source of truth (several servers may share one bucket). The index
-makes listing and prefix lookups cheap; it is refreshed in the background every
-``ttl`` seconds, so a package written by another server is listed here within ``ttl``
-seconds; a lookup by ID or prefix that misses the index syncs the records under that
-prefix at once. A refresh lists ``records/`` (or ``records/<prefix>``) and reloads only
-the records whose storage version changed.
+keeps each package's summary (not its config: a listing stays small, and so does the
+index, however large configs are) and makes listing and prefix lookups cheap; it is
+refreshed in the background every ``ttl`` seconds, so a package written by another
+server is listed here within ``ttl`` seconds; a lookup by ID or prefix that misses the
+index syncs the records under that prefix at once. A refresh lists ``records/`` (or
+``records/<prefix>``) and reloads only the records whose storage version changed.
 
 Keys in Storage::
 
@@ -18,13 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Iterable
 
 import structlog
 
 from cog.package import MIN_PREFIX_LENGTH, check_prefix, is_package_id
-from cog.server.records import PackageRecord, decode_record, encode_record
+from cog.server.records import (
+    PackageRecord,
+    PackageSummary,
+    decode_record,
+    encode_record,
+    encode_summary,
+    summarize,
+    summary_from_json,
+)
 from cog.storage import NotFound, Storage
 
 log = structlog.get_logger(__name__)
@@ -49,6 +59,17 @@ class PackageNotFound(LookupError):
         super().__init__(f"no package matches {ref!r}")
 
 
+class PackageDeleted(Exception):
+    """The package was deleted (through this server or another) while it was being built:
+    its record is not written back (410)."""
+
+    def __init__(self, package_id: str):
+        super().__init__(
+            f"package {package_id[:12]} was deleted while it was being built; upload it "
+            "again to keep it"
+        )
+
+
 class AmbiguousPrefix(LookupError):
     def __init__(self, prefix: str, matches: Iterable[str]):
         self.matches = sorted(matches)
@@ -67,15 +88,15 @@ class Catalog:
         self.storage = storage
         self.ttl = ttl
         self._concurrency = concurrency
-        self._records: dict[str, PackageRecord] = {}
-        #: each record's stored JSON document, as stored: the listing joins these
+        self._records: dict[str, PackageSummary] = {}
+        #: each package's summary as JSON: the listing joins these
         self._documents: dict[str, bytes] = {}
         self._versions: dict[str, str] = {}
         self._refreshed_at = float("-inf")
         self._lock = asyncio.Lock()
         self._listing: bytes | None = None
         #: the records newest first, kept until the index changes
-        self._sorted: list[PackageRecord] | None = None
+        self._sorted: list[PackageSummary] | None = None
 
     # -- index maintenance -------------------------------------------------------------
 
@@ -99,9 +120,9 @@ class Catalog:
 
             async def load(package_id: str) -> None:
                 async with semaphore:
-                    loaded = await self._read(package_id)
-                if loaded is not None:
-                    self._remember(*loaded, seen[package_id])
+                    summary = await self._read_summary(package_id)
+                if summary is not None:
+                    self._remember(summary, seen[package_id])
 
             await asyncio.gather(*(load(pid) for pid in stale))
             for package_id in gone:
@@ -127,10 +148,10 @@ class Catalog:
                 log.exception("catalog refresh failed")
             await asyncio.sleep(self.ttl)
 
-    def _remember(self, record: PackageRecord, document: bytes, version: str) -> None:
-        self._records[record.id] = record
-        self._documents[record.id] = document
-        self._versions[record.id] = version
+    def _remember(self, summary: PackageSummary, version: str) -> None:
+        self._records[summary.id] = summary
+        self._documents[summary.id] = encode_summary(summary)
+        self._versions[summary.id] = version
         self._listing = self._sorted = None
 
     def _forget(self, package_id: str) -> None:
@@ -139,13 +160,24 @@ class Catalog:
         self._versions.pop(package_id, None)
         self._listing = self._sorted = None
 
-    async def _read(self, package_id: str) -> tuple[PackageRecord, bytes] | None:
+    async def _read(self, package_id: str) -> PackageRecord | None:
         try:
             data = await self.storage.read_bytes(record_key(package_id))
         except NotFound:
             return None
         try:
-            return decode_record(data), data
+            return decode_record(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("unreadable package record skipped", package_id=package_id, error=str(exc))
+            return None
+
+    async def _read_summary(self, package_id: str) -> PackageSummary | None:
+        try:
+            data = await self.storage.read_bytes(record_key(package_id))
+        except NotFound:
+            return None
+        try:
+            return summary_from_json(json.loads(data))
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("unreadable package record skipped", package_id=package_id, error=str(exc))
             return None
@@ -158,7 +190,7 @@ class Catalog:
         if loaded is None:
             self._forget(package_id)
             raise PackageNotFound(package_id)
-        return loaded[0]
+        return loaded
 
     async def resolve(self, ref: str) -> PackageRecord:
         """A full ID or a unique prefix of at least MIN_PREFIX_LENGTH hex characters."""
@@ -180,7 +212,7 @@ class Catalog:
     def _matching(self, prefix: str) -> list[str]:
         return [pid for pid in self._records if pid.startswith(prefix)]
 
-    async def newest_first(self) -> list[PackageRecord]:
+    async def newest_first(self) -> list[PackageSummary]:
         if self._refreshed_at == float("-inf"):
             await self.refresh()
         if self._sorted is None:
@@ -191,7 +223,7 @@ class Catalog:
 
     async def page(
         self, *, name: str = "", offset: int = 0, limit: int = 100
-    ) -> tuple[int, list[PackageRecord]]:
+    ) -> tuple[int, list[PackageSummary]]:
         """A page of the packages whose name contains `name` (any case), newest first: how
         many match, and those from `offset` on, at most `limit` of them."""
         records = await self.newest_first()
@@ -203,7 +235,7 @@ class Catalog:
     async def listing_json(self) -> bytes:
         """The rendered `GET /v1/packages/` body, cached until the index changes."""
         if self._listing is None or self._refreshed_at == float("-inf"):
-            # The stored documents joined as they are: no re-encoding of every record.
+            # The summaries joined as they are: no re-encoding of every record.
             records = await self.newest_first()
             self._listing = b"[" + b",".join(self._documents[r.id] for r in records) + b"]"
         return self._listing
@@ -211,27 +243,50 @@ class Catalog:
     # -- changes -----------------------------------------------------------------------
 
     async def put(self, record: PackageRecord) -> None:
-        document = encode_record(record)
-        info = await self.storage.write_bytes(record_key(record.id), document)
-        self._remember(record, document, info.version)
+        info = await self.storage.write_bytes(record_key(record.id), encode_record(record))
+        self._remember(summarize(record), info.version)
 
-    async def delete(self, package_id: str) -> None:
-        """Record first, so no reader finds a record whose blob is already gone."""
+    async def put_stored(self, record: PackageRecord) -> None:
+        """Write the record of a package whose zip was stored: PackageDeleted (and no
+        record) if the zip is gone, deleted meanwhile through any server.
+
+        The rule that keeps a record from outliving its zip, with :meth:`delete`: the
+        writer writes, then looks for the zip and takes the record back if it is gone; the
+        deleter deletes the record, the zip, then the record again. In any order of the
+        steps, either a package is there whole or it is gone."""
+        await self.put(record)
+        if not await self.storage.exists(package_key(record.id)):
+            await self._delete_record(record.id)
+            raise PackageDeleted(record.id)
+
+    async def _delete_record(self, package_id: str) -> bool:
         try:
             await self.storage.delete(record_key(package_id))
+            return True
         except NotFound:
-            raise PackageNotFound(package_id) from None
+            return False
         finally:
             self._forget(package_id)
+
+    async def delete(self, package_id: str) -> None:
+        """Record first, so no reader finds a record whose blob is already gone; then the
+        zip and the log; then the record again, in case a build (here or on another
+        server) wrote it meanwhile (see put_stored)."""
+        if not await self._delete_record(package_id):
+            raise PackageNotFound(package_id)
         for key in (package_key(package_id), log_key(package_id)):
             with contextlib.suppress(NotFound):
                 await self.storage.delete(key)
+        await self._delete_record(package_id)
+        with contextlib.suppress(NotFound):  # a build's log stored meanwhile
+            await self.storage.delete(log_key(package_id))
 
 
 __all__ = [
     "MIN_PREFIX_LENGTH",
     "AmbiguousPrefix",
     "Catalog",
+    "PackageDeleted",
     "PackageNotFound",
     "log_key",
     "package_key",

@@ -7,9 +7,9 @@ with the model's error and the last lines it printed. The container is always re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -18,18 +18,19 @@ import aiohttp
 
 from cog.builders import BuildError, BuilderUnavailable, BuildLog
 from cog.config import Config, Example
-from cog.engine import Engine, EngineError
-from cog.engine.containers import ContainerError, ModelContainer, remove_stale_containers
+from cog.engine import Engine, EngineError, RegistryAuth
+from cog.engine.containers import (
+    PACKAGE_LABEL,
+    ContainerError,
+    ModelContainer,
+    remove_stale_containers,
+    sweep_containers,
+)
+from cog.server.answers import Verdict, judge, member
 
 
 def _log(line: str) -> BuildLog:
     return BuildLog(stage="test", line=line)
-
-
-def _member(zip_path: Path, name: str) -> bytes:
-    """A small example file from the package (examples are checked at upload to exist)."""
-    with zipfile.ZipFile(zip_path) as archive:
-        return archive.read(str(PurePosixPath(name)))
 
 
 def example_form(example: Example, zip_path: Path) -> aiohttp.FormData:
@@ -37,31 +38,10 @@ def example_form(example: Example, zip_path: Path) -> aiohttp.FormData:
     for name, value in example.input.items():
         if value.startswith("@"):
             path = value[1:]
-            form.add_field(name, _member(zip_path, path), filename=PurePosixPath(path).name)
+            form.add_field(name, member(zip_path, path), filename=PurePosixPath(path).name)
         else:
             form.add_field(name, value)
     return form
-
-
-def output_matches(expected: str, body: bytes, content_type: str, zip_path: Path) -> bool:
-    """An example's expected output against the model's answer: a file (``@path``) byte
-    for byte, JSON by value, text with surrounding whitespace trimmed."""
-    if expected.startswith("@"):
-        return body == _member(zip_path, expected[1:])
-    if content_type == "application/json":
-        try:
-            return json.loads(body) == json.loads(expected)
-        except ValueError:
-            return False
-    return body.decode(errors="replace").strip() == expected.strip()
-
-
-def describe_output(body: bytes, content_type: str) -> str:
-    """The model's answer, short, for an error message."""
-    if content_type.startswith(("text/", "application/json")):
-        text = body.decode(errors="replace").strip()
-        return repr(text[:200] + ("..." if len(text) > 200 else ""))
-    return f"{len(body)} bytes of {content_type}"
 
 
 async def check_image(
@@ -71,16 +51,41 @@ async def check_image(
     signature: dict[str, Any] | None,
     *,
     docker_host: str | None = None,
+    registry_auth: RegistryAuth | None = None,
     timeout: float = 300.0,
+    socket_root: Path | None = None,
+    package_id: str | None = None,
 ) -> AsyncIterator[BuildLog]:
+    """socket_root: where the directory of the model's socket is made (the server's own
+    temporary directory, swept when a server that died is restarted); package_id: the
+    container's label, so that a delete of the package finds it."""
+    labels = {PACKAGE_LABEL: package_id} if package_id else {}
     try:
-        async with Engine(docker_host) as engine:
-            async for line in _check(engine, image, archive_path, config, signature, timeout):
+        async with Engine(docker_host, registry_auth=registry_auth) as engine:
+            checking = _check(
+                engine, image, archive_path, config, signature, timeout, socket_root, labels
+            )
+            async for line in checking:
                 yield line
     except EngineError as exc:
         raise BuilderUnavailable(
             f"could not run {image} on the Docker Engine: {exc.message}", step="test"
         ) from None
+
+
+async def sweep_checks(docker_host: str | None = None) -> list[str]:
+    """Remove the check containers of servers that are gone (killed outright: their own
+    cleanup never ran), with their socket directories; their names."""
+    async with Engine(docker_host) as engine:
+        return await remove_stale_containers(engine, "check")
+
+
+async def stop_checks_of(package_id: str, docker_host: str | None = None) -> list[str]:
+    """Remove the check containers of one package left by servers that are gone; the
+    names of those still owned by a live server (on this engine), which stay."""
+    async with Engine(docker_host) as engine:
+        _, kept = await sweep_containers(engine, "check", package=package_id)
+    return kept
 
 
 async def _check(
@@ -90,6 +95,8 @@ async def _check(
     config: Config,
     signature: dict[str, Any] | None,
     timeout: float,
+    socket_root: Path | None,
+    labels: dict[str, str],
 ) -> AsyncIterator[BuildLog]:
     # Check containers of a server killed mid-check (its own cleanup never ran).
     for name in await remove_stale_containers(engine, "check"):
@@ -99,7 +106,14 @@ async def _check(
     started = time.monotonic()
     # The longest this check can take: boot, /help, then each example, each bounded.
     lifetime = timeout * (2 + len(config.examples)) + 60
-    async with ModelContainer(engine, image, role="check", lifetime=lifetime) as model:
+    container = ModelContainer(
+        engine, image, role="check", lifetime=lifetime, socket_root=socket_root, labels=labels
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            model = await stack.enter_async_context(container)
+        except ContainerError as exc:
+            raise BuildError(str(exc), step="test: start") from None
         if model.target == "gpu" and not model.device_requests:
             yield _log("This Docker Engine has no NVIDIA runtime: the GPU image runs on the CPU")
         try:
@@ -131,8 +145,8 @@ async def _check(
             step = f"test: example {number}"
             began = time.monotonic()
             try:
-                status, body, content_type = await asyncio.wait_for(
-                    _answer(model, example_form(example, zip_path)), timeout
+                verdict = await asyncio.wait_for(
+                    _answer(model, example_form(example, zip_path), example, zip_path), timeout
                 )
             except asyncio.TimeoutError:
                 raise BuildError(
@@ -145,30 +159,24 @@ async def _check(
                 raise BuildError(str(failure), step=step, output=failure.logs) from None
             for line in model.new_log_lines():
                 yield _log(f"model: {line}")
-            if status != 200:
-                try:
-                    error = json.loads(body).get("error") or body.decode()
-                except (ValueError, AttributeError):
-                    error = body.decode(errors="replace")
+            if verdict.status != 200:
                 raise BuildError(
-                    f"example {number} failed (HTTP {status}): {error}",
+                    f"example {number} failed (HTTP {verdict.status}): {verdict.error}",
                     step=step,
                     output=model.log_tail(),
                 )
-            if example.output is not None and not output_matches(
-                example.output, body, content_type, zip_path
-            ):
+            if verdict.mismatch is not None:
                 raise BuildError(
-                    f"example {number}: expected {example.output!r}, "
-                    f"got {describe_output(body, content_type)}",
-                    step=step,
-                    output=model.log_tail(),
+                    f"example {number}: {verdict.mismatch}", step=step, output=model.log_tail()
                 )
             yield _log(f"Example {number}: ok ({time.monotonic() - began:.2f}s)")
         if not config.examples:
             yield _log("No examples in cog.yaml: checked that the model boots and serves /help")
 
 
-async def _answer(model: ModelContainer, form: aiohttp.FormData) -> tuple[int, bytes, str]:
+async def _answer(
+    model: ModelContainer, form: aiohttp.FormData, example: Example, zip_path: Path
+) -> Verdict:
+    """The model's answer to one example, judged as it streams in (never held whole)."""
     async with model.infer(form) as response:
-        return response.status, await response.read(), response.content_type
+        return await judge(response, example.output, zip_path)

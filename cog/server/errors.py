@@ -15,7 +15,8 @@ from aiohttp import web
 
 from cog.config import ConfigError
 from cog.package import InvalidPackage
-from cog.server.catalog import AmbiguousPrefix, PackageNotFound
+from cog.server.auth import Forbidden, Unauthenticated
+from cog.server.catalog import AmbiguousPrefix, PackageDeleted, PackageNotFound
 from cog.server.examples import ExampleFileNotFound
 from cog.server.model_api import BadInputs, PredictionFailed, TooLarge
 from cog.server.uploads import UploadError
@@ -29,12 +30,29 @@ def json_error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
+def render_error(exc: BaseException) -> web.Response:
+    """The JSON answer to an error a handler let through, with the headers it calls for."""
+    status, message, extra = error_response(exc)
+    response = json_error(status, message, **extra)
+    if isinstance(exc, Unauthenticated):
+        response.headers["WWW-Authenticate"] = 'Bearer realm="cog"'
+    if getattr(exc, "close_connection", False):
+        response.force_close()
+    return response
+
+
 def error_response(exc: BaseException) -> tuple[int, str, dict[str, Any]]:
     """Status, message and extra JSON fields for any error a handler lets through."""
+    if isinstance(exc, Unauthenticated):
+        return 401, str(exc), {}
+    if isinstance(exc, Forbidden):
+        return 403, str(exc), {"scope": exc.scope.value}
     if isinstance(exc, web.HTTPException):
         return exc.status, (exc.text or exc.reason).removeprefix(f"{exc.status}: ").strip(), {}
     if isinstance(exc, (PackageNotFound, ExampleFileNotFound)):
         return 404, str(exc), {}
+    if isinstance(exc, PackageDeleted):
+        return 410, str(exc), {}
     if isinstance(exc, AmbiguousPrefix):
         return 409, str(exc), {"matches": exc.matches}
     if isinstance(exc, (UploadError, InvalidPackage)):

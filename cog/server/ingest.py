@@ -30,12 +30,21 @@ import structlog
 
 from cog import events
 from cog.builders import Builder, BuildError, BuilderSettings, BuildLog, BuildRequest
+from cog.config import ConfigError
+from cog.config_bounds import MAX_NAME
 from cog.package import PackageLimits, short_id
 from cog.server.build_run import BuildRun
-from cog.server.catalog import Catalog, PackageNotFound, log_key, package_key
+from cog.server.catalog import Catalog, PackageDeleted, PackageNotFound, log_key, package_key
 from cog.server.inspection import Inspection, build_notes, inspect_package, verify_package
 from cog.server.live import LiveBuild
-from cog.server.records import Artifact, PackageRecord, Status, now, record_to_json
+from cog.server.records import (
+    Artifact,
+    PackageRecord,
+    PackageSummary,
+    Status,
+    now,
+    record_to_json,
+)
 from cog.server.settings import IngestOptions
 from cog.server.uploads import ReceivedUpload
 from cog.storage import NotFound, Storage
@@ -115,12 +124,13 @@ class IngestService:
         self._live: dict[str, LiveBuild] = {}
         self._claims = _Claims()
         self._slots = asyncio.Semaphore(options.max_concurrent_builds)
+        self._inspecting = asyncio.Lock()
 
     def live(self, package_id: str) -> LiveBuild | None:
         """The build of this package running in this server, if any."""
         return self._live.get(package_id)
 
-    def is_stale(self, record: PackageRecord) -> bool:
+    def is_stale(self, record: PackageRecord | PackageSummary) -> bool:
         """A "building" record not refreshed for so long that its server must be gone."""
         return (self.clock() - record.updated).total_seconds() > self.options.stale_after
 
@@ -133,16 +143,39 @@ class IngestService:
     # -- an upload ---------------------------------------------------------------------
 
     async def accept(
-        self, received: ReceivedUpload, *, default_name: str | None = None
+        self, received: ReceivedUpload, *, default_name: str | None = None, by: str = ""
     ) -> AsyncIterator[Event]:
         """Inspect an upload (InvalidPackage or ConfigError now, before any event), then
         its stream of events. The received file stays the caller's. ``default_name``: the
-        package's name if its cog.yaml has none (else DEFAULT_NAME)."""
-        inspection = await asyncio.to_thread(inspect_package, received.path, self.limits)
-        return self._accepted(received, inspection, default_name)
+        package's name if its cog.yaml has none (else DEFAULT_NAME); ``by`` names who sent
+        it (the record keeps it)."""
+        # One at a time: reading a config and a model's source is Python-bound, and
+        # threads that take turns with the GIL would take turns with the event loop too.
+        async with self._inspecting:
+            inspection = await asyncio.to_thread(inspect_package, received.path, self.limits)
+        if self.builder is not None:
+            self._check_image_name(inspection.config.name or default_name or DEFAULT_NAME)
+        return self._accepted(received, inspection, default_name, by)
+
+    def _check_image_name(self, name: str) -> None:
+        """A name that makes an image reference longer than a registry takes is the
+        uploader's to change, said now rather than by a failed push."""
+        repository = f"{self.builder_settings.registry.rstrip('/')}/{name}"
+        if len(repository) > MAX_NAME:
+            shown = repository if len(repository) <= 40 else repository[:40] + "..."
+            raise ConfigError(
+                [
+                    f"name: {shown} ({len(repository)} characters) is longer than a registry "
+                    f"takes ({MAX_NAME}); choose a shorter name"
+                ]
+            )
 
     async def _accepted(
-        self, received: ReceivedUpload, inspection: Inspection, default_name: str | None
+        self,
+        received: ReceivedUpload,
+        inspection: Inspection,
+        default_name: str | None,
+        by: str,
     ) -> AsyncIterator[Event]:
         # "Received" at once: verifying every member takes seconds for a large package,
         # and the client hears from us first.
@@ -151,7 +184,14 @@ class IngestService:
         )
         await asyncio.to_thread(verify_package, received.path, self.limits)
         async with contextlib.aclosing(
-            self.ingest(received.package_id, received.size, received.path, inspection, default_name)
+            self.ingest(
+                received.package_id,
+                received.size,
+                received.path,
+                inspection,
+                default_name,
+                by=by,
+            )
         ) as stream:
             async for event in stream:
                 yield event
@@ -163,6 +203,8 @@ class IngestService:
         zip_path: Path,
         inspection: Inspection,
         default_name: str | None = None,
+        *,
+        by: str = "",
     ) -> AsyncIterator[Event]:
         """Store, build and check one received and verified package, or follow the build
         of it that runs already (zip_path stays the caller's)."""
@@ -172,7 +214,7 @@ class IngestService:
             existing = await self._existing(package_id)
             live = self._live.get(package_id)
             if live is None and self.builder is not None and self._to_build(existing):
-                record = self._new_record(package_id, size, inspection, existing, name)
+                record = self._new_record(package_id, size, inspection, existing, name, by=by)
                 run = self._start(record)
         if run is not None:
             stream = self._build(run, zip_path, store=True)
@@ -183,13 +225,15 @@ class IngestService:
         elif existing is not None and existing.status is Status.BUILDING:
             stream = self._await_other_server(package_id)
         else:
-            stream = self._store_only(package_id, size, zip_path, inspection, existing, name)
+            stream = self._store_only(package_id, size, zip_path, inspection, existing, name, by)
         async with contextlib.aclosing(stream):
             async for event in stream:
                 yield event
 
-    async def rebuild(self, record: PackageRecord) -> AsyncIterator[Event]:
-        """Build a stored package again (after the registry came back, say)."""
+    async def rebuild(self, record: PackageRecord, *, by: str = "") -> AsyncIterator[Event]:
+        """Build a stored package again (after the registry came back, say); `by` names
+        who asked."""
+        log.info("rebuild requested", package_id=record.id, by=by)
         if self.builder is None:
             yield events.error("this server has no builder configured", 409)
             return
@@ -222,11 +266,76 @@ class IngestService:
         finally:
             await asyncio.shield(asyncio.to_thread(zip_path.unlink, missing_ok=True))
 
-    async def delete(self, record: PackageRecord) -> None:
-        """Remove a package (record, zip, log); PackageBusy while it is being built."""
+    async def delete(self, record: PackageRecord, *, by: str = "") -> None:
+        """Remove a package (record, zip, log); PackageBusy while it is being built. `by`
+        names who asked (logged: the record goes)."""
         if self.busy(record):
             raise PackageBusy("this package is being built; delete it when the build ends")
+        if record.status is Status.BUILDING and self.builder is not None:
+            await self._stop_abandoned_checks(record.id)
         await self.catalog.delete(record.id)
+        log.info("package deleted", package_id=record.id, name=record.name, by=by)
+
+    async def fail_abandoned(self) -> list[str]:
+        """Records left "building" by servers that stopped (no heartbeat for stale_after)
+        become "failed", saying so: none stays "building" for ever. The IDs changed.
+
+        A record is read again under its claim just before it is written: another server
+        taking the build over meanwhile has refreshed it, and is left alone."""
+        changed = []
+        for record in await self.catalog.newest_first():
+            if record.status is not Status.BUILDING or record.id in self._live:
+                continue
+            if not self.is_stale(record):
+                continue
+            async with self._claims.hold(record.id):
+                current = await self._existing(record.id)
+                if current is None or current.id in self._live:
+                    continue
+                if current.status is not Status.BUILDING or not self.is_stale(current):
+                    continue
+                failed = current.evolve(
+                    updated=self.clock(),
+                    status=Status.FAILED,
+                    error=(
+                        "the server building this package stopped before the build ended; "
+                        "rebuild it or upload it again"
+                    ),
+                )
+                with contextlib.suppress(PackageDeleted):
+                    await self.catalog.put_stored(failed)
+                    changed.append(record.id)
+        if changed:
+            log.info("builds of stopped servers marked failed", packages=changed)
+        return changed
+
+    async def run_janitor(self) -> None:
+        """fail_abandoned now, then every quarter of stale_after, for ever (a background
+        task of the app)."""
+        while True:
+            try:
+                await self.fail_abandoned()
+            except Exception:  # a storage hiccup must not end the janitor
+                log.exception("looking for abandoned builds failed")
+            await asyncio.sleep(max(self.options.stale_after / 4, 1.0))
+
+    async def _stop_abandoned_checks(self, package_id: str) -> None:
+        """A build left "building" by a server that died may have left its check running:
+        removed before the package goes; PackageBusy while a live server's runs."""
+        from cog.engine import EngineError  # aiodocker: only where checks run
+        from cog.server.check import stop_checks_of
+
+        try:
+            kept = await stop_checks_of(package_id, self.builder_settings.docker_host)
+        except EngineError as exc:
+            # Its container, if any, ends by itself when its time is up (its label says).
+            log.warning("could not look for the package's check containers", error=exc.message)
+            return
+        if kept:
+            raise PackageBusy(
+                "a check of this package still runs (a container of another cog server on "
+                "this Docker Engine); delete it when that ends"
+            )
 
     # -- deciding ----------------------------------------------------------------------
 
@@ -250,6 +359,8 @@ class IngestService:
         existing: PackageRecord | None,
         name: str,
         status: Status = Status.BUILDING,
+        *,
+        by: str = "",
     ) -> PackageRecord:
         stamp = self.clock()
         return PackageRecord(
@@ -261,6 +372,7 @@ class IngestService:
             status=status,
             size=size,
             signature=inspection.signature,
+            uploaded_by=by,
         )
 
     def _start(self, record: PackageRecord) -> BuildRun:
@@ -273,6 +385,7 @@ class IngestService:
             clock=self.clock,
         )
         self._live[record.id] = run.live
+        log.info("build started", package_id=record.id, name=record.name)
         return run
 
     # -- the ways an upload ends without a build of its own ---------------------------
@@ -314,9 +427,10 @@ class IngestService:
         inspection: Inspection,
         existing: PackageRecord | None,
         name: str,
+        by: str,
     ) -> AsyncIterator[Event]:
         """A server without a builder: the package is stored, and ready as it is."""
-        record = self._new_record(package_id, size, inspection, existing, name, Status.READY)
+        record = self._new_record(package_id, size, inspection, existing, name, Status.READY, by=by)
         async for event in self._store(record, zip_path):
             yield event
         yield events.status("Stored (this server has no builder, so no images were built)")
@@ -347,20 +461,25 @@ class IngestService:
         assert self.builder is not None
         recorded = False
         try:
-            if store:
-                async for event in self._store(run.record, zip_path):
+            try:
+                if store:
+                    async for event in self._store(run.record, zip_path):
+                        yield run.emit(event)
+                else:
+                    await self.catalog.put_stored(run.record)
+                recorded = True
+                async with contextlib.aclosing(self._steps(run, zip_path)) as steps:
+                    async for event in steps:
+                        yield run.emit(event)
+                        await run.heartbeat()
+                yield run.emit(await run.succeeded())
+            except BuildError as exc:
+                for event in await run.failed(exc):
                     yield run.emit(event)
-            else:
-                await self.catalog.put(run.record)
-            recorded = True
-            async with contextlib.aclosing(self._steps(run, zip_path)) as steps:
-                async for event in steps:
-                    yield run.emit(event)
-                    await run.heartbeat()
-            yield run.emit(await run.succeeded())
-        except BuildError as exc:
-            for event in await run.failed(exc):
-                yield run.emit(event)
+        except PackageDeleted as exc:
+            log.info("package deleted while it was being built", package_id=run.record.id)
+            run.deleted = True
+            yield run.emit(events.error(str(exc), 410))
         except BaseException as exc:
             if recorded:
                 await run.interrupted(exc, self.builder.label)
@@ -410,7 +529,8 @@ class IngestService:
                     yield events.status(f"Pushed {item.image} ({item.digest})")
 
     async def _check(self, run: BuildRun, zip_path: Path) -> AsyncIterator[Event]:
-        from cog.server.check import check_image  # aiodocker: only where checks run
+        from cog.engine import RegistryAuth  # aiodocker: only where checks run
+        from cog.server.check import check_image
 
         by_target = {a.target: a for a in run.artifacts}
         artifact = by_target.get("docker-cpu") or by_target.get("docker-gpu")
@@ -426,7 +546,10 @@ class IngestService:
                 run.record.config,
                 run.record.signature,
                 docker_host=self.builder_settings.docker_host,
+                registry_auth=RegistryAuth(self.builder_settings.registry_auth),
                 timeout=self.options.check_timeout,
+                socket_root=self.tmp_dir,
+                package_id=run.record.id,
             )
         ) as stream:
             async for item in stream:
@@ -439,6 +562,9 @@ class IngestService:
         run.live.finish()
         self._live.pop(run.record.id, None)
         package_id = run.record.id
+        if run.deleted:  # no record to keep a log for
+            run.live.discard()
+            return
         writing = asyncio.ensure_future(
             self.storage.write(log_key(package_id), file_chunks(run.live.path))
         )

@@ -1,4 +1,7 @@
-"""What wraps every request: one access-log line, and errors answered as JSON."""
+"""What wraps every request: one access-log line, and errors answered as JSON.
+
+The third middleware, :func:`cog.server.auth.authorize`, lives with the scopes it checks.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import uuid
 import structlog
 from aiohttp import web
 
-from cog.server.errors import error_response, json_error
+from cog.server.errors import render_error
 
 log = structlog.get_logger("cog.server")
 
@@ -22,21 +25,17 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        status, message, extra = error_response(exc)
-        return json_error(status, message, **extra)
+        return render_error(exc)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:
-        status, message, extra = error_response(exc)
-        response = json_error(status, message, **extra)
-        if getattr(exc, "close_connection", False):
-            response.force_close()
-        return response
+        return render_error(exc)
 
 
 @web.middleware
 async def access_log(request: web.Request, handler) -> web.StreamResponse:
-    """One line per request: method, path, status, duration, package id when known."""
+    """One line per request: method, path, status, duration, who (the token's name, never
+    the token) and the package id when known."""
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex[:12])
     started = time.perf_counter()
@@ -49,9 +48,11 @@ async def access_log(request: web.Request, handler) -> web.StreamResponse:
         status = 499  # client closed the request
         raise
     finally:
+        bound = structlog.contextvars.get_contextvars()
         log.info(
             "request",
-            package_id=structlog.contextvars.get_contextvars().get("package_id"),
+            package_id=bound.get("package_id"),
+            who=bound.get("who"),
             method=request.method,
             path=request.path,
             status=status,

@@ -17,7 +17,7 @@ import importlib.resources
 import attrs
 from aiohttp import web
 
-from cog.server.access import requires
+from cog.server.auth import PUBLIC, Routes
 
 TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -66,9 +66,11 @@ ASSETS = web.AppKey("page_assets", dict)
 
 def add_routes(app: web.Application) -> None:
     app[ASSETS] = load_assets()
-    app.router.add_get("/", index)
-    app.router.add_get("/packages/{ref}", index)
-    app.router.add_get("/static/{name}", static)
+    # Open to anyone: the page must load before it can ask for a token.
+    routes = Routes(app)
+    routes.get("/", index, PUBLIC)
+    routes.get("/packages/{ref}", index, PUBLIC)
+    routes.get("/static/{name}", static, PUBLIC)
 
 
 def _respond(request: web.Request, asset: Asset, cache: str) -> web.Response:
@@ -91,13 +93,11 @@ def _respond(request: web.Request, asset: Asset, cache: str) -> web.Response:
     return web.Response(body=body, headers=headers)
 
 
-@requires(None)
 async def index(request: web.Request) -> web.Response:
     """The page: the same document for every page URL; its script shows the right one."""
     return _respond(request, request.app[ASSETS]["index.html"], "no-cache")
 
 
-@requires(None)
 async def static(request: web.Request) -> web.Response:
     asset = request.app[ASSETS].get(request.match_info["name"])
     if asset is None or request.match_info["name"] == "index.html":

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from cog.engine.containers import ModelContainer
 from cog.package import short_id
-from cog.server.access import requires
+from cog.server.auth import Routes, Scope
 from cog.server.keys import WARM_POOL
 from cog.server.model_api import (
     BadInputs,
@@ -47,10 +47,9 @@ CHUNK = 256 * 1024
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/packages/{ref}/predictions", predict)
+    Routes(app).post("/v1/packages/{ref}/predictions", predict, Scope.RUN)
 
 
-@requires("run")
 async def predict(request: web.Request) -> web.StreamResponse:
     record = await resolve(request, request.match_info["ref"])
     pool = request.app.get(WARM_POOL)

@@ -56,10 +56,18 @@ class ServerSettings:
         factory=lambda: BuilderSettings(registry="127.0.0.1:5000")
     )
     ingest: IngestOptions = attrs.field(factory=IngestOptions)
-    #: where uploads are spooled; None: a fresh directory under the system temp dir
+    #: where uploads are spooled, each server in a directory of its own under it (see
+    #: cog.server.workdir); None: cog-server under the system's temp dir
     tmp_dir: Path | None = None
     max_upload_bytes: int = 4 * 1024**3
+    #: seconds an upload may send nothing before it is cut off (408)
+    upload_idle_timeout: float = 60.0
     package_limits: PackageLimits = attrs.field(factory=PackageLimits)
     #: how often the package index is refreshed from Storage (seconds)
     cache_ttl: float = 2.0
     predictions: PredictionOptions = attrs.field(factory=PredictionOptions)
+    #: the tokens file (``NAME SCOPES SHA256`` lines, see cog.server.auth); None: no
+    #: authentication, every caller may do everything
+    tokens_file: Path | None = None
+    #: callers without a token may read (list, show, download, logs)
+    public_read: bool = False

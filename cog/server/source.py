@@ -40,6 +40,8 @@ def static_signature(source: str, class_name: str, filename: str = "<model>") ->
         tree = ast.parse(source, filename)
     except SyntaxError as e:
         raise SignatureError([f"{filename}:{e.lineno}: {e.msg}"]) from None
+    except (RecursionError, MemoryError):
+        raise SignatureError([f"{filename} nests deeper than the server reads"]) from None
     names = _CogNames.of(tree)
     classes = _top_level_classes(tree)
     cls = classes.get(class_name)

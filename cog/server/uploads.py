@@ -2,7 +2,8 @@
 
 The body never sits in memory: chunks are gathered into ~1 MiB batches, and each batch is
 hashed and written in a worker thread while the next batch is being read from the socket
-(two batches in memory at most). The size limit is enforced while streaming (413), and
+(two batches in memory at most). The size limit is enforced while streaming (413), so is
+an idle limit (408: a client that stops sending holds its connection no longer), and
 any failure, including the client going away mid-upload, removes the temp file.
 """
 
@@ -43,6 +44,14 @@ class UndecodableBody(UploadError):
     close_connection = True
 
 
+class UploadStalled(UploadError):
+    http_status = 408
+    close_connection = True
+
+    def __init__(self, seconds: float):
+        super().__init__(f"the upload stalled: nothing arrived for {seconds:g} seconds")
+
+
 class UploadTooLarge(UploadError):
     http_status = 413
 
@@ -57,8 +66,11 @@ class ReceivedUpload:
     size: int
 
 
-async def receive_upload(request: web.Request, tmp_dir: Path, max_bytes: int) -> ReceivedUpload:
-    """Stream the ``file`` field of a multipart upload to a new temp file under tmp_dir.
+async def receive_upload(
+    request: web.Request, tmp_dir: Path, max_bytes: int, idle_timeout: float = 60.0
+) -> ReceivedUpload:
+    """Stream the ``file`` field of a multipart upload to a new temp file under tmp_dir;
+    UploadStalled when nothing arrives for idle_timeout seconds.
 
     The caller owns the returned file and must remove it.
     """
@@ -81,13 +93,13 @@ async def receive_upload(request: web.Request, tmp_dir: Path, max_bytes: int) ->
                 raise UploadError("nested multipart uploads are not supported")
             if part.name == FIELD and received is None:
                 _check_part_encoding(part)
-                received = await _spool(part, tmp_dir, max_bytes)
+                received = await _spool(part, tmp_dir, max_bytes, idle_timeout)
             else:
                 await _parsing(part.release())  # other fields are not ours; drain them
     except BaseException as exc:
         if received is not None:
             received.path.unlink(missing_ok=True)
-        if isinstance(exc, UndecodableBody):
+        if isinstance(exc, (UndecodableBody, UploadStalled)):
             # The rest of the body cannot be read (aiohttp would try to drain it after the
             # response and log the stored error again): it ends here, and so does the
             # connection.
@@ -98,7 +110,9 @@ async def receive_upload(request: web.Request, tmp_dir: Path, max_bytes: int) ->
     return received
 
 
-async def _spool(part: BodyPartReader, tmp_dir: Path, max_bytes: int) -> ReceivedUpload:
+async def _spool(
+    part: BodyPartReader, tmp_dir: Path, max_bytes: int, idle_timeout: float
+) -> ReceivedUpload:
     fd, name = tempfile.mkstemp(prefix="upload-", suffix=".zip", dir=tmp_dir)
     path = Path(name)
     digest = hashlib.sha256()
@@ -115,7 +129,12 @@ async def _spool(part: BodyPartReader, tmp_dir: Path, max_bytes: int) -> Receive
             batch: list[bytes] = []
             batch_size = 0
             while True:
-                chunk = await _parsing(part.read_chunk(READ_CHUNK))
+                try:
+                    chunk = await asyncio.wait_for(
+                        _parsing(part.read_chunk(READ_CHUNK)), idle_timeout
+                    )
+                except asyncio.TimeoutError:
+                    raise UploadStalled(idle_timeout) from None
                 if not chunk:
                     break
                 size += len(chunk)

@@ -1,5 +1,6 @@
 """The cog server's HTTP API: each handler translates a request for the ingest service,
-the catalog or storage, and their answer back (routes in :func:`add_routes`)."""
+the catalog or storage, and their answer back (routes, each with the scope it needs, in
+:func:`add_routes`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from aiohttp import web
 import cog
 from cog import events
 from cog.config import name_problem
+from cog.server.auth import IDENTIFIED, PUBLIC, Routes, Scope, identity
 from cog.server.catalog import log_key, package_key
 from cog.server.errors import error_response, json_error
 from cog.server.ingest import PackageBusy, missing_zip
@@ -34,15 +36,18 @@ log = structlog.get_logger("cog.server")
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/ping", ping)
-    app.router.add_post("/v1/packages/upload", upload)
-    app.router.add_get("/v1/packages/", list_packages)
-    app.router.add_get("/v1/packages", list_packages)
-    app.router.add_get("/v1/packages/{ref}", show_or_download)
-    app.router.add_delete("/v1/packages/{ref}", delete)
-    app.router.add_get("/v1/packages/{ref}/log", build_log)
-    app.router.add_post("/v1/packages/{ref}/build", rebuild)
-    app.router.add_get("/v1/packages/{ref}/files/{name:.+}", example_file)
+    """Every route, with what it needs (see cog.server.auth)."""
+    routes = Routes(app)
+    routes.get("/ping", ping, PUBLIC)
+    routes.get("/v1/whoami", whoami, IDENTIFIED)
+    routes.post("/v1/packages/upload", upload, Scope.WRITE)
+    routes.get("/v1/packages/", list_packages, Scope.READ)
+    routes.get("/v1/packages", list_packages, Scope.READ)
+    routes.get("/v1/packages/{ref}", show_or_download, Scope.READ)
+    routes.delete("/v1/packages/{ref}", delete, Scope.ADMIN)
+    routes.get("/v1/packages/{ref}/log", build_log, Scope.READ)
+    routes.post("/v1/packages/{ref}/build", rebuild, Scope.WRITE)
+    routes.get("/v1/packages/{ref}/files/{name:.+}", example_file, Scope.READ)
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -58,17 +63,27 @@ async def ping(request: web.Request) -> web.Response:
     )
 
 
+async def whoami(request: web.Request) -> web.Response:
+    """Who the server takes the caller for, and what they may do (`cog login` asks)."""
+    who = identity(request)
+    scopes = [scope.value for scope in Scope if who.may(scope)]
+    return web.json_response({"Name": who.name, "Scopes": scopes, "Anonymous": who.anonymous})
+
+
 async def upload(request: web.Request) -> web.StreamResponse:
     app = request.app
+    settings = app[SETTINGS]
     # ?name=: the package's name if its cog.yaml has none (`cog build` sends its
     # directory's name), checked before the body is read.
     name = request.query.get("name") or None
     if name is not None and name_problem(name):
         raise web.HTTPBadRequest(text=f"name: {name_problem(name)}")
-    received = await receive_upload(request, app[TMP_DIR], app[SETTINGS].max_upload_bytes)
+    received = await receive_upload(
+        request, app[TMP_DIR], settings.max_upload_bytes, settings.upload_idle_timeout
+    )
     structlog.contextvars.bind_contextvars(package_id=received.package_id)
     try:
-        stream = await app[INGEST].accept(received, default_name=name)
+        stream = await app[INGEST].accept(received, default_name=name, by=identity(request).name)
         return await respond_with_events(request, stream)
     finally:
         # Shielded: a handler cancelled here still removes its upload.
@@ -166,7 +181,7 @@ async def example_file(request: web.Request) -> web.StreamResponse:
 async def delete(request: web.Request) -> web.Response:
     record = await resolve(request, request.match_info["ref"])
     try:
-        await request.app[INGEST].delete(record)
+        await request.app[INGEST].delete(record, by=identity(request).name)
     except PackageBusy as exc:
         return json_error(409, str(exc))
     return web.json_response({"ID": record.id, "Deleted": True})
@@ -174,7 +189,8 @@ async def delete(request: web.Request) -> web.Response:
 
 async def rebuild(request: web.Request) -> web.StreamResponse:
     record = await resolve(request, request.match_info["ref"])
-    return await respond_with_events(request, request.app[INGEST].rebuild(record))
+    stream = request.app[INGEST].rebuild(record, by=identity(request).name)
+    return await respond_with_events(request, stream)
 
 
 async def build_log(request: web.Request) -> web.StreamResponse:

@@ -400,13 +400,15 @@ class BuildKitBuilder(Builder):
             yield BuiltImage(image=request.image, digest=digest)
             return
         from cog.builders.push import push_events  # aiodocker only for this path
-        from cog.engine import Engine, EngineError
+        from cog.engine import Engine, EngineError, RegistryAuth
 
         where = self.push_engine
         assert where is not None  # a moby export without one was refused at the start
         if self._engine is None:
             try:
-                self._engine = Engine(where)
+                self._engine = Engine(
+                    where, registry_auth=RegistryAuth(self.settings.registry_auth)
+                )
             except EngineError as exc:
                 raise BuilderUnavailable(exc.message, step="push") from None
         yield BuildLog(
