@@ -255,7 +255,7 @@ def test_a_bad_tokens_file_names_every_bad_line(tmp_path):
     for words in (
         "line 2: expected NAME SCOPES SHA256, got 2 fields",
         "line 3: 'bad/name' is not a usable token name",
-        "line 4: unknown scope 'fly' (use read, write, admin)",
+        "line 4: unknown scope 'fly' (use read, write, admin, run)",
         "line 5: the third field must be the token's SHA-256",
         "line 6: the name 'ok' is given twice",
         "line 7: the same token is given twice",
@@ -337,7 +337,7 @@ def test_tokens_login_and_logout_as_a_user(tmp_path, env):
     bad = cog("token", "new", "ci", "--scopes", "read,fly", env=env, check=False)
     assert (
         bad.returncode == 1
-        and bad.stderr == "cog: error: unknown scope 'fly' (use read, write, admin)\n"
+        and bad.stderr == "cog: error: unknown scope 'fly' (use read, write, admin, run)\n"
     )
 
     tokens = tmp_path / "tokens"

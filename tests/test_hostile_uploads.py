@@ -97,8 +97,7 @@ HOSTILE = {
     ),
     "a Python that does not exist": (
         package(HEAD.replace("'3.11'", "'3.99999999999999999999'")),
-        "environment.python_version: 3.99999999999999999999 is not a Python cog knows "
-        "(3.8 to 3.15)",
+        "environment.python_version: '3.99999999999999999999' must look like \"3.11\"",
     ),
 }
 

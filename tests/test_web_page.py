@@ -14,6 +14,7 @@ import pytest
 
 from cog.server.app import ServerSettings, make_app
 from cog.server.auth import Scope, TokenEntry, new_token, token_digest
+from cog.server.records import SUMMARY_KEYS
 from tests.registry_helpers import EXAMPLES, form, package_bytes
 from tests.services.browser import PHONE, Pages
 
@@ -86,7 +87,8 @@ async def test_listing_pages_of_summaries_filtered_by_name(client):
     assert [p["ID"] for p in await response.json()] == [thumbnail]
     response = await client.get("/v1/packages/?limit=1&offset=1")
     (summary,) = await response.json()
-    assert set(summary) == {"ID", "Name", "Status", "Created", "Size"}
+    assert set(summary) == set(SUMMARY_KEYS) | {"UploadedBy"}
+    assert "Config" not in summary and "Signature" not in summary
     assert (summary["ID"], summary["Name"], summary["Status"]) == (hello, "examples/hello", "ready")
 
     response = await client.get("/v1/packages/?name=THUMB")
@@ -94,9 +96,9 @@ async def test_listing_pages_of_summaries_filtered_by_name(client):
     assert [p["Name"] for p in await response.json()] == ["examples/thumbnail"]
     response = await client.get("/v1/packages/?name=nothing-like-it")
     assert (response.headers["X-Total-Count"], await response.json()) == ("0", [])
-    # Without paging, every full document, as before.
-    full = await (await client.get("/v1/packages/")).json()
-    assert [p["ID"] for p in full] == [thumbnail, hello] and "Config" in full[0]
+    # Without paging, every package's summary (the whole document: GET /v1/packages/<id>).
+    every = await (await client.get("/v1/packages/")).json()
+    assert [p["ID"] for p in every] == [thumbnail, hello] and "Config" not in every[0]
 
 
 @pytest.mark.parametrize(
