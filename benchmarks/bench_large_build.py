@@ -9,9 +9,10 @@ here). Each round, interleaved so that machine load falls on all alike:
 - `cog build` of the directory through the CLI, to "--> Built": zip, upload, the
   server's verification, the commit to storage; the package is deleted afterwards, so
   every round stores it again.
-Reported: the median of each (and every round), cog build / sha256sum, the peak RSS of
-the CLI and of the server during the builds, and what was left in the servers'
-temporary directories afterwards (nothing, when all is well).
+Reported: the median of each (and every round), cog build / sha256sum, the CPU seconds
+of each (the CLI's and the server's together for a build: the cost whatever else runs on
+the machine), the peak RSS of the CLI and of the server during the builds, and what was
+left in the servers' temporary directories afterwards (nothing, when all is well).
 """
 
 from __future__ import annotations
@@ -60,8 +61,16 @@ def reset_peak_rss(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def run_timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """Seconds, the process's own peak RSS in MiB (from wait4), and its stdout."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a running process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_timed(
+    argv: list[str], env: dict[str, str] | None = None
+) -> tuple[float, float, float, str]:
+    """Seconds, the process's own peak RSS in MiB and CPU seconds (from wait4), its stdout."""
     started = time.perf_counter()
     process = subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -73,7 +82,7 @@ def run_timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{out}")
-    return elapsed, usage.ru_maxrss / 1024, out
+    return elapsed, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, out
 
 
 class Server:
@@ -95,14 +104,24 @@ class Server:
 
     def build(self, model: Path) -> dict[str, float]:
         reset_peak_rss(self.process.pid)
-        seconds, cli_rss, out = run_timed([COG, "build", str(model)], self.env)
+        server_cpu = cpu_seconds(self.process.pid)
+        seconds, cli_rss, cli_cpu, out = run_timed([COG, "build", str(model)], self.env)
         server_rss = peak_rss_mib(self.process.pid)
+        server_cpu = cpu_seconds(self.process.pid) - server_cpu
         package_id = out.strip().splitlines()[-1].split()[-1]
         subprocess.run([COG, "delete", package_id], env=self.env, check=True, capture_output=True)
-        return {"s": seconds, "cli_rss": cli_rss, "server_rss": server_rss}
+        return {
+            "s": seconds,
+            "cli_rss": cli_rss,
+            "server_rss": server_rss,
+            "cpu": cli_cpu + server_cpu,
+        }
 
-    def leftovers(self) -> list[str]:
-        return sorted(str(p.relative_to(self.tmp_dir)) for p in self.tmp_dir.rglob("*"))
+    def leftovers(self, work: Path) -> list[str]:
+        """Files in the server's temp directory, and temp files in the local store."""
+        found = [str(p.relative_to(work)) for p in self.tmp_dir.rglob("*")]
+        found += [str(p.relative_to(work)) for p in (work / "store").rglob(".tmp-*")]
+        return sorted(found)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -127,13 +146,16 @@ def main() -> None:
             if weed is not None:
                 servers.append(Server("s3", storage_url(weed.endpoint, prefix="bench"), work))
             times: dict[str, list[float]] = {"sha256sum": []}
+            cpu: dict[str, list[float]] = {"sha256sum": []}
             peaks: dict[str, list[float]] = {}
             for round_ in range(args.rounds):
-                seconds, _, _ = run_timed(["sha256sum", *files])
+                seconds, _, cpu_s, _ = run_timed(["sha256sum", *files])
                 times["sha256sum"].append(seconds)
+                cpu["sha256sum"].append(cpu_s)
                 for server in servers:
                     result = server.build(model)
                     times.setdefault(server.name, []).append(result["s"])
+                    cpu.setdefault(server.name, []).append(result["cpu"])
                     peaks.setdefault(f"{server.name}_cli", []).append(result["cli_rss"])
                     peaks.setdefault(f"{server.name}_server", []).append(result["server_rss"])
                 last = {name: round(values[-1], 2) for name, values in times.items()}
@@ -143,17 +165,25 @@ def main() -> None:
                 "size_mib": args.size_mib,
                 "rounds": args.rounds,
                 "sha256sum_s": round(sha, 2),
+                "sha256sum_cpu_s": round(statistics.median(cpu["sha256sum"]), 2),
             }
             for server in servers:
                 median = statistics.median(times[server.name])
                 summary[f"cog_build_{server.name}_s"] = round(median, 2)
                 summary[f"cog_build_{server.name}_vs_sha256sum"] = round(median / sha, 2)
+                # CLI and server together: what the build costs, whatever else runs
+                summary[f"cog_build_{server.name}_cpu_s"] = round(
+                    statistics.median(cpu[server.name]), 2
+                )
                 summary[f"peak_rss_{server.name}_cli_mib"] = round(max(peaks[f"{server.name}_cli"]))
                 summary[f"peak_rss_{server.name}_server_mib"] = round(
                     max(peaks[f"{server.name}_server"])
                 )
-                summary[f"leftovers_{server.name}"] = server.leftovers()
-            summary["load_average"] = os.getloadavg()
+                summary[f"leftovers_{server.name}"] = server.leftovers(work)
+            summary["rounds_s"] = {
+                name: [round(v, 2) for v in values] for name, values in times.items()
+            }
+            summary["load_average"] = [round(v, 2) for v in os.getloadavg()]
             print(json.dumps(summary), flush=True)
         finally:
             for server in servers:
