@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -160,26 +159,21 @@ def remote_show(args: argparse.Namespace) -> int:
 
 
 async def build(args: argparse.Namespace) -> int:
-    from cog.package import PackageError, write_package
+    from cog.package import PackageError, plan_package
 
     root = Path(args.dir).resolve()
     if not (root / "cog.yaml").is_file():
         raise CLIError(f"no cog.yaml in {root}")
-    with tempfile.TemporaryDirectory(prefix="cog-build-") as tmp:
-        zip_path = Path(tmp) / "package.zip"
-        bar = Progress("Packaging", 1)
-        try:
-            with open(zip_path, "wb") as out:
-                await asyncio.to_thread(write_package, root, out, bar.update)
-        except PackageError as exc:
-            raise CLIError(str(exc)) from None
-        finally:
-            bar.close()
-        size = zip_path.stat().st_size
-        async with client(args) as registry:
-            bar = Progress("Uploading", size)
-            stream = registry.upload(zip_path, bar.update)
-            return await render_build(stream, args, on_first_event=bar.close)
+    # Zipped as it is sent: the files are read (twice: a member's CRC precedes its data)
+    # and the zip never touches the disk.
+    try:
+        plan = await asyncio.to_thread(plan_package, root)
+    except PackageError as exc:
+        raise CLIError(str(exc)) from None
+    async with client(args) as registry:
+        bar = Progress("Uploading", plan.size)
+        stream = registry.upload_package(plan, bar.update)
+        return await render_build(stream, args, on_first_event=bar.close)
 
 
 async def rebuild(args: argparse.Namespace) -> int:

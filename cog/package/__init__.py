@@ -23,7 +23,7 @@ from cog.package.selection import (
     PackageIgnore,
     package_files,
 )
-from cog.package.writer import write_package
+from cog.package.writer import PackagePlan, package_chunks, plan_package, write_package
 from cog.package.zipformat import CONFIG_NAME, member_name_problem
 
 __all__ = [
@@ -39,10 +39,13 @@ __all__ = [
     "PackageError",
     "PackageIgnore",
     "PackageLimits",
+    "PackagePlan",
     "check_prefix",
     "is_package_id",
     "member_name_problem",
+    "package_chunks",
     "package_files",
+    "plan_package",
     "short_id",
     "write_package",
 ]

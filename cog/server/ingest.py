@@ -144,7 +144,7 @@ class IngestService:
         yield events.status(
             f"Received package {short_id(received.package_id)} ({format_size(received.size)})"
         )
-        await asyncio.to_thread(verify_package, received.path, self.limits)
+        await asyncio.to_thread(verify_package, received.path, self.limits, received.scanned)
         async with contextlib.aclosing(
             self.ingest(received.package_id, received.size, received.path, inspection)
         ) as stream:
@@ -275,7 +275,7 @@ class IngestService:
         if not await self.storage.exists(package_key(record.id)):
             # lost to a delete race (see _store): restored, as the bytes are the same
             yield events.status("Storing package (its stored copy was missing)")
-            await self.storage.write(package_key(record.id), file_chunks(zip_path))
+            await self.storage.write_file(package_key(record.id), zip_path)
         yield events.status("This package is already stored and built; nothing to do")
         yield events.package(record_to_json(record))
 
@@ -315,7 +315,7 @@ class IngestService:
         key = package_key(record.id)
         if not await self.storage.exists(key):
             yield events.status("Storing package")
-            await self.storage.write(key, file_chunks(zip_path))
+            await self.storage.write_file(key, zip_path)
         await self.catalog.put(record)
         # Another server's delete of this package may have removed the zip after we saw it
         # (its record first, then its zip): look again now that our record exists, and
@@ -325,7 +325,7 @@ class IngestService:
         if not await self.storage.exists(key):
             log.warning("package zip deleted while it was uploaded again; storing it again")
             yield events.status("Storing package (a delete removed the stored copy meanwhile)")
-            await self.storage.write(key, file_chunks(zip_path))
+            await self.storage.write_file(key, zip_path)
 
     # -- the build ---------------------------------------------------------------------
 

@@ -41,7 +41,13 @@ async def ping(request: web.Request) -> web.Response:
 
 async def upload(request: web.Request) -> web.StreamResponse:
     app = request.app
-    received = await receive_upload(request, app[TMP_DIR], app[SETTINGS].max_upload_bytes)
+    settings = app[SETTINGS]
+    received = await receive_upload(
+        request,
+        app[TMP_DIR],
+        settings.max_upload_bytes,
+        max_members=settings.package_limits.max_members,
+    )
     structlog.contextvars.bind_contextvars(package_id=received.package_id)
     try:
         stream = await app[INGEST].accept(received)
