@@ -107,6 +107,8 @@ class DockerBuilder(Builder):
             async for line in preparing:
                 yield line
         params = {"t": request.image, "rm": "1", "forcerm": "1", "pull": "0"}
+        if request.no_cache:
+            params["nocache"] = "1"
         context = build_context(request.package_zip, dockerfile)
         tail: collections.deque[str] = collections.deque(maxlen=TAIL)
         step: str | None = None

@@ -84,15 +84,17 @@ class RegistryClient:
         return await self._json("DELETE", f"/v1/packages/{ref}")
 
     async def upload(
-        self, zip_path: Path, progress: Progress | None = None
+        self, zip_path: Path, progress: Progress | None = None, *, no_cache: bool = False
     ) -> AsyncIterator[dict[str, Any]]:
-        """Upload a package zip; the server's build events as they happen."""
+        """Upload a package zip; the server's build events as they happen. ``no_cache``:
+        the server builds every step again, using no cached layer."""
         size = zip_path.stat().st_size
-        async for event in self._upload(_counted(file_chunks(zip_path), progress), size):
+        chunks = _counted(file_chunks(zip_path), progress)
+        async for event in self._upload(chunks, size, no_cache):
             yield event
 
     async def upload_package(
-        self, plan: PackagePlan, progress: Progress | None = None
+        self, plan: PackagePlan, progress: Progress | None = None, *, no_cache: bool = False
     ) -> AsyncIterator[dict[str, Any]]:
         """Upload a model directory's package, zipped as it is sent (no file on the way);
         the server's build events as they happen. PackageError (as CLIError) if a file
@@ -109,7 +111,7 @@ class RegistryClient:
                 raise
 
         try:
-            async for event in self._upload(_counted(chunks(), progress), plan.size):
+            async for event in self._upload(_counted(chunks(), progress), plan.size, no_cache):
                 yield event
         except (CLIError, PackageError, aiohttp.ClientError):
             if failure:  # the request failed because the zip did: say why
@@ -117,23 +119,21 @@ class RegistryClient:
             raise
 
     async def _upload(
-        self, chunks: AsyncIterator[bytes], size: int
+        self, chunks: AsyncIterator[bytes], size: int, no_cache: bool
     ) -> AsyncIterator[dict[str, Any]]:
         with aiohttp.MultipartWriter("form-data") as form:
             part = form.append_payload(_Sized(chunks, size, content_type="application/zip"))
             part.set_content_disposition("form-data", name="file", filename="package.zip")
             headers = {"Accept": events.NDJSON}
-            async with await self._request(
-                "POST", "/v1/packages/upload", data=form, headers=headers
-            ) as response:
+            path = "/v1/packages/upload" + ("?no_cache=1" if no_cache else "")
+            async with await self._request("POST", path, data=form, headers=headers) as response:
                 async for event in _events(response):
                     yield event
 
-    async def rebuild(self, ref: str) -> AsyncIterator[dict[str, Any]]:
+    async def rebuild(self, ref: str, *, no_cache: bool = False) -> AsyncIterator[dict[str, Any]]:
         headers = {"Accept": events.NDJSON}
-        async with await self._request(
-            "POST", f"/v1/packages/{ref}/build", headers=headers
-        ) as response:
+        path = f"/v1/packages/{ref}/build" + ("?no_cache=1" if no_cache else "")
+        async with await self._request("POST", path, headers=headers) as response:
             async for event in _events(response):
                 yield event
 

@@ -54,6 +54,11 @@ def describe_os_error(exc: OSError) -> str:
     return f"{names}: {reason}"
 
 
+NO_CACHE_HELP = (
+    "build every step again, using no cached layer (a package built already is built again)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cog", description="Package machine learning models and run them anywhere."
@@ -78,12 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", default=".", help="model directory (default: .)")
     p.add_argument("--json", action="store_true", help="print the package document at the end")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the result")
+    p.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
     p.set_defaults(func=lambda a: run(build(a)))
 
     p = sub.add_parser("rebuild", help="build a stored package's images again")
     p.add_argument("id", help="package ID or unique prefix (7+ characters)")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
     p.set_defaults(func=lambda a: run(rebuild(a)))
 
     p = sub.add_parser("list", help="list packages, newest first")
@@ -172,13 +179,13 @@ async def build(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     async with client(args) as registry:
         bar = Progress("Uploading", plan.size)
-        stream = registry.upload_package(plan, bar.update)
+        stream = registry.upload_package(plan, bar.update, no_cache=args.no_cache)
         return await render_build(stream, args, on_first_event=bar.close)
 
 
 async def rebuild(args: argparse.Namespace) -> int:
     async with client(args) as registry:
-        return await render_build(registry.rebuild(args.id), args)
+        return await render_build(registry.rebuild(args.id, no_cache=args.no_cache), args)
 
 
 async def render_build(

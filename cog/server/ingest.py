@@ -130,14 +130,17 @@ class IngestService:
 
     # -- an upload ---------------------------------------------------------------------
 
-    async def accept(self, received: ReceivedUpload) -> AsyncIterator[Event]:
+    async def accept(
+        self, received: ReceivedUpload, *, no_cache: bool = False
+    ) -> AsyncIterator[Event]:
         """Inspect an upload (InvalidPackage or ConfigError now, before any event), then
-        its stream of events. The received file stays the caller's."""
+        its stream of events. The received file stays the caller's. ``no_cache``: build
+        every step again (and a package built already is built again)."""
         inspection = await asyncio.to_thread(inspect_package, received.path, self.limits)
-        return self._accepted(received, inspection)
+        return self._accepted(received, inspection, no_cache)
 
     async def _accepted(
-        self, received: ReceivedUpload, inspection: Inspection
+        self, received: ReceivedUpload, inspection: Inspection, no_cache: bool
     ) -> AsyncIterator[Event]:
         # "Received" at once: verifying every member takes seconds for a large package,
         # and the client hears from us first.
@@ -146,13 +149,21 @@ class IngestService:
         )
         await asyncio.to_thread(verify_package, received.path, self.limits, received.scanned)
         async with contextlib.aclosing(
-            self.ingest(received.package_id, received.size, received.path, inspection)
+            self.ingest(
+                received.package_id, received.size, received.path, inspection, no_cache=no_cache
+            )
         ) as stream:
             async for event in stream:
                 yield event
 
     async def ingest(
-        self, package_id: str, size: int, zip_path: Path, inspection: Inspection
+        self,
+        package_id: str,
+        size: int,
+        zip_path: Path,
+        inspection: Inspection,
+        *,
+        no_cache: bool = False,
     ) -> AsyncIterator[Event]:
         """Store, build and check one received and verified package, or follow the build
         of it that runs already (zip_path stays the caller's)."""
@@ -160,9 +171,9 @@ class IngestService:
         async with self._claims.hold(package_id):
             existing = await self._existing(package_id)
             live = self._live.get(package_id)
-            if live is None and self.builder is not None and self._to_build(existing):
+            if live is None and self.builder is not None and self._to_build(existing, no_cache):
                 record = self._new_record(package_id, size, inspection, existing)
-                run = self._start(record)
+                run = self._start(record, no_cache=no_cache)
         if run is not None:
             stream = self._build(run, zip_path, store=True)
         elif live is not None:
@@ -177,8 +188,11 @@ class IngestService:
             async for event in stream:
                 yield event
 
-    async def rebuild(self, record: PackageRecord) -> AsyncIterator[Event]:
-        """Build a stored package again (after the registry came back, say)."""
+    async def rebuild(
+        self, record: PackageRecord, *, no_cache: bool = False
+    ) -> AsyncIterator[Event]:
+        """Build a stored package again (after the registry came back, say); ``no_cache``:
+        every step again, using no cached layer."""
         if self.builder is None:
             yield events.error("this server has no builder configured", 409)
             return
@@ -199,7 +213,8 @@ class IngestService:
                 current = await self._existing(record.id)
                 if current is not None and not self.busy(current):
                     run = self._start(
-                        current.evolve(updated=self.clock(), status=Status.BUILDING, error="")
+                        current.evolve(updated=self.clock(), status=Status.BUILDING, error=""),
+                        no_cache=no_cache,
                     )
             if run is None:
                 message = "package was deleted" if current is None else "being built already"
@@ -225,9 +240,12 @@ class IngestService:
         except PackageNotFound:
             return None
 
-    def _to_build(self, existing: PackageRecord | None) -> bool:
-        """A new package, a failed one uploaded again, or one whose builder died."""
+    def _to_build(self, existing: PackageRecord | None, no_cache: bool = False) -> bool:
+        """A new package, a failed one uploaded again, one whose builder died, or one
+        built already that is asked for again without the cache."""
         if existing is None or existing.status is Status.FAILED:
+            return True
+        if no_cache and existing.status is Status.READY:
             return True
         return existing.status is Status.BUILDING and self.is_stale(existing)
 
@@ -251,7 +269,7 @@ class IngestService:
             signature=inspection.signature,
         )
 
-    def _start(self, record: PackageRecord) -> BuildRun:
+    def _start(self, record: PackageRecord, *, no_cache: bool = False) -> BuildRun:
         """A build of record, registered as this package's live build (under its claim)."""
         run = BuildRun(
             record,
@@ -259,6 +277,7 @@ class IngestService:
             self.catalog,
             heartbeat=self.options.heartbeat,
             clock=self.clock,
+            no_cache=no_cache,
         )
         self._live[record.id] = run.live
         return run
@@ -376,7 +395,8 @@ class IngestService:
         record = run.record
         image = self._image_name(record, target)
         run.position.enter(f"building the {target.upper()} image {image}", target)
-        yield events.status(f"Building {target.upper()} image {image}")
+        cold = " without the build cache" if run.no_cache else ""
+        yield events.status(f"Building {target.upper()} image {image}{cold}")
         request = BuildRequest(
             package_id=record.id,
             package_zip=zip_path,
@@ -384,6 +404,7 @@ class IngestService:
             target=target,  # type: ignore[arg-type]
             image=image,
             signature_json=json.dumps(record.signature) if record.signature else None,
+            no_cache=run.no_cache,
         )
         async with contextlib.aclosing(self.builder.build(request)) as stream:
             async for item in stream:

@@ -39,8 +39,21 @@ async def ping(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": cog.__version__})
 
 
+def query_flag(request: web.Request, name: str) -> bool:
+    """A yes/no query parameter (``?no_cache=1``); absent is no. 400 for anything else."""
+    value = request.query.get(name)
+    if value is None:
+        return False
+    if value.strip().lower() in ("", "1", "true", "yes"):
+        return True
+    if value.strip().lower() in ("0", "false", "no"):
+        return False
+    raise web.HTTPBadRequest(text=f"query parameter {name}={value!r}: use 1 or 0")
+
+
 async def upload(request: web.Request) -> web.StreamResponse:
     app = request.app
+    no_cache = query_flag(request, "no_cache")  # refused before the body is read
     settings = app[SETTINGS]
     received = await receive_upload(
         request,
@@ -50,7 +63,7 @@ async def upload(request: web.Request) -> web.StreamResponse:
     )
     structlog.contextvars.bind_contextvars(package_id=received.package_id)
     try:
-        stream = await app[INGEST].accept(received)
+        stream = await app[INGEST].accept(received, no_cache=no_cache)
         return await respond_with_events(request, stream)
     finally:
         # Shielded: a handler cancelled here still removes its upload.
@@ -109,8 +122,10 @@ async def delete(request: web.Request) -> web.Response:
 
 
 async def rebuild(request: web.Request) -> web.StreamResponse:
+    no_cache = query_flag(request, "no_cache")
     record = await resolve(request, request.match_info["ref"])
-    return await respond_with_events(request, request.app[INGEST].rebuild(record))
+    stream = request.app[INGEST].rebuild(record, no_cache=no_cache)
+    return await respond_with_events(request, stream)
 
 
 async def build_log(request: web.Request) -> web.StreamResponse:
