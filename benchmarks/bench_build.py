@@ -1,7 +1,7 @@
 """`cog build` against a minimal hand-written Dockerfile, side by side (figures, not a test).
 
     .venv/bin/python benchmarks/bench_build.py [--rounds 5] [--builder docker|buildkit]
-        [--builder-opt KEY=VALUE] [--base-image python:3.11-slim]
+        [--builder-opt KEY=VALUE] [--base-image python:3.11-slim] [--shared PIN]
 
 The same model on both sides: a Pillow blur (a file in, a file out, a number), on the same
 base image, this machine's Docker engine and registry (contrib/setup-machine.sh):
@@ -21,6 +21,10 @@ Reported: the median of each over the rounds (and every round), cog / floor, the
 of the two images (`docker image inspect`, in MB of 10^6 bytes), as the issue table gives
 them, and where the last cold `cog build` spent its time: when each phase began (upload
 until "Received", build, push, the check) and each build step's seconds.
+
+With ``--shared PIN`` (issue 15's goal 3), instead: two models that both pin a large
+package, each built cold by `cog build`, the second after the first, and the floor
+building the second cold; both images' sizes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import statistics
 import struct
 import subprocess
@@ -255,14 +261,20 @@ class Cog:
             for phase, words in marks.items()
             if any(words in line for _, line in self.lines)
         }
-        steps, step = [], ""
+        steps: list[list[object]] = []
+        step = ""
+        vertexes: dict[str, str] = {}  # BuildKit's "#5 [2/9] RUN ..." by its "#5"
         for _, line in self.lines:
-            text = line.split("] ", 1)[-1]
-            if text.startswith("Step "):
+            text = line.split("] ", 1)[-1] if line.startswith("[") else line
+            if text.startswith("Step "):  # the Docker builder: "Step 4/12 : RUN ..."
                 step = text
             elif text.startswith(" ---> ") and text.endswith("s)") and step:
                 steps.append([step[:100], float(text.rsplit("(", 1)[1][:-2])])
                 step = ""
+            elif match := re.match(r"(#\d+) (\[.*)", text):  # BuildKit: "#5 [2/9] RUN ..."
+                vertexes[match[1]] = match[2]
+            elif (match := re.match(r"(#\d+) DONE (\d+\.\d+)s$", text)) and match[1] in vertexes:
+                steps.append([vertexes.pop(match[1])[:100], float(match[2])])
         return {"began_at_s": began, "steps_s": steps}
 
     def image(self) -> str:
@@ -279,50 +291,40 @@ def image_mb(image: str) -> float:
     return int(run(["docker", "image", "inspect", "-f", "{{.Size}}", image])) / 1e6
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--builder", default="docker")
-    parser.add_argument("--builder-opt", action="append", default=[])
-    parser.add_argument("--base-image", default="python:3.11-slim")
-    args = parser.parse_args()
+def comparison(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    """Goals 1, 2 and 5: cold and code-only builds, interleaved, and the image sizes."""
     times: dict[str, list[float]] = {
         "floor_cold": [],
         "cog_cold": [],
         "floor_code_only": [],
         "cog_code_only": [],
     }
-    with tempfile.TemporaryDirectory(prefix="cog-bench-build-") as tmp:
-        work = Path(tmp)
-        cog_dir, plain_dir = make_models(work, args.base_image)
-        change_requirements(cog_dir, plain_dir)
-        floor, cog = Floor(plain_dir), Cog(cog_dir, work, args)
-        try:
-            # A warm-up round, not counted: the base image's layers and pip's first run
-            # on this machine should cost neither side.
-            floor.build(cold=True)
-            cog.build()
-            cold_phases: dict[str, object] = {}
-            for round_ in range(args.rounds):
-                change_requirements(cog_dir, plain_dir)
-                sides = [("floor", lambda: floor.build(cold=True)), ("cog", cog.build)]
-                for name, build in sides if round_ % 2 == 0 else reversed(sides):
-                    times[f"{name}_cold"].append(build())
-                cold_phases = cog.phases()
-                change_code(cog_dir, plain_dir)
-                sides = [("floor", lambda: floor.build(cold=False)), ("cog", cog.build)]
-                for name, build in sides if round_ % 2 == 0 else reversed(sides):
-                    times[f"{name}_code_only"].append(build())
-                last = {name: round(values[-1], 2) for name, values in times.items()}
-                print(json.dumps({"round": round_ + 1} | last), flush=True)
-            sizes = {"floor_image_mb": image_mb(floor.image), "cog_image_mb": image_mb(cog.image())}
-        finally:
-            cog.stop()
+    cog_dir, plain_dir = make_models(work, args.base_image)
+    change_requirements(cog_dir, plain_dir)
+    floor, cog = Floor(plain_dir), Cog(cog_dir, work, args)
+    try:
+        # A warm-up round, not counted: the base image's layers and pip's first run on
+        # this machine should cost neither side.
+        floor.build(cold=True)
+        cog.build()
+        cold_phases: dict[str, object] = {}
+        for round_ in range(args.rounds):
+            change_requirements(cog_dir, plain_dir)
+            sides = [("floor", lambda: floor.build(cold=True)), ("cog", cog.build)]
+            for name, build in sides if round_ % 2 == 0 else reversed(sides):
+                times[f"{name}_cold"].append(build())
+            cold_phases = cog.phases()
+            change_code(cog_dir, plain_dir)
+            sides = [("floor", lambda: floor.build(cold=False)), ("cog", cog.build)]
+            for name, build in sides if round_ % 2 == 0 else reversed(sides):
+                times[f"{name}_code_only"].append(build())
+            last = {name: round(values[-1], 2) for name, values in times.items()}
+            print(json.dumps({"round": round_ + 1} | last), flush=True)
+        sizes = {"floor_image_mb": image_mb(floor.image), "cog_image_mb": image_mb(cog.image())}
+    finally:
+        cog.stop()
     median = {name: statistics.median(values) for name, values in times.items()}
-    summary = {
-        "builder": args.builder,
-        "base_image": args.base_image,
-        "rounds": args.rounds,
+    return {
         **{f"{name}_s": round(value, 2) for name, value in median.items()},
         "cog_vs_floor_cold": round(median["cog_cold"] / median["floor_cold"], 2),
         "cog_vs_floor_code_only": round(median["cog_code_only"] / median["floor_code_only"], 2),
@@ -330,6 +332,65 @@ def main() -> None:
         "cog_vs_floor_image": round(sizes["cog_image_mb"] / sizes["floor_image_mb"], 3),
         "rounds_s": {name: [round(v, 2) for v in values] for name, values in times.items()},
         "cog_cold_last_round": cold_phases,
+    }
+
+
+def shared_dependencies(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    """Goal 3: two models that pin the same large package, each built cold, the second
+    after the first (could it reuse what the first downloaded?), and the floor building
+    the second cold."""
+    first, plain_dir = make_models(work, args.base_image)
+    second = work / "blur-cog-second"
+    shutil.copytree(first, second)
+    (second / "cog.yaml").write_text(COG_YAML.replace("bench/blur", "bench/blur-second"))
+    times: dict[str, list[float]] = {"cog_first_cold": [], "cog_second_cold": [], "floor_cold": []}
+    floor, cog = Floor(plain_dir), Cog(first, work, args)
+    try:
+        for round_ in range(args.rounds):
+            token = uuid.uuid4().hex
+            for directory in (first, second, plain_dir):
+                text = f"# {directory.name} {token}\n{args.shared}\n{PILLOW}\n"
+                (directory / "requirements.txt").write_text(text)
+            cog.dir = first
+            times["cog_first_cold"].append(cog.build())
+            cog.dir = second
+            times["cog_second_cold"].append(cog.build())
+            times["floor_cold"].append(floor.build(cold=True))
+            last = {name: round(values[-1], 2) for name, values in times.items()}
+            print(json.dumps({"round": round_ + 1} | last), flush=True)
+        sizes = {"floor_image_mb": image_mb(floor.image), "cog_image_mb": image_mb(cog.image())}
+    finally:
+        cog.stop()
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "shared": args.shared,
+        **{f"{name}_s": round(value, 2) for name, value in median.items()},
+        "cog_second_vs_floor_cold": round(median["cog_second_cold"] / median["floor_cold"], 2),
+        **{name: round(value, 1) for name, value in sizes.items()},
+        "rounds_s": {name: [round(v, 2) for v in values] for name, values in times.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--builder", default="docker")
+    parser.add_argument("--builder-opt", action="append", default=[])
+    parser.add_argument("--base-image", default="python:3.11-slim")
+    parser.add_argument(
+        "--shared",
+        metavar="PIN",
+        help="goal 3 instead: two models both pinning PIN (e.g. tensorflow-cpu==2.20.0)",
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cog-bench-build-") as tmp:
+        scenario = shared_dependencies if args.shared else comparison
+        figures = scenario(args, Path(tmp))
+    summary = {
+        "builder": args.builder,
+        "base_image": args.base_image,
+        "rounds": args.rounds,
+        **figures,
         "load_average": [round(v, 2) for v in os.getloadavg()],
     }
     print(json.dumps(summary), flush=True)
