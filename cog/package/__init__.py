@@ -1,8 +1,9 @@
 """Packages: the deterministic zip of a model directory, its ID, and the safe reading of one.
 
 :mod:`~cog.package.selection` decides which files go in, :mod:`~cog.package.writer`
-writes the zip (client side), :mod:`~cog.package.archive` opens an uploaded one (server
-side) and :mod:`~cog.package.ids` handles the IDs.
+writes the zip (client side), :mod:`~cog.package.scan` checks its members as an upload
+streams in and :mod:`~cog.package.archive` opens an uploaded one (server side), and
+:mod:`~cog.package.ids` handles the IDs.
 """
 
 from __future__ import annotations
