@@ -160,8 +160,8 @@ def bench_size(size_mib: int, storages: dict[str, str], work: Path) -> list[dict
 async def direct(storage: str, zip_path: Path) -> tuple[float, float]:
     """The same zip written to and read from the store itself, without the server: the
     store's own speed, to tell it apart from the server's overhead."""
-    from cog.server.builds import file_chunks
     from cog.storage import load_storage
+    from cog.streams import file_chunks
 
     store = load_storage(storage)
     await store.open()

@@ -7,7 +7,8 @@ File reads and writes happen in worker threads, never on the event loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator
+import threading
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from pathlib import Path
 
 FILE_CHUNK = 1024 * 1024
@@ -55,6 +56,38 @@ async def file_chunks(path: Path, chunk_size: int = FILE_CHUNK) -> AsyncIterator
             yield chunk
     finally:
         await asyncio.shield(loop.run_in_executor(None, file.close))
+
+
+async def in_thread(items: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """A blocking iterator of chunks (a generator reading files) as an async stream: each
+    step runs in a worker thread, one chunk ahead of the consumer, so that making the
+    next chunk and sending this one overlap. At most two chunks are held. When the
+    consumer stops early, the iterator is closed (in a thread: it may block too)."""
+    loop = asyncio.get_running_loop()
+    end = object()
+    # A step may still run in its thread when the consumer leaves: closing waits for it
+    # (a generator cannot be closed while it runs).
+    lock = threading.Lock()
+
+    def step() -> object:
+        with lock:
+            return next(items, end)
+
+    def close() -> None:
+        with lock:
+            getattr(items, "close", lambda: None)()
+
+    pending = loop.run_in_executor(None, step)
+    try:
+        while (chunk := await pending) is not end:
+            pending = loop.run_in_executor(None, step)
+            yield chunk  # type: ignore[misc]
+    finally:
+        if not pending.done():
+            pending.cancel()  # its thread finishes the step; what it returns is dropped
+        elif not pending.cancelled():
+            pending.exception()  # retrieved: the consumer left before it could matter
+        await asyncio.shield(loop.run_in_executor(None, close))
 
 
 async def to_file(chunks: AsyncIterable[bytes], path: Path) -> int:

@@ -165,6 +165,16 @@ def test_solve_request_fills_the_single_exporter_fields():
     assert (moby.Exporter, dict(moby.ExporterAttrs)) == ("moby", {"name": "r/img:1"})
 
 
+def test_a_no_cache_build_asks_the_frontend_for_no_cache():
+    builder = BuildKitBuilder.from_settings(settings())
+    cold = builder.solve_request("r", "http://x/context/t", "r/img:1", "moby", no_cache=True)
+    assert dict(cold.FrontendAttrs) == {
+        "context": "http://x/context/t",
+        "filename": "Dockerfile",
+        "no-cache": "",  # the dockerfile frontend's "every stage", as buildx --no-cache sends
+    }
+
+
 # ---- progress --------------------------------------------------------------------------
 
 

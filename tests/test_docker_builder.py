@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import uuid
@@ -58,6 +59,10 @@ async def test_hello_builds_pushes_and_answers(builder, registry, workdir, no_le
     logs, built = await collect(builder.build(request))
     text = lines(logs)
     assert any(line.startswith("Step 1/") and "FROM python:3.11-slim" in line for line in text)
+    # Every step's last line says how long it took.
+    steps = sum(bool(re.match(r"Step \d+/\d+ : ", line)) for line in text)
+    timed = [line for line in text if re.fullmatch(r" ---> [0-9a-f]{12} \(\d+\.\ds\)", line)]
+    assert steps > 1 and len(timed) == steps, text
     assert any(e.stage == "push" for e in logs)
     assert [b.image for b in built] == [request.image]
     assert built[0].digest == registry_digest(registry, request.image)

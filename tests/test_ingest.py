@@ -291,3 +291,86 @@ async def test_the_build_log_says_when_the_default_python_is_used(
 
     named = package_bytes(make_model_dir(tmp_path / "named"))[0]  # python_version: '3.11'
     assert note not in statuses(await events_of(client, named))
+
+
+# -- a cold build on request (no_cache) ---------------------------------------------------
+
+
+class RecordingBuilder(Builder):
+    """Builds at once, remembering each request: what the server asked the builder for."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.requests = []
+
+    @classmethod
+    def from_settings(cls, settings):
+        return cls()
+
+    async def build(self, request):
+        self.requests.append(request)
+        yield BuildLog("build", "Step 1/1 : built")
+        yield BuiltImage(request.image, DIGEST)
+
+
+async def test_no_cache_reaches_the_builder_on_upload_and_rebuild(aiohttp_client, settings, hello):
+    """?no_cache=1 asks the builder for a cold build, and builds a package that is built
+    already again (without it, an upload of a built package builds nothing)."""
+    data, package_id = hello
+    builder = RecordingBuilder()
+    client = await server(aiohttp_client, settings, builder)
+    first = await events_of(client, data)
+    assert first[-1]["type"] == "package"
+    assert [r.no_cache for r in builder.requests] == [False]
+
+    again = await events_of(client, data)
+    assert any("already stored and built" in e.get("message", "") for e in again)
+    assert len(builder.requests) == 1
+
+    response = await client.post(
+        "/v1/packages/upload?no_cache=1", data=form(data), headers={"Accept": NDJSON}
+    )
+    cold = [json.loads(line) for line in (await response.read()).splitlines()]
+    assert cold[-1]["type"] == "package" and cold[-1]["package"]["Status"] == "ready"
+    assert any(e.get("message", "").endswith("without the build cache") for e in cold), cold
+    assert [r.no_cache for r in builder.requests] == [False, True]
+    assert cold[-1]["package"]["Created"] == first[-1]["package"]["Created"]
+
+    for query, expected in (("?no_cache=1", True), ("", False), ("?no_cache=0", False)):
+        response = await client.post(
+            f"/v1/packages/{package_id[:12]}/build{query}", headers={"Accept": NDJSON}
+        )
+        events = [json.loads(line) for line in (await response.read()).splitlines()]
+        assert events[-1]["type"] == "package", events
+        assert builder.requests[-1].no_cache is expected
+
+
+async def test_a_no_cache_value_that_is_no_yes_or_no_is_400_before_the_body(
+    aiohttp_client, settings, hello, tmp_path
+):
+    data, package_id = hello
+    builder = RecordingBuilder()
+    client = await server(aiohttp_client, settings, builder)
+    response = await client.post("/v1/packages/upload?no_cache=maybe", data=form(data))
+    assert response.status == 400
+    assert "no_cache='maybe'" in (await response.json())["error"]
+    assert builder.requests == []
+    assert list((tmp_path / "spool").glob("upload-*")) == []
+    assert (await client.post(f"/v1/packages/{package_id}/build?no_cache=x")).status == 400
+
+
+async def test_the_cli_client_asks_for_no_cache(aiohttp_client, settings, tmp_path):
+    from cog.cli.client import RegistryClient
+    from cog.package import plan_package
+
+    builder = RecordingBuilder()
+    client = await server(aiohttp_client, settings, builder)
+    root = make_model_dir(tmp_path / "cold")
+    async with RegistryClient(str(client.make_url(""))) as registry:
+        events = [e async for e in registry.upload_package(plan_package(root), no_cache=True)]
+        package_id = events[-1]["package"]["ID"]
+        assert [r.no_cache for r in builder.requests] == [True]
+        events = [e async for e in registry.rebuild(package_id, no_cache=True)]
+        assert events[-1]["type"] == "package"
+    assert [r.no_cache for r in builder.requests] == [True, True]

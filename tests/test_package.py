@@ -20,7 +20,9 @@ from cog.package import (
     PackageIgnore,
     PackageLimits,
     is_package_id,
+    package_chunks,
     package_files,
+    plan_package,
     write_package,
     writer,
 )
@@ -128,6 +130,41 @@ def test_zip64_records_are_written_when_sizes_or_counts_need_them(tmp_path, monk
     if shutil.which("unzip"):
         result = subprocess.run(["unzip", "-t", str(zip_path)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("zip64", [False, True], ids=["plain", "zip64"])
+def test_the_plan_knows_the_zips_length_and_the_chunks_are_the_zip(tmp_path, monkeypatch, zip64):
+    """What is streamed to the server is byte for byte what write_package writes (the ID
+    is its hash), and its length is known before any file is read."""
+    if zip64:  # sizes, offsets and counts past the (lowered) limits: every ZIP64 record
+        monkeypatch.setattr(writer, "_ZIP64_LIMIT", 1000)
+        monkeypatch.setattr(writer, "_ZIP64_COUNT_LIMIT", 3)
+    root = make_tree(tmp_path / "m")
+    (root / "weights" / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 7))
+    expected, package_id = package_of(root)
+    plan = plan_package(root)
+    assert plan.size == len(expected)
+    assert [f.name for f in plan.files] == package_files(root)
+    assert plan.content_size == sum((root / f.name).stat().st_size for f in plan.files)
+    chunks = list(package_chunks(plan))
+    assert all(isinstance(c, bytes) and len(c) <= 1024 * 1024 for c in chunks)
+    assert b"".join(chunks) == expected
+    assert hashlib.sha256(b"".join(chunks)).hexdigest() == package_id
+
+
+@pytest.mark.parametrize("change", ["grown", "shrunk"])
+def test_a_file_resized_after_planning_is_an_error_before_its_bytes_are_sent(tmp_path, change):
+    """The length was promised (Content-Length): a file whose size changed is refused
+    when it is reached, before a byte of it goes out."""
+    root = make_tree(tmp_path / "m")
+    plan = plan_package(root)
+    model = root / "weights" / "model.bin"
+    model.write_bytes(model.read_bytes() + b"more" if change == "grown" else b"less")
+    sent = b""
+    with pytest.raises(PackageError, match=r"model\.bin changed while it was being packaged"):
+        for chunk in package_chunks(plan):
+            sent += chunk
+    assert b"less" not in sent and len(sent) < plan.size
 
 
 def test_the_format_has_not_changed(tmp_path):

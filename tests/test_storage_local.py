@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,34 @@ async def test_backend_read_errors_are_translated_but_the_callers_are_not(tmp_pa
             async for _ in blob.chunks():
                 raise caller_error
     assert caught.value is caller_error
+
+
+async def test_a_file_on_the_stores_file_system_is_linked_not_copied(tmp_path):
+    """The spool of an upload becomes the stored package by a link and a rename: the blob
+    is the very same inode, and no temp file is left."""
+    store = load_storage(f"file://{tmp_path / 'store'}")
+    await store.open()
+    source = tmp_path / "upload-1.zip"
+    source.write_bytes(os.urandom(2 * 1024 * 1024))
+    info = await store.write_file("packages/p.zip", source)
+    blob = tmp_path / "store" / "packages" / "p.zip"
+    assert blob.stat().st_ino == source.stat().st_ino
+    assert info.size == source.stat().st_size
+    assert [n for n in os.listdir(blob.parent) if n.startswith(TMP_PREFIX)] == []
+
+
+async def test_a_file_on_another_file_system_is_copied(tmp_path):
+    shm = Path("/dev/shm")
+    store = load_storage(f"file://{tmp_path / 'store'}")
+    await store.open()
+    source = shm / f"cog-test-{os.getpid()}-upload.zip"
+    try:
+        source.write_bytes(os.urandom(1024 * 1024))
+        assert source.stat().st_dev != tmp_path.stat().st_dev  # two file systems
+        assert await store.link_file("packages/p.zip", source) is None
+        await store.write_file("packages/p.zip", source)
+        blob = tmp_path / "store" / "packages" / "p.zip"
+        assert blob.read_bytes() == source.read_bytes()
+        assert blob.stat().st_ino != source.stat().st_ino
+    finally:
+        source.unlink(missing_ok=True)

@@ -136,6 +136,8 @@ class BuildRequest:
     image: str
     #: the model's input signature ({"arguments": {...}}), as JSON text, for the image label
     signature_json: str | None = None
+    #: build every step again, using no cached layer (the operator asked for a cold build)
+    no_cache: bool = False
 
 
 @attrs.frozen

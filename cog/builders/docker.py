@@ -2,9 +2,10 @@
 
 The build context is streamed to ``POST /build`` as a tar made on the fly from the package
 zip (:mod:`cog.builders.context`); the engine's output and the push progress come back
-line by line as :class:`~cog.builders.BuildLog` events. Closing the event iterator closes
-the connection, which makes the engine stop the build (intermediate containers are
-always removed: ``forcerm``).
+line by line as :class:`~cog.builders.BuildLog` events, each step's last line with the
+seconds the step took (the engine's classic output has no timing). Closing the event
+iterator closes the connection, which makes the engine stop the build (intermediate
+containers are always removed: ``forcerm``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import re
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 from cog.builders import (
     Builder,
@@ -50,6 +52,26 @@ def _shortened(line: str) -> str:
         return f'{label[1]}="{value}"'
 
     return step[1] + " ".join(short(label) for label in _LABEL.finditer(step[2]))
+
+
+#: the line that ends a step: the image it made (" ---> 5f3c1b2a9d8e")
+_STEP_END = re.compile(r"^ ---> [0-9a-f]{12}$")
+
+
+class StepTimer:
+    """Puts the seconds a step took beside the line that ends it."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._started: float | None = None
+
+    def line(self, line: str) -> str:
+        if _STEP.match(line):
+            self._started = self._clock()
+        elif self._started is not None and _STEP_END.match(line):
+            line = f"{line} ({self._clock() - self._started:.1f}s)"
+            self._started = None
+        return line
 
 
 class DockerBuilder(Builder):
@@ -136,9 +158,12 @@ class DockerBuilder(Builder):
             async for line in preparing:
                 yield line
         params = {"t": request.image, "rm": "1", "forcerm": "1", "pull": "0"}
+        if request.no_cache:
+            params["nocache"] = "1"
         context = build_context(request.package_zip, dockerfile)
         tail: collections.deque[str] = collections.deque(maxlen=TAIL)
         step: str | None = None
+        timer = StepTimer()
         try:
             async with engine.stream(
                 "POST",
@@ -157,7 +182,7 @@ class DockerBuilder(Builder):
                     text = pending + item.get("stream", "")
                     *lines, pending = text.split("\n")
                     for line in lines:
-                        line = line.rstrip("\r")
+                        line = timer.line(line.rstrip("\r"))
                         if not line.strip():
                             continue
                         if _STEP.match(line):

@@ -1,7 +1,8 @@
 """HTTP client for the cog server's API (used by the CLI; other programs may use it too).
 
-Uploads stream from a file, downloads stream to a file and build events are read line by
-line as they arrive: nothing here holds a package or a build log in memory.
+Uploads stream from a file, or from a model directory zipped as it is sent; downloads
+stream to a file and build events are read line by line as they arrive: nothing here
+holds a package or a build log in memory.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp.payload import AsyncIterablePayload
 
 from cog import events
 from cog.cli.output import CLIError
-from cog.streams import LineTooLong, file_chunks, lines
+from cog.package import PackageError, PackagePlan, package_chunks
+from cog.streams import LineTooLong, file_chunks, in_thread, lines
 
 CHUNK = 1024 * 1024
 Progress = Callable[[int], None]
@@ -110,28 +113,73 @@ class RegistryClient:
                 file.close()
 
     async def upload(
-        self, zip_path: Path, progress: Progress | None = None, *, name: str | None = None
+        self,
+        zip_path: Path,
+        progress: Progress | None = None,
+        *,
+        name: str | None = None,
+        no_cache: bool = False,
     ) -> AsyncIterator[dict[str, Any]]:
         """Upload a package zip; the server's build events as they happen. ``name``: the
-        package's name if its cog.yaml has none."""
-        params = {"name": name} if name else None
+        package's name if its cog.yaml has none; ``no_cache``: the server builds every
+        step again, using no cached layer."""
+        size = zip_path.stat().st_size
+        chunks = _counted(file_chunks(zip_path), progress)
+        async for event in self._upload(chunks, size, name, no_cache):
+            yield event
+
+    async def upload_package(
+        self,
+        plan: PackagePlan,
+        progress: Progress | None = None,
+        *,
+        name: str | None = None,
+        no_cache: bool = False,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Upload a model directory's package, zipped as it is sent (no file on the way);
+        the server's build events as they happen. PackageError (as CLIError) if a file
+        cannot be read or changes meanwhile: the request is then abandoned, and the
+        server keeps nothing of it."""
+        failure: list[PackageError] = []
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in in_thread(package_chunks(plan)):
+                    yield chunk
+            except PackageError as exc:
+                failure.append(exc)
+                raise
+
+        try:
+            async for event in self._upload(
+                _counted(chunks(), progress), plan.size, name, no_cache
+            ):
+                yield event
+        except (CLIError, PackageError, aiohttp.ClientError):
+            if failure:  # the request failed because the zip did: say why
+                raise CLIError(str(failure[0])) from None
+            raise
+
+    async def _upload(
+        self, chunks: AsyncIterator[bytes], size: int, name: str | None, no_cache: bool
+    ) -> AsyncIterator[dict[str, Any]]:
         with aiohttp.MultipartWriter("form-data") as form:
-            part = form.append(
-                _counted(file_chunks(zip_path), progress), {"Content-Type": "application/zip"}
-            )
+            part = form.append_payload(_Sized(chunks, size, content_type="application/zip"))
             part.set_content_disposition("form-data", name="file", filename="package.zip")
             headers = {"Accept": events.NDJSON}
+            params = {"name": name} if name else {}
+            if no_cache:
+                params["no_cache"] = "1"
             async with await self._request(
                 "POST", "/v1/packages/upload", data=form, headers=headers, params=params
             ) as response:
                 async for event in _events(response):
                     yield event
 
-    async def rebuild(self, ref: str) -> AsyncIterator[dict[str, Any]]:
+    async def rebuild(self, ref: str, *, no_cache: bool = False) -> AsyncIterator[dict[str, Any]]:
         headers = {"Accept": events.NDJSON}
-        async with await self._request(
-            "POST", f"/v1/packages/{ref}/build", headers=headers
-        ) as response:
+        path = f"/v1/packages/{ref}/build" + ("?no_cache=1" if no_cache else "")
+        async with await self._request("POST", path, headers=headers) as response:
             async for event in _events(response):
                 yield event
 
@@ -193,6 +241,19 @@ def _check_destination(dest: Path) -> None:
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
         raise CLIError(f"cannot save to {dest}: the directory {parent} {what}")
+
+
+class _Sized(AsyncIterablePayload):
+    """A stream whose length is known: the form, and so the request, gets a
+    Content-Length (the server refuses an upload over its limit before reading it)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], size: int, **kwargs: Any):
+        super().__init__(chunks, **kwargs)
+        self._known_size = size
+
+    @property
+    def size(self) -> int:
+        return self._known_size
 
 
 async def _counted(chunks: AsyncIterator[bytes], progress: Progress | None) -> AsyncIterator[bytes]:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import re
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,11 @@ def describe_os_error(exc: OSError) -> str:
         return reason
     names = " -> ".join(str(n) for n in (exc.filename, exc.filename2) if n is not None)
     return f"{names}: {reason}"
+
+
+NO_CACHE_HELP = (
+    "build every step again, using no cached layer (a package built already is built again)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,12 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", default=".", help="model directory (default: .)")
     p.add_argument("--json", action="store_true", help="print the package document at the end")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the result")
+    p.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
     p.set_defaults(func=lambda a: run(build(a)))
 
     p = sub.add_parser("rebuild", help="build a stored package's images again")
     p.add_argument("id", help="package ID or unique prefix (7+ characters)")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
     p.set_defaults(func=lambda a: run(rebuild(a)))
 
     p = sub.add_parser("list", help="list packages, newest first")
@@ -269,31 +275,28 @@ def remote_show(args: argparse.Namespace) -> int:
 
 
 async def build(args: argparse.Namespace) -> int:
-    from cog.package import PackageError, write_package
+    from cog.package import PackageError, plan_package
 
     root = Path(args.dir).resolve()
     if not (root / "cog.yaml").is_file():
         raise CLIError(f"no cog.yaml in {root}")
-    with tempfile.TemporaryDirectory(prefix="cog-build-") as tmp:
-        zip_path = Path(tmp) / "package.zip"
-        bar = Progress("Packaging", 1)
-        try:
-            with open(zip_path, "wb") as out:
-                await asyncio.to_thread(write_package, root, out, bar.update)
-        except PackageError as exc:
-            raise CLIError(str(exc)) from None
-        finally:
-            bar.close()
-        size = zip_path.stat().st_size
-        async with client(args) as registry:
-            bar = Progress("Uploading", size)
-            stream = registry.upload(zip_path, bar.update, name=default_name(root))
-            return await render_build(stream, args, on_first_event=bar.close)
+    # Zipped as it is sent: the files are read (twice: a member's CRC precedes its data)
+    # and the zip never touches the disk.
+    try:
+        plan = await asyncio.to_thread(plan_package, root)
+    except PackageError as exc:
+        raise CLIError(str(exc)) from None
+    async with client(args) as registry:
+        bar = Progress("Uploading", plan.size)
+        stream = registry.upload_package(
+            plan, bar.update, name=default_name(root), no_cache=args.no_cache
+        )
+        return await render_build(stream, args, on_first_event=bar.close)
 
 
 async def rebuild(args: argparse.Namespace) -> int:
     async with client(args) as registry:
-        return await render_build(registry.rebuild(args.id), args)
+        return await render_build(registry.rebuild(args.id, no_cache=args.no_cache), args)
 
 
 async def render_build(

@@ -1,8 +1,9 @@
 """Packages: the deterministic zip of a model directory, its ID, and the safe reading of one.
 
 :mod:`~cog.package.selection` decides which files go in, :mod:`~cog.package.writer`
-writes the zip (client side), :mod:`~cog.package.archive` opens an uploaded one (server
-side) and :mod:`~cog.package.ids` handles the IDs.
+writes the zip (client side), :mod:`~cog.package.scan` checks its members as an upload
+streams in and :mod:`~cog.package.archive` opens an uploaded one (server side), and
+:mod:`~cog.package.ids` handles the IDs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cog.package.selection import (
     PackageIgnore,
     package_files,
 )
-from cog.package.writer import write_package
+from cog.package.writer import PackagePlan, package_chunks, plan_package, write_package
 from cog.package.zipformat import CONFIG_NAME, member_name_problem
 
 __all__ = [
@@ -39,10 +40,13 @@ __all__ = [
     "PackageError",
     "PackageIgnore",
     "PackageLimits",
+    "PackagePlan",
     "check_prefix",
     "is_package_id",
     "member_name_problem",
+    "package_chunks",
     "package_files",
+    "plan_package",
     "short_id",
     "write_package",
 ]

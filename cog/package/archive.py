@@ -9,6 +9,7 @@ actually decompressed, since headers can lie.
 
 from __future__ import annotations
 
+import bisect
 import io
 import os
 import posixpath
@@ -18,11 +19,12 @@ import struct
 import typing
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import attrs
 
+from cog.package.scan import ScannedMember
 from cog.package.selection import IGNORE_FILE
 from cog.package.zipformat import (
     CENTRAL,
@@ -81,10 +83,15 @@ class PackageArchive:
     """
 
     def __init__(
-        self, zf: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], limits: PackageLimits
+        self,
+        zf: zipfile.ZipFile,
+        members: dict[str, zipfile.ZipInfo],
+        limits: PackageLimits,
+        directory_start: int,
     ):
         self._zip = zf
         self._members = members
+        self._directory_start = directory_start
         self.limits = limits
         #: the regular files, in archive order (directory entries left out)
         self.names: list[str] = list(members)
@@ -93,20 +100,28 @@ class PackageArchive:
 
     @classmethod
     def open(
-        cls, path: Path, limits: PackageLimits | None = None, *, verify: bool = True
+        cls,
+        path: Path,
+        limits: PackageLimits | None = None,
+        *,
+        verify: bool = True,
+        scanned: Mapping[int, ScannedMember] | None = None,
     ) -> PackageArchive:
         """Open and check the zip at ``path``; InvalidPackage saying why if it is refused.
 
         With ``verify`` (the default), every member is also decompressed once and its CRC
         checked, so a corrupt or lying member is refused now rather than halfway through a
-        build. Pass ``verify=False`` to reopen a package already accepted.
+        build. Pass ``verify=False`` to reopen a package already accepted. ``scanned``:
+        what a :class:`~cog.package.scan.MemberScan` of these bytes found as they arrived;
+        a member it checked, at the place the central directory says, with the same name,
+        CRC and size, and not overlapped by another, is not read again.
         """
         limits = limits or PackageLimits()
         size = Path(path).stat().st_size
         if size == 0:
             raise InvalidPackage("the package is an empty file (0 bytes), not a zip")
         with open(path, "rb") as f:
-            _check_member_count(f, size, limits)
+            directory_start = _check_member_count(f, size, limits)
         try:
             zf = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, EOFError, ValueError, struct.error) as exc:
@@ -116,9 +131,10 @@ class PackageArchive:
         try:
             if len(zf.infolist()) > limits.max_members:  # counted above; zipfile agrees
                 raise _too_many(limits, len(zf.infolist()))
-            archive = cls(zf, _check_entries(zf.infolist(), size, limits), limits)
+            members = _check_entries(zf.infolist(), size, limits)
+            archive = cls(zf, members, limits, directory_start)
             if verify:
-                archive._verify()
+                archive._verify(scanned or {})
         except BaseException:
             zf.close()
             raise
@@ -203,12 +219,42 @@ class PackageArchive:
         except KeyError:
             raise FileNotFoundError(f"{path} is not in the package") from None
 
-    def _verify(self) -> None:
+    def _verify(self, scanned: Mapping[int, ScannedMember]) -> None:
+        # Where each entry's bytes must end: the next entry's header, or the directory.
+        bounds = sorted({i.header_offset for i in self._zip.infolist()} | {self._directory_start})
         buf = bytearray(CHUNK)
-        for name in self._members:
+        for name, info in self._members.items():
+            if _checked_as_scanned(info, scanned.get(info.header_offset), bounds):
+                continue
             with self.open_member(name) as f:
                 while f.readinto(buf):
                     pass
+
+
+def _checked_as_scanned(
+    info: zipfile.ZipInfo, scanned: ScannedMember | None, bounds: list[int]
+) -> bool:
+    """Whether the scan checked exactly the bytes that reading this entry would: its
+    header is where the directory says, with the directory's flags, naming the same file,
+    stored, with the directory's CRC and size, and its data ends before the next
+    entry's header (zipfile refuses overlapping entries)."""
+    if scanned is None:
+        return False
+    try:
+        name = scanned.name.decode("utf-8" if scanned.flags & 0x0800 else "cp437")
+    except UnicodeDecodeError:
+        return False
+    at = bisect.bisect_right(bounds, info.header_offset)
+    return (
+        name == info.orig_filename
+        and info.compress_type == zipfile.ZIP_STORED
+        and scanned.flags == info.flag_bits  # so both name decodings agree
+        and not info.flag_bits & ~0x0800
+        and scanned.crc == info.CRC
+        and scanned.size == info.file_size == info.compress_size
+        and at < len(bounds)
+        and scanned.end <= bounds[at]
+    )
 
 
 class _MemberReader(io.RawIOBase):
@@ -254,8 +300,9 @@ def _member_mode(info: zipfile.ZipInfo) -> int:
     return 0o755 if (info.external_attr >> 16) & stat.S_IXUSR else 0o644
 
 
-def _check_member_count(f: typing.BinaryIO, size: int, limits: PackageLimits) -> None:
-    """Refuse too many entries, or too big a directory, reading fixed headers only.
+def _check_member_count(f: typing.BinaryIO, size: int, limits: PackageLimits) -> int:
+    """Refuse too many entries, or too big a directory, reading fixed headers only; the
+    offset where the central directory starts.
 
     zipfile reads the whole central directory and builds an object per entry before we
     could count them; a hostile directory of millions of tiny entries, or of a few with
@@ -314,6 +361,7 @@ def _check_member_count(f: typing.BinaryIO, size: int, limits: PackageLimits) ->
         name_len, extra_len, comment_len = struct.unpack_from("<HHH", header, 28)
         position += CENTRAL.size + name_len + extra_len + comment_len
         f.seek(position)
+    return start
 
 
 def _too_many(limits: PackageLimits, declared: int | None = None) -> InvalidPackage:

@@ -10,6 +10,10 @@ Members are stored, not deflated: weights do not compress, deflating runs at a t
 of hashing speed, and deflate's output depends on the zlib build, which would make IDs
 differ between machines. Our own writer (not :mod:`zipfile`) keeps the bytes independent
 of the Python version too.
+
+Stored members also make the zip's length known before a byte of it is read
+(:func:`plan_package`), so it can be sent as it is made (:func:`package_chunks`), with a
+Content-Length, and never written to disk on the way.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import struct
 import typing
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import attrs
@@ -31,6 +35,7 @@ from cog.package.selection import (
     IGNORE_FILE,
     PackageError,
     PackageIgnore,
+    SourceFile,
     check_root,
     error_reason,
     source_files,
@@ -70,18 +75,42 @@ class _Written:
     mode: int
 
 
+@attrs.frozen
+class PlannedFile:
+    """A file as it was when the package was planned."""
+
+    #: member name: the relative posix path under the root
+    name: str
+    #: the file to read (a link's target, for links)
+    path: str
+    size: int
+
+
+@attrs.frozen
+class PackagePlan:
+    """What a package's zip will hold, and its exact length, before any content is read.
+
+    Made by :func:`plan_package`; :func:`package_chunks` produces the bytes. A file whose
+    size differs when it is read is an error then (the length was promised).
+    """
+
+    files: tuple[PlannedFile, ...]
+    #: the zip's length in bytes
+    size: int
+    #: the files' total length (what progress counts)
+    content_size: int
+
+
 class _HashingWriter:
-    """Writes to ``out`` while hashing and counting every byte."""
+    """Writes to ``out`` while hashing every byte."""
 
     def __init__(self, out: typing.BinaryIO):
         self._out = out
         self.sha256 = hashlib.sha256()
-        self.offset = 0
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         self.sha256.update(view)
-        self.offset += len(view)
         try:
             while view:
                 n = self._out.write(view)
@@ -107,65 +136,82 @@ def write_package(
     tool), and a file that changes between the reads is an error. On PackageError, ``out``
     holds a partial zip the caller must discard.
     """
-    root = check_root(root)
     skip: set[tuple[int, int]] = set()
     try:
         st = os.fstat(out.fileno())
         skip.add((st.st_dev, st.st_ino))
     except (AttributeError, OSError, io.UnsupportedOperation):
         pass  # not a file (BytesIO, ...): it cannot be inside the tree
+    writer = _HashingWriter(out)
+    for chunk in package_chunks(_plan(root, skip), progress):
+        writer.write(chunk)
+    return writer.sha256.hexdigest()
+
+
+def plan_package(root: Path) -> PackagePlan:
+    """The files of ``root``'s package and the length of its zip; PackageError if the
+    directory cannot be packaged (as :func:`write_package` would raise)."""
+    return _plan(root, set())
+
+
+def _plan(root: Path, skip: set[tuple[int, int]]) -> PackagePlan:
+    root = check_root(root)
     ignore = PackageIgnore.from_root(root)
     files = source_files(root, ignore, skip)
     if not any(f.name == CONFIG_NAME for f in files):
         if (root / CONFIG_NAME).exists() and ignore.ignores(CONFIG_NAME):
             raise PackageError(f"{CONFIG_NAME} is excluded by {IGNORE_FILE}")
         raise PackageError(f"no {CONFIG_NAME} in {root}")
+    planned = tuple(_planned(f) for f in files)
+    # The headers' lengths depend on names, sizes and offsets only, never on CRCs: the
+    # same code that writes them, given zero CRCs, measures the zip exactly.
+    offset = 0
+    written: list[_Written] = []
+    for f in planned:
+        name = f.name.encode("utf-8")
+        written.append(_Written(name, 0, f.size, offset, 0o644))
+        offset += len(_local_header(name, 0, f.size)) + f.size
+    size = offset + sum(len(piece) for piece in _central_directory(written, offset))
+    return PackagePlan(planned, size, sum(f.size for f in planned))
 
-    total = 0
-    for f in files:
-        try:
-            total += os.stat(f.path).st_size
-        except OSError as exc:
-            raise PackageError(f"cannot read {f.name}: {error_reason(exc)}") from None
+
+def _planned(f: SourceFile) -> PlannedFile:
+    try:
+        return PlannedFile(f.name, f.path, os.stat(f.path).st_size)
+    except OSError as exc:
+        raise PackageError(f"cannot read {f.name}: {error_reason(exc)}") from None
+
+
+def package_chunks(
+    plan: PackagePlan, progress: Callable[[int, int], None] | None = None
+) -> Iterator[bytes]:
+    """The zip's bytes, in order: exactly ``plan.size`` of them (blocking reads).
+
+    Each chunk is a bytes object of its own (at most 1 MiB), which the consumer may keep.
+    ``progress`` as for :func:`write_package`. PackageError if a file cannot be read or
+    changed since it was planned.
+    """
+    total = plan.content_size
     done = 0
     if progress is not None:
         progress(0, total)
-
-    writer = _HashingWriter(out)
-    buf = bytearray(CHUNK)
+    offset = 0
     written: list[_Written] = []
-    for f in files:
+    for f in plan.files:
         name = f.name.encode("utf-8")
         try:
             with open(f.path, "rb") as src:
                 st = os.fstat(src.fileno())
-                size = st.st_size
-                crc = _crc_of(src, size, buf, f.name)
+                if st.st_size != f.size:
+                    raise PackageError(f"{f.name} changed while it was being packaged")
+                crc = _crc_of(src, f.size, f.name)
                 src.seek(0)
-                offset = writer.offset
-                big = size >= _ZIP64_LIMIT
-                extra = struct.pack("<HHQQ", 1, 16, size, size) if big else b""
-                writer.write(
-                    LOCAL.pack(
-                        SIG_LOCAL,
-                        _VERSION_ZIP64 if big else _VERSION,
-                        _FLAG_UTF8,
-                        zipfile.ZIP_STORED,
-                        _DOS_TIME,
-                        _DOS_DATE,
-                        crc,
-                        0xFFFFFFFF if big else size,
-                        0xFFFFFFFF if big else size,
-                        len(name),
-                        len(extra),
-                    )
-                )
-                writer.write(name)
-                writer.write(extra)
+                header = _local_header(name, crc, f.size)
+                yield header
                 copied_crc = 0
-                for chunk in _chunks(src, size, buf, f.name):
+                for chunk in _chunks(src, f.size, f.name):
                     copied_crc = zlib.crc32(chunk, copied_crc)
-                    writer.write(chunk)
+                    yield chunk
                     done += len(chunk)
                     if progress is not None:
                         progress(done, total)
@@ -174,37 +220,66 @@ def write_package(
         except OSError as exc:
             raise PackageError(f"cannot read {f.name}: {error_reason(exc)}") from None
         mode = 0o755 if st.st_mode & stat.S_IXUSR else 0o644
-        written.append(_Written(name, crc, size, offset, mode))
+        written.append(_Written(name, crc, f.size, offset, mode))
+        offset += len(header) + f.size
         if progress is not None:
             progress(done, total)
-
-    _write_central_directory(writer, written)
-    return writer.sha256.hexdigest()
+    yield b"".join(_central_directory(written, offset))
 
 
-def _chunks(src: typing.BinaryIO, size: int, buf: bytearray, name: str) -> Iterator[memoryview]:
-    """The first `size` bytes of src, read into buf: each chunk is valid until the next one.
-    A file that ends early was changed while it was being packaged."""
+def _chunks(src: typing.BinaryIO, size: int, name: str) -> Iterator[bytes]:
+    """The first `size` bytes of src, in chunks of at most CHUNK. A file that ends early
+    was changed while it was being packaged."""
     left = size
     while left:
-        n = src.readinto(buf)
+        chunk = src.read(min(CHUNK, left))
+        if not chunk:
+            raise PackageError(f"{name} changed while it was being packaged")
+        yield chunk
+        left -= len(chunk)
+
+
+def _crc_of(src: typing.BinaryIO, size: int, name: str) -> int:
+    crc = 0
+    buf = bytearray(CHUNK)
+    left = size
+    while left:
+        n = src.readinto(memoryview(buf)[: min(CHUNK, left)])
         if not n:
             raise PackageError(f"{name} changed while it was being packaged")
-        n = min(n, left)
-        yield memoryview(buf)[:n]
+        crc = zlib.crc32(memoryview(buf)[:n], crc)
         left -= n
-
-
-def _crc_of(src: typing.BinaryIO, size: int, buf: bytearray, name: str) -> int:
-    crc = 0
-    for chunk in _chunks(src, size, buf, name):
-        crc = zlib.crc32(chunk, crc)
     return crc
 
 
-def _write_central_directory(writer: _HashingWriter, written: list[_Written]) -> None:
-    start = writer.offset
+def _local_header(name: bytes, crc: int, size: int) -> bytes:
+    big = size >= _ZIP64_LIMIT
+    extra = struct.pack("<HHQQ", 1, 16, size, size) if big else b""
+    return (
+        LOCAL.pack(
+            SIG_LOCAL,
+            _VERSION_ZIP64 if big else _VERSION,
+            _FLAG_UTF8,
+            zipfile.ZIP_STORED,
+            _DOS_TIME,
+            _DOS_DATE,
+            crc,
+            0xFFFFFFFF if big else size,
+            0xFFFFFFFF if big else size,
+            len(name),
+            len(extra),
+        )
+        + name
+        + extra
+    )
+
+
+def _central_directory(written: Iterable[_Written], start: int) -> Iterator[bytes]:
+    """The central directory and end records, for a directory beginning at ``start``."""
+    position = start
+    count = 0
     for w in written:
+        count += 1
         fields = []
         if w.size >= _ZIP64_LIMIT:
             fields += [w.size, w.size]  # uncompressed, compressed (this order: APPNOTE 4.5.3)
@@ -212,7 +287,7 @@ def _write_central_directory(writer: _HashingWriter, written: list[_Written]) ->
             fields.append(w.offset)
         extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
         version = _VERSION_ZIP64 if fields else _VERSION
-        writer.write(
+        entry = (
             CENTRAL.pack(
                 SIG_CENTRAL,
                 _MADE_BY_UNIX | version,
@@ -232,38 +307,35 @@ def _write_central_directory(writer: _HashingWriter, written: list[_Written]) ->
                 (stat.S_IFREG | w.mode) << 16,
                 0xFFFFFFFF if w.offset >= _ZIP64_LIMIT else w.offset,
             )
+            + w.name
+            + extra
         )
-        writer.write(w.name)
-        writer.write(extra)
-    size = writer.offset - start
-    count = len(written)
+        position += len(entry)
+        yield entry
+    size = position - start
     many = count >= _ZIP64_COUNT_LIMIT
     if many or size >= _ZIP64_LIMIT or start >= _ZIP64_LIMIT:
-        end64 = writer.offset
-        writer.write(
-            END64.pack(
-                SIG_END64,
-                END64.size - 12,  # the record's size, not counting these first 12 bytes
-                _MADE_BY_UNIX | _VERSION_ZIP64,
-                _VERSION_ZIP64,
-                0,
-                0,
-                count,
-                count,
-                size,
-                start,
-            )
+        end64 = position
+        yield END64.pack(
+            SIG_END64,
+            END64.size - 12,  # the record's size, not counting these first 12 bytes
+            _MADE_BY_UNIX | _VERSION_ZIP64,
+            _VERSION_ZIP64,
+            0,
+            0,
+            count,
+            count,
+            size,
+            start,
         )
-        writer.write(LOCATOR64.pack(SIG_LOCATOR64, 0, end64, 1))
-    writer.write(
-        END.pack(
-            SIG_END,
-            0,
-            0,
-            0xFFFF if many else count,
-            0xFFFF if many else count,
-            0xFFFFFFFF if size >= _ZIP64_LIMIT else size,
-            0xFFFFFFFF if start >= _ZIP64_LIMIT else start,
-            0,
-        )
+        yield LOCATOR64.pack(SIG_LOCATOR64, 0, end64, 1)
+    yield END.pack(
+        SIG_END,
+        0,
+        0,
+        0xFFFF if many else count,
+        0xFFFF if many else count,
+        0xFFFFFFFF if size >= _ZIP64_LIMIT else size,
+        0xFFFFFFFF if start >= _ZIP64_LIMIT else start,
+        0,
     )

@@ -86,8 +86,11 @@ class BuildRun:
         *,
         heartbeat: float,
         clock: Callable[[], dt.datetime],
+        no_cache: bool = False,
     ):
         self.record = record
+        #: build every step again, using no cached layer
+        self.no_cache = no_cache
         self.live = live
         self.artifacts: list[Artifact] = []
         self.position = BuildPosition()

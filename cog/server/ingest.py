@@ -143,19 +143,25 @@ class IngestService:
     # -- an upload ---------------------------------------------------------------------
 
     async def accept(
-        self, received: ReceivedUpload, *, default_name: str | None = None, by: str = ""
+        self,
+        received: ReceivedUpload,
+        *,
+        default_name: str | None = None,
+        by: str = "",
+        no_cache: bool = False,
     ) -> AsyncIterator[Event]:
         """Inspect an upload (InvalidPackage or ConfigError now, before any event), then
         its stream of events. The received file stays the caller's. ``default_name``: the
         package's name if its cog.yaml has none (else DEFAULT_NAME); ``by`` names who sent
-        it (the record keeps it)."""
+        it (the record keeps it); ``no_cache``: build every step again (and a package
+        built already is built again)."""
         # One at a time: reading a config and a model's source is Python-bound, and
         # threads that take turns with the GIL would take turns with the event loop too.
         async with self._inspecting:
             inspection = await asyncio.to_thread(inspect_package, received.path, self.limits)
         if self.builder is not None:
             self._check_image_name(inspection.config.name or default_name or DEFAULT_NAME)
-        return self._accepted(received, inspection, default_name, by)
+        return self._accepted(received, inspection, default_name, by, no_cache)
 
     def _check_image_name(self, name: str) -> None:
         """A name that makes an image reference longer than a registry takes is the
@@ -176,13 +182,14 @@ class IngestService:
         inspection: Inspection,
         default_name: str | None,
         by: str,
+        no_cache: bool,
     ) -> AsyncIterator[Event]:
         # "Received" at once: verifying every member takes seconds for a large package,
         # and the client hears from us first.
         yield events.status(
             f"Received package {short_id(received.package_id)} ({format_size(received.size)})"
         )
-        await asyncio.to_thread(verify_package, received.path, self.limits)
+        await asyncio.to_thread(verify_package, received.path, self.limits, received.scanned)
         async with contextlib.aclosing(
             self.ingest(
                 received.package_id,
@@ -191,6 +198,7 @@ class IngestService:
                 inspection,
                 default_name,
                 by=by,
+                no_cache=no_cache,
             )
         ) as stream:
             async for event in stream:
@@ -205,6 +213,7 @@ class IngestService:
         default_name: str | None = None,
         *,
         by: str = "",
+        no_cache: bool = False,
     ) -> AsyncIterator[Event]:
         """Store, build and check one received and verified package, or follow the build
         of it that runs already (zip_path stays the caller's)."""
@@ -213,9 +222,9 @@ class IngestService:
         async with self._claims.hold(package_id):
             existing = await self._existing(package_id)
             live = self._live.get(package_id)
-            if live is None and self.builder is not None and self._to_build(existing):
+            if live is None and self.builder is not None and self._to_build(existing, no_cache):
                 record = self._new_record(package_id, size, inspection, existing, name, by=by)
-                run = self._start(record)
+                run = self._start(record, no_cache=no_cache)
         if run is not None:
             stream = self._build(run, zip_path, store=True)
         elif live is not None:
@@ -230,9 +239,11 @@ class IngestService:
             async for event in stream:
                 yield event
 
-    async def rebuild(self, record: PackageRecord, *, by: str = "") -> AsyncIterator[Event]:
+    async def rebuild(
+        self, record: PackageRecord, *, by: str = "", no_cache: bool = False
+    ) -> AsyncIterator[Event]:
         """Build a stored package again (after the registry came back, say); `by` names
-        who asked."""
+        who asked; ``no_cache``: every step again, using no cached layer."""
         log.info("rebuild requested", package_id=record.id, by=by)
         if self.builder is None:
             yield events.error("this server has no builder configured", 409)
@@ -254,7 +265,8 @@ class IngestService:
                 current = await self._existing(record.id)
                 if current is not None and not self.busy(current):
                     run = self._start(
-                        current.evolve(updated=self.clock(), status=Status.BUILDING, error="")
+                        current.evolve(updated=self.clock(), status=Status.BUILDING, error=""),
+                        no_cache=no_cache,
                     )
             if run is None:
                 message = "package was deleted" if current is None else "being built already"
@@ -345,9 +357,12 @@ class IngestService:
         except PackageNotFound:
             return None
 
-    def _to_build(self, existing: PackageRecord | None) -> bool:
-        """A new package, a failed one uploaded again, or one whose builder died."""
+    def _to_build(self, existing: PackageRecord | None, no_cache: bool = False) -> bool:
+        """A new package, a failed one uploaded again, one whose builder died, or one
+        built already that is asked for again without the cache."""
         if existing is None or existing.status is Status.FAILED:
+            return True
+        if no_cache and existing.status is Status.READY:
             return True
         return existing.status is Status.BUILDING and self.is_stale(existing)
 
@@ -375,7 +390,7 @@ class IngestService:
             uploaded_by=by,
         )
 
-    def _start(self, record: PackageRecord) -> BuildRun:
+    def _start(self, record: PackageRecord, *, no_cache: bool = False) -> BuildRun:
         """A build of record, registered as this package's live build (under its claim)."""
         run = BuildRun(
             record,
@@ -383,6 +398,7 @@ class IngestService:
             self.catalog,
             heartbeat=self.options.heartbeat,
             clock=self.clock,
+            no_cache=no_cache,
         )
         self._live[record.id] = run.live
         log.info("build started", package_id=record.id, name=record.name)
@@ -400,7 +416,7 @@ class IngestService:
         if not await self.storage.exists(package_key(record.id)):
             # lost to a delete race (see _store): restored, as the bytes are the same
             yield events.status("Storing package (its stored copy was missing)")
-            await self.storage.write(package_key(record.id), file_chunks(zip_path))
+            await self.storage.write_file(package_key(record.id), zip_path)
         yield events.status("This package is already stored and built; nothing to do")
         yield events.package(record_to_json(record))
 
@@ -442,7 +458,7 @@ class IngestService:
         key = package_key(record.id)
         if not await self.storage.exists(key):
             yield events.status("Storing package")
-            await self.storage.write(key, file_chunks(zip_path))
+            await self.storage.write_file(key, zip_path)
         await self.catalog.put(record)
         # Another server's delete of this package may have removed the zip after we saw it
         # (its record first, then its zip): look again now that our record exists, and
@@ -452,7 +468,7 @@ class IngestService:
         if not await self.storage.exists(key):
             log.warning("package zip deleted while it was uploaded again; storing it again")
             yield events.status("Storing package (a delete removed the stored copy meanwhile)")
-            await self.storage.write(key, file_chunks(zip_path))
+            await self.storage.write_file(key, zip_path)
 
     # -- the build ---------------------------------------------------------------------
 
@@ -510,7 +526,8 @@ class IngestService:
         record = run.record
         image = self._image_name(record, target)
         run.position.enter(f"building the {target.upper()} image {image}", target)
-        yield events.status(f"Building {target.upper()} image {image}")
+        cold = " without the build cache" if run.no_cache else ""
+        yield events.status(f"Building {target.upper()} image {image}{cold}")
         request = BuildRequest(
             package_id=record.id,
             package_zip=zip_path,
@@ -518,6 +535,7 @@ class IngestService:
             target=target,  # type: ignore[arg-type]
             image=image,
             signature_json=json.dumps(record.signature) if record.signature else None,
+            no_cache=run.no_cache,
         )
         async with contextlib.aclosing(self.builder.build(request)) as stream:
             async for item in stream:

@@ -5,6 +5,7 @@ Blocking (zipfile, YAML, ``ast``): call these in a worker thread.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import attrs
 
 from cog.config import Config, ConfigError, check_config, defaults_taken
 from cog.package import InvalidPackage, PackageArchive, PackageLimits
+from cog.package.scan import ScannedMember
 from cog.server.source import static_signature
 from cog.signature import SignatureError
 
@@ -47,10 +49,13 @@ def build_notes(path: Path, limits: PackageLimits) -> list[str]:
         return []
 
 
-def verify_package(path: Path, limits: PackageLimits) -> None:
+def verify_package(
+    path: Path, limits: PackageLimits, scanned: Mapping[int, ScannedMember] | None = None
+) -> None:
     """Decompress every member once: InvalidPackage for a corrupt one, or one that expands
-    past what its header declares (a lying zip bomb)."""
-    with PackageArchive.open(path, limits, verify=True):
+    past what its header declares (a lying zip bomb). Members ``scanned`` already
+    checked as they arrived are not read again (see PackageArchive.open)."""
+    with PackageArchive.open(path, limits, verify=True, scanned=scanned):
         pass
 
 

@@ -1,10 +1,11 @@
 """Receiving an upload: the multipart ``file`` part streamed to a temp file while hashing.
 
 The body never sits in memory: chunks are gathered into ~1 MiB batches, and each batch is
-hashed and written in a worker thread while the next batch is being read from the socket
-(two batches in memory at most). The size limit is enforced while streaming (413), so is
-an idle limit (408: a client that stops sending holds its connection no longer), and
-any failure, including the client going away mid-upload, removes the temp file.
+hashed, scanned (each member's CRC checked as it arrives: :mod:`cog.package.scan`) and
+written in a worker thread while the next batch is being read from the socket (two
+batches in memory at most). The size limit is enforced while streaming (413), so is an
+idle limit (408: a client that stops sending holds its connection no longer), and any
+failure, including the client going away mid-upload, removes the temp file.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import hashlib
 import os
 import tempfile
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,6 +22,7 @@ import attrs
 from aiohttp import BodyPartReader, web
 
 from cog.multipart import MalformedBody, parsing
+from cog.package.scan import MemberScan, ScannedMember
 from cog.units import format_size
 
 T = TypeVar("T")
@@ -64,14 +66,22 @@ class ReceivedUpload:
     path: Path
     package_id: str
     size: int
+    #: the members checked as they arrived, by header offset (see PackageArchive.open)
+    scanned: Mapping[int, ScannedMember] = attrs.field(factory=dict)
 
 
 async def receive_upload(
-    request: web.Request, tmp_dir: Path, max_bytes: int, idle_timeout: float = 60.0
+    request: web.Request,
+    tmp_dir: Path,
+    max_bytes: int,
+    idle_timeout: float = 60.0,
+    *,
+    max_members: int = 0,
 ) -> ReceivedUpload:
     """Stream the ``file`` field of a multipart upload to a new temp file under tmp_dir;
     UploadStalled when nothing arrives for idle_timeout seconds.
 
+    Up to ``max_members`` members (the package limit) are checked as they arrive.
     The caller owns the returned file and must remove it.
     """
     # Refuse at once what declares itself too big; the multipart overhead is small.
@@ -93,7 +103,8 @@ async def receive_upload(
                 raise UploadError("nested multipart uploads are not supported")
             if part.name == FIELD and received is None:
                 _check_part_encoding(part)
-                received = await _spool(part, tmp_dir, max_bytes, idle_timeout)
+                scan = MemberScan(max_members)
+                received = await _spool(part, tmp_dir, max_bytes, idle_timeout, scan)
             else:
                 await _parsing(part.release())  # other fields are not ours; drain them
     except BaseException as exc:
@@ -111,7 +122,11 @@ async def receive_upload(
 
 
 async def _spool(
-    part: BodyPartReader, tmp_dir: Path, max_bytes: int, idle_timeout: float
+    part: BodyPartReader,
+    tmp_dir: Path,
+    max_bytes: int,
+    idle_timeout: float,
+    scan: MemberScan,
 ) -> ReceivedUpload:
     fd, name = tempfile.mkstemp(prefix="upload-", suffix=".zip", dir=tmp_dir)
     path = Path(name)
@@ -124,6 +139,7 @@ async def _spool(
 
             def hash_and_write(data: bytes) -> None:
                 digest.update(data)
+                scan.feed(data)
                 file.write(data)
 
             batch: list[bytes] = []
@@ -158,7 +174,7 @@ async def _spool(
             await asyncio.gather(pending, return_exceptions=True)
         path.unlink(missing_ok=True)
         raise
-    return ReceivedUpload(path=path, package_id=digest.hexdigest(), size=size)
+    return ReceivedUpload(path=path, package_id=digest.hexdigest(), size=size, scanned=scan.members)
 
 
 async def _parsing(step: Awaitable[T]) -> T:

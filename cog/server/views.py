@@ -70,8 +70,21 @@ async def whoami(request: web.Request) -> web.Response:
     return web.json_response({"Name": who.name, "Scopes": scopes, "Anonymous": who.anonymous})
 
 
+def query_flag(request: web.Request, name: str) -> bool:
+    """A yes/no query parameter (``?no_cache=1``); absent is no. 400 for anything else."""
+    value = request.query.get(name)
+    if value is None:
+        return False
+    if value.strip().lower() in ("", "1", "true", "yes"):
+        return True
+    if value.strip().lower() in ("0", "false", "no"):
+        return False
+    raise web.HTTPBadRequest(text=f"query parameter {name}={value!r}: use 1 or 0")
+
+
 async def upload(request: web.Request) -> web.StreamResponse:
     app = request.app
+    no_cache = query_flag(request, "no_cache")  # refused before the body is read
     settings = app[SETTINGS]
     # ?name=: the package's name if its cog.yaml has none (`cog build` sends its
     # directory's name), checked before the body is read.
@@ -79,11 +92,17 @@ async def upload(request: web.Request) -> web.StreamResponse:
     if name is not None and name_problem(name):
         raise web.HTTPBadRequest(text=f"name: {name_problem(name)}")
     received = await receive_upload(
-        request, app[TMP_DIR], settings.max_upload_bytes, settings.upload_idle_timeout
+        request,
+        app[TMP_DIR],
+        settings.max_upload_bytes,
+        settings.upload_idle_timeout,
+        max_members=settings.package_limits.max_members,
     )
     structlog.contextvars.bind_contextvars(package_id=received.package_id)
     try:
-        stream = await app[INGEST].accept(received, default_name=name, by=identity(request).name)
+        stream = await app[INGEST].accept(
+            received, default_name=name, by=identity(request).name, no_cache=no_cache
+        )
         return await respond_with_events(request, stream)
     finally:
         # Shielded: a handler cancelled here still removes its upload.
@@ -188,8 +207,9 @@ async def delete(request: web.Request) -> web.Response:
 
 
 async def rebuild(request: web.Request) -> web.StreamResponse:
+    no_cache = query_flag(request, "no_cache")
     record = await resolve(request, request.match_info["ref"])
-    stream = request.app[INGEST].rebuild(record, by=identity(request).name)
+    stream = request.app[INGEST].rebuild(record, by=identity(request).name, no_cache=no_cache)
     return await respond_with_events(request, stream)
 
 

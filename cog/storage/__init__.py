@@ -18,6 +18,11 @@ Rules every backend keeps (the contract suite :mod:`cog.testing.storage` checks 
   the blob is rewritten with other bytes (it may stay for the very same bytes), so caches
   can tell what to reload; ``write`` returns the version of what it wrote, even when
   another writer replaces it at once.
+- ``link_file`` is optional (the default answers None): a backend that can take a local
+  file in without copying its bytes (a hard link, where the file shares its file
+  system) does so, atomically as ``write``; the blob then shares the file's bytes, so
+  callers never change such a file afterwards (removing it is fine). ``write_file``
+  stores a local file either way.
 - vendor errors never escape: a backend raises :class:`NotFound`,
   :class:`StorageUnavailable` or :class:`StorageError`. Only the backend's own steps are
   translated: an exception the caller raises inside ``open_reader``'s block, or between
@@ -30,11 +35,13 @@ import abc
 import contextlib
 import re
 from collections.abc import AsyncIterable, AsyncIterator
+from pathlib import Path
 from typing import ClassVar
 
 import attrs
 
 from cog.plugins import installed, load_plugin
+from cog.streams import file_chunks
 
 ENTRY_POINT_GROUP = "cog.storage"
 
@@ -143,6 +150,20 @@ class Storage(abc.ABC):
             return False
         return True
 
+    async def link_file(self, key: str, path: Path) -> BlobInfo | None:
+        """Store the local file at ``path`` under ``key`` without copying its bytes, if
+        this backend can (see the module docstring); None if it cannot, and nothing is
+        stored. The file stays the caller's, who must not change it afterwards."""
+        return None
+
+    async def write_file(self, key: str, path: Path) -> BlobInfo:
+        """Store the local file at ``path`` under ``key``: linked where the backend can,
+        else its bytes written (``write``). The file stays the caller's."""
+        info = await self.link_file(key, path)
+        if info is None:
+            info = await self.write(key, file_chunks(path))
+        return info
+
     async def write_bytes(self, key: str, data: bytes) -> BlobInfo:
         async def one_chunk() -> AsyncIterator[bytes]:
             yield data
@@ -247,6 +268,11 @@ class CheckedStorage(Storage):
         else:
             with _translated(self.backend):
                 await manager.__aexit__(None, None, None)
+
+    async def link_file(self, key: str, path: Path) -> BlobInfo | None:
+        validate_key(key)
+        with _translated(self.backend):
+            return await self.backend.link_file(key, path)
 
     async def stat(self, key: str) -> BlobInfo:
         validate_key(key)

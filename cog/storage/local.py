@@ -3,6 +3,8 @@
 A blob is a file under the root, at its key's path. Writes go to a temp file in the same
 directory (named ``.tmp-*``, never listed), are fsynced, then renamed into place and the
 directory fsynced: a crash leaves either the old blob or the new one, never half of one.
+A local file on the same file system is taken in the same way without a copy
+(:meth:`LocalStorage.link_file`): hard-linked as the temp file, fsynced, renamed.
 Temp files a crash left behind are removed by :meth:`open`. Blocking calls run in worker
 threads, batched so a listing of 10,000 blobs is one thread hop, not 10,000.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import tempfile
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
@@ -28,6 +31,14 @@ def _info(key: str, st: os.stat_result) -> BlobInfo:
     # within the file system's timestamp granularity, and with the same size.
     version = f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
     return BlobInfo(key=key, size=st.st_size, version=version)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _FileReader(BlobReader):
@@ -95,11 +106,7 @@ class LocalStorage(Storage):
                     os.fsync(file.fileno())
                     file.close()
                     os.replace(tmp, path)
-                    directory = os.open(path.parent, os.O_RDONLY)
-                    try:
-                        os.fsync(directory)
-                    finally:
-                        os.close(directory)
+                    _fsync(path.parent)
                     return path.stat()
 
                 st = await asyncio.to_thread(finish)
@@ -110,6 +117,28 @@ class LocalStorage(Storage):
             Path(tmp).unlink(missing_ok=True)
             raise
         return _info(key, st)
+
+    async def link_file(self, key: str, path: Path) -> BlobInfo | None:
+        dest = self._path(key)
+
+        def link() -> os.stat_result | None:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.parent / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+            try:
+                os.link(path, tmp)
+            except OSError:
+                return None  # another file system, no hard links there, ...: copy it
+            try:
+                _fsync(tmp)  # its bytes on disk before its name appears
+                os.replace(tmp, dest)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            _fsync(dest.parent)
+            return dest.stat()
+
+        st = await asyncio.to_thread(link)
+        return None if st is None else _info(key, st)
 
     @contextlib.asynccontextmanager
     async def open_reader(self, key: str) -> AsyncIterator[BlobReader]:

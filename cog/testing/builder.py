@@ -38,6 +38,7 @@ import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 from cog.builders import (
@@ -98,6 +99,8 @@ class Gate:
         self.mode = "serve"
         self.token = secrets.token_hex(8)  # a fresh URL per test: no build cache hits
         self.requested = asyncio.Event()
+        #: requests for the wheel so far: one per run of the step that installs it
+        self.requests = 0
         self.dropped = asyncio.Event()
         self._release = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -125,6 +128,7 @@ class Gate:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await reader.readuntil(b"\r\n\r\n")
+            self.requests += 1
             self.requested.set()
             if self.mode == "hold":
                 waiting = asyncio.ensure_future(self._release.wait())
@@ -300,6 +304,18 @@ class BuilderContract:
         assert error.step, "the failing step is named"
         assert any("gate" in line for line in error.output), error.output
         assert not any(isinstance(e, BuiltImage) for e in events)
+
+    async def test_no_cache_runs_every_step_again(self, builder, registry, gate, tmp_path):
+        """Built once, then again with ``no_cache``: the step that installs the package's
+        dependency runs again (a builder that reused its cached layer would skip it)."""
+        request = self.request(tmp_path, registry, gate)
+        await Consumer(builder.build(request)).result()
+        assert gate.requests == 1
+        events = await Consumer(builder.build(attrs.evolve(request, no_cache=True))).result()
+        assert gate.requests == 2, "the dependency step came from the cache"
+        images = [e for e in events if isinstance(e, BuiltImage)]
+        assert [i.image for i in images] == [request.image]
+        assert self.registry_digest(registry, request.image) == images[0].digest
 
     async def test_a_cancelled_build_stops_its_step(self, builder, registry, gate, tmp_path):
         """The task consuming a build is cancelled (its client left) while a step runs:

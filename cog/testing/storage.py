@@ -12,7 +12,8 @@
             await store.close()
 
 Optionally override ``leftovers`` (what a failed write may have left: temp files,
-multipart uploads) and ``max_write_memory``. The tests are async: run them with
+multipart uploads) and ``max_write_memory``. The ``tmp_path`` fixture (pytest's) gives the
+local files that ``write_file``/``link_file`` take in. The tests are async: run them with
 pytest-asyncio in auto mode (``asyncio_mode = auto``).
 """
 
@@ -22,6 +23,7 @@ import asyncio
 import hashlib
 import os
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +81,52 @@ class StorageContract:
         stat = await storage.stat(f"blobs/{size}.bin")
         assert (stat.size, stat.version) == (size, info.version)
         assert await storage.exists(f"blobs/{size}.bin")
+
+    @pytest.mark.parametrize("size", [0, 5 * MiB + 3])
+    async def test_write_file_stores_a_local_files_bytes(self, storage, tmp_path, size):
+        """Linked or copied, the blob is the file's bytes, and stays so when the caller
+        removes its file afterwards."""
+        data = os.urandom(size)
+        source = tmp_path / "upload.zip"
+        source.write_bytes(data)
+        info = await storage.write_file("files/pkg.zip", source)
+        assert (info.key, info.size) == ("files/pkg.zip", size)
+        assert source.read_bytes() == data  # the file stays the caller's
+        source.unlink()
+        assert await read_all(storage, "files/pkg.zip") == data
+        assert (await storage.stat("files/pkg.zip")).version == info.version
+
+    async def test_link_file_stores_the_file_whole_or_not_at_all(self, storage, tmp_path):
+        """A backend that cannot link says so (None) and stores nothing; one that can
+        stores the file's bytes, replacing what was there, with a new version."""
+        old = await storage.write_bytes("files/blob", b"old bytes")
+        data = os.urandom(3 * MiB)
+        source = tmp_path / "linked.bin"
+        source.write_bytes(data)
+        info = await storage.link_file("files/blob", source)
+        if info is None:
+            assert await storage.read_bytes("files/blob") == b"old bytes"
+        else:
+            assert info.size == len(data) and info.version != old.version
+            assert await read_all(storage, "files/blob") == data
+        assert await self.leftovers(storage) == []
+
+    async def test_write_file_of_a_missing_file_stores_nothing(self, storage, tmp_path):
+        with pytest.raises(FileNotFoundError):
+            await storage.write_file("files/missing.zip", tmp_path / "no-such-file")
+        assert not await storage.exists("files/missing.zip")
+        assert await self.leftovers(storage) == []
+
+    async def test_concurrent_write_files_end_with_one_whole_blob(self, storage, tmp_path):
+        a, b = os.urandom(6 * MiB), os.urandom(6 * MiB)
+        (tmp_path / "a").write_bytes(a)
+        (tmp_path / "b").write_bytes(b)
+        await asyncio.gather(
+            storage.write_file("w/file", tmp_path / "a"),
+            storage.write_file("w/file", tmp_path / "b"),
+        )
+        assert await read_all(storage, "w/file") in (a, b)
+        assert await self.leftovers(storage) == []
 
     async def test_bytes_helpers(self, storage):
         await storage.write_bytes("records/a.json", b'{"a": 1}')
@@ -170,6 +218,8 @@ class StorageContract:
             await storage.write_bytes(key, b"x")
         with pytest.raises(InvalidKey):
             await storage.stat(key)
+        with pytest.raises(InvalidKey):
+            await storage.link_file(key, Path(__file__))  # refused before a file is touched
 
     @pytest.mark.parametrize("size", [3 * MiB, 12 * MiB])
     async def test_failed_write_leaves_nothing(self, storage, size):

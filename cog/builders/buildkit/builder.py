@@ -354,7 +354,9 @@ class BuildKitBuilder(Builder):
             exporter=choose_exporter(self.exporter, self.address, workers),
         )
 
-    def solve_request(self, ref: str, context_url: str, image: str, exporter: str) -> Any:
+    def solve_request(
+        self, ref: str, context_url: str, image: str, exporter: str, *, no_cache: bool = False
+    ) -> Any:
         options = self.settings.options
         request = pb.SolveRequest(
             Ref=ref,
@@ -365,6 +367,8 @@ class BuildKitBuilder(Builder):
             Exporter=exporter,
             ExporterAttrs={"name": image},
         )
+        if no_cache:
+            request.FrontendAttrs["no-cache"] = ""  # empty: no stage uses the cache
         if exporter == "image":
             request.ExporterAttrs["push"] = "true"
             if options.get("registry_insecure", "").lower() in ("1", "true", "yes"):
@@ -385,7 +389,9 @@ class BuildKitBuilder(Builder):
         yield BuildLog(stage="build", line=f"{self.label}: {buildkit.describe()}")
         yield BuildLog(stage="build", line=f"{self.label}: solving {ref}")
         async with self._context.offer(request.package_zip, self.dockerfile(request)) as url:
-            solve = self.solve_request(ref, url, request.image, buildkit.exporter)
+            solve = self.solve_request(
+                ref, url, request.image, buildkit.exporter, no_cache=request.no_cache
+            )
             result: dict[str, str] = {}
             # aclosing: a build closed by its consumer cancels the Solve now, not when the
             # generator is collected.
