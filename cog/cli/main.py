@@ -296,19 +296,50 @@ def describe(package: dict[str, Any]) -> str:
     if artifacts:
         lines.append(style("Images:", "bold"))
         lines += [f"  {a['Target']:<11} {a['URI']}" for a in artifacts]
-    arguments = (package.get("Signature") or {}).get("arguments") or {}
+    if config.get("Concurrency", 1) > 1:
+        lines.append(f"{style('Concurrency:', 'bold')} {config['Concurrency']}")
+    for label, values in (
+        ("Run", env.get("Run")),
+        ("Env", config.get("EnvironmentVariables")),
+    ):
+        if values:
+            lines.append(f"{style(label + ':', 'bold')}      {'; '.join(values)}")
+    signature = package.get("Signature") or {}
+    arguments = signature.get("arguments") or {}
     if arguments:
         lines.append(style("Inputs:", "bold"))
         for name, spec in arguments.items():
             extras = [
                 f"{key}={spec[key]!r}"
-                for key in ("default", "min", "max", "options")
+                for key in ("default", "min", "max", "options", "min_length", "max_length", "regex")
                 if spec.get(key) is not None
             ]
-            kind = ", ".join([str(spec.get("type")), *extras])
+            if spec.get("deprecated"):
+                extras.append("deprecated")
+            kind = ", ".join([describe_type(spec), *extras])
             help_text = f"  {spec['help']}" if spec.get("help") else ""
             lines.append(f"  {name} ({kind}){help_text}")
+    if signature.get("output"):
+        lines.append(f"{style('Output:', 'bold')}   {describe_type(signature['output'])}")
     return "\n".join(lines)
+
+
+def describe_type(spec: dict[str, Any]) -> str:
+    """A signature's type as Python spells it: list[Path], Iterator[str], Output{...}."""
+    if spec.get("type") == "object":
+        fields = ", ".join(f"{k}: {describe_type(v)}" for k, v in spec.get("fields", {}).items())
+        text = f"{spec.get('name') or 'object'} {{{fields}}}"
+    else:
+        text = str(spec.get("type"))
+    if spec.get("list"):
+        text = f"list[{text}]"
+    if spec.get("concatenate"):
+        text = f"ConcatenateIterator[{text}]"
+    elif spec.get("iterator"):
+        text = f"Iterator[{text}]"
+    if spec.get("optional"):
+        text = f"Optional[{text}]"
+    return text
 
 
 async def download(args: argparse.Namespace) -> int:

@@ -72,7 +72,7 @@ def openapi_document(
         },
         "components": {
             "schemas": {
-                "Input": signature.to_json_schema(),
+                "Input": form_schema(signature),
                 "Error": {
                     "type": "object",
                     "properties": {
@@ -108,3 +108,42 @@ def openapi_document(
 
 def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_FORM_TYPES = {
+    "str": {"type": "string"},
+    "Secret": {"type": "string", "format": "password"},
+    "int": {"type": "integer"},
+    "float": {"type": "number"},
+    "bool": {"type": "boolean"},
+    "Path": {"type": "string", "format": "binary"},
+    "File": {"type": "string", "format": "binary"},
+}
+
+
+def form_schema(signature: Signature) -> dict[str, Any]:
+    """The form of ``POST /infer`` as a JSON Schema object (OpenAPI 3.0 flavour)."""
+    properties = {}
+    for arg in signature.arguments:
+        schema = dict(_FORM_TYPES[arg.type])
+        if arg.is_list:
+            schema = {"type": "array", "items": schema}
+        if arg.help is not None:
+            schema["description"] = arg.help
+        if not arg.required:
+            schema["default"] = list(arg.default) if arg.is_list and arg.default else arg.default
+            if arg.default is None:
+                schema["nullable"] = True
+        if arg.min is not None:
+            schema["minimum"] = arg.min
+        if arg.max is not None:
+            schema["maximum"] = arg.max
+        if arg.options is not None:
+            schema["enum"] = list(arg.options)
+        properties[arg.name] = schema
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": [arg.name for arg in signature.arguments if arg.required],
+        "additionalProperties": False,
+    }
