@@ -144,19 +144,20 @@ def test_problems_name_the_keys_as_the_file_spells_them():
         "environment[2]: A is set twice",
         "build.system_packages: item 1: expected a string, got an integer",
     ]
-    problems = problems_of("predict: nothing\nimage: Bad Name\nbuild:\n  python_packages: [torch]\n")
+    problems = problems_of(
+        "predict: nothing\nimage: Bad Name\nbuild:\n  python_packages: [torch]\n"
+    )
     assert problems == [
         "image: 'Bad Name' is not a valid image name (lowercase letters, digits, '.', '_', "
         "'-' and '/' between parts, e.g. 'acme/colorizer')",
         "predict: 'nothing' must be 'file.py:ClassName', e.g. 'infer.py:Model'",
-        "build.python_packages[0]: 'torch' is not pinned; use name==version (or a git+https:// URL)",
+        "build.python_packages[0]: 'torch' is not pinned; "
+        "use name==version (or a git+https:// URL)",
     ]
 
 
 def test_predict_is_required_and_must_name_a_class_in_the_package():
-    assert problems_of("build: {python_version: '3.11'}\n") == [
-        "predict: is required"
-    ]
+    assert problems_of("build: {python_version: '3.11'}\n") == ["predict: is required"]
     assert problems_of("predict: predict.py:Missing\n") == [
         "predict: predict.py defines no class Missing (it defines Predictor)"
     ]

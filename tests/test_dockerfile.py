@@ -211,16 +211,31 @@ def test_layer_order_puts_what_changes_most_last():
     text = render(*CASES["cpu-packages"][:3], files=CASES["cpu-packages"][3])
     order = [
         layer_index(text, "FROM "),
+        layer_index(text, "--target /opt/cog-runtime 'aiohttp"),  # the server's environment
         layer_index(text, "apt-get install"),
         layer_index(text, 'COPY ["package/requirements.txt"'),
         layer_index(text, "-r /tmp/cog/requirements.txt"),
         layer_index(text, "pillow==11.3.0"),
-        layer_index(text, "aiohttp"),
-        layer_index(text, f"COPY cog/{WHEEL}"),
+        layer_index(text, "COPY cog/ /tmp/cog/"),
+        layer_index(text, f"/tmp/cog/model/{WHEEL}"),
         layer_index(text, "COPY package/ /src/"),
         layer_index(text, "LABEL"),
     ]
     assert order == sorted(order)
+
+
+def test_todays_cog_yaml_sets_variables_and_runs_its_commands_after_the_packages():
+    yaml = (
+        "predict: predict.py:Predictor\nbuild:\n  python_packages: [pillow==11.3.0]\n"
+        "  run: ['echo \"$HOME\" > /x']\nenvironment: [HF_HOME=/src/$cache, EMPTY=]\n"
+    )
+    text = render(yaml, "cpu", "wheels", files={"predict.py": "class Predictor:\n  pass\n"})
+    assert 'ENV HF_HOME="/src/\\$cache" EMPTY=""' in text
+    assert layer_index(text, "--target /opt/cog-runtime 'aiohttp") < layer_index(
+        text, "ENV HF_HOME"
+    )
+    assert layer_index(text, "pillow==11.3.0") < layer_index(text, 'RUN echo "$HOME" > /x')
+    assert layer_index(text, 'RUN echo "$HOME"') < layer_index(text, "COPY cog/ /tmp/cog/")
 
 
 def _real_dockerfile(root: Path, tmp_path: Path, target: str, strategy: str = "wheels") -> str:
@@ -486,7 +501,8 @@ def test_context_tar_is_deterministic_and_complete(tmp_path):
         assert tar.extractfile("package/infer.py").read().decode() == MODEL
     assert set(members) == {
         "Dockerfile",
-        f"cog/{runtime_wheel()[0]}",
+        f"cog/server/{runtime_wheel()[0]}",
+        f"cog/model/{runtime_wheel()[0]}",
         "package/cog.yaml",
         "package/infer.py",
     }

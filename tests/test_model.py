@@ -23,7 +23,11 @@ RUNTIME_FILES = [
     "cog/__init__.py",
     "cog/model.py",
     "cog/signature.py",
+    "cog/declarations.py",
+    "cog/predictor.py",
+    "cog/types.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cog" / "runtime").glob("*.py")),
+    *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cog" / "worker").glob("*.py")),
 ]
 SERVER_ONLY = ["aiodocker", "aiofiles", "cattrs", "structlog", "aiobotocore", "grpc", "pathspec"]
 
@@ -174,7 +178,8 @@ def test_load_errors(tmp_path, monkeypatch):
     write_package(tmp_path, "class Other:\n    pass\n")
     with pytest.raises(ModelLoadError, match=re.escape("infer.py has no class Model")):
         ModelRef("infer.py", "Model", str(tmp_path)).load()
-    with pytest.raises(ModelLoadError, match=re.escape("not a subclass of cog.Model")):
+    # Any other class is a predictor of today's Cog, which needs predict() or run().
+    with pytest.raises(SignatureError, match=re.escape("defines neither predict() nor run()")):
         ModelRef("infer.py", "Other", str(tmp_path)).load()
 
 

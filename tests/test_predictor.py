@@ -7,7 +7,6 @@ import importlib.util
 import json
 import pathlib
 import subprocess
-import sys
 import textwrap
 from typing import Iterator, List, Optional
 
@@ -51,7 +50,12 @@ def test_the_kitchen_predictor_read_at_import_and_from_source_alike():
     assert arguments["flavour"]["options"] == ["plain", "spicy"]
     assert arguments["code"]["regex"] == r"[a-z]+\Z"
     assert arguments["image"] == {"type": "Path", "help": "A file, echoed back", "default": None}
-    assert arguments["pages"] == {"type": "Path", "list": True, "help": "Files, counted", "default": None}
+    assert arguments["pages"] == {
+        "type": "Path",
+        "list": True,
+        "help": "Files, counted",
+        "default": None,
+    }
     assert arguments["blob"] == {"type": "File", "default": None}
     assert arguments["token"] == {"type": "Secret", "default": None}
     assert arguments["tags"] == {"type": "str", "list": True, "default": ["a", "b"]}
@@ -142,9 +146,11 @@ def test_every_problem_is_reported_with_where_it_is():
         "input 'a': default 'x' is not an integer",
         "input 'b': ge is only allowed for int and float inputs",
         "input 'c': default 20.0 is above the maximum 10.0",
-        "input 'd': default 'file.png': a file input cannot have a default (default=None: optional)",
+        "input 'd': default 'file.png': a file input cannot have a default "
+        "(default=None: optional)",
         "input 'e': choice 1 is not a string",
-        "input 'f': regex '(' is not a regular expression: missing ), unterminated subpattern at position 0",
+        "input 'f': regex '(' is not a regular expression: "
+        "missing ), unterminated subpattern at position 0",
         "input 'g': has no type annotation",
         "input 'h': dict is not an input type (use str, int, float, bool, cog.Path, cog.File, "
         "cog.Secret, Optional[...] or list[...])",
@@ -153,7 +159,9 @@ def test_every_problem_is_reported_with_where_it_is():
 
 
 def test_an_unknown_annotation_is_left_to_the_image():
-    source = "import numpy as np\nclass Predictor:\n    def predict(self, x: np.ndarray) -> str: ...\n"
+    source = (
+        "import numpy as np\nclass Predictor:\n    def predict(self, x: np.ndarray) -> str: ...\n"
+    )
     assert static_signature(source, "Predictor") is None
 
 
@@ -189,7 +197,11 @@ def test_values_of_predictions_are_checked_as_cog_checks_them():
         ("text", "", "'' is shorter than 1 characters"),
         ("flavour", "sweet", "'sweet' is not one of 'plain', 'spicy'"),
         ("code", "AB", r"'AB' does not match '[a-z]+\\Z'"),
-        ("image", "/etc/passwd", "'/etc/passwd' is not a file URL (use a data: URI or an http(s) URL)"),
+        (
+            "image",
+            "/etc/passwd",
+            "'/etc/passwd' is not a file URL (use a data: URI or an http(s) URL)",
+        ),
         ("text", None, "none is not an allowed value"),
         ("loud", "yes", "'yes' is not a boolean"),
     ]:
@@ -208,7 +220,7 @@ def test_the_types():
 
     class Out(BaseModel):
         text: str
-        file: Optional[Path]
+        file: Path | None
         count: int = 3
 
     out = Out(text="a")
@@ -235,10 +247,11 @@ def test_the_model_side_is_pure_python_and_runs_on_python_38():
         sys.path.insert(0, {str(ROOT)!r})
         import importlib.util
         from cog.predictor import predictor_signature
-        import cog.model, cog.types
+        import cog.model, cog.types, cog.worker.main
         spec = importlib.util.spec_from_file_location(
             "predict", {str(FIXTURES / "kitchen" / "predict.py")!r})
         module = importlib.util.module_from_spec(spec)
+        sys.modules["predict"] = module
         spec.loader.exec_module(module)
         third = sorted(m for m in sys.modules if m.split(".")[0] in ("attrs", "aiohttp", "yaml"))
         print(json.dumps([predictor_signature(module.Predictor).to_json(), third]))

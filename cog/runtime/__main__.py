@@ -1,16 +1,18 @@
 """``python -m cog.runtime``: serve the model named in ./cog.yaml.
 
 Options (each also from the environment): ``--port`` ($PORT, default 5000), ``--host``
-($COG_HOST, default 0.0.0.0), ``--concurrency`` ($COG_CONCURRENCY, default 1: inferences
-at once), ``--max-queue`` ($COG_MAX_QUEUE, default 64: requests that may wait for one),
-``--dir`` (the package directory, default the working directory), ``--log-level``
-($COG_LOG_LEVEL, default info; debug adds a line per inference).
+($COG_HOST, default 0.0.0.0), ``--concurrency`` ($COG_CONCURRENCY; default cog.yaml's
+``concurrency.max``, else 1: predictions at once), ``--max-queue`` ($COG_MAX_QUEUE,
+default 64: requests that may wait for one), ``--dir`` (the package directory, default
+the working directory), ``--python`` ($COG_WORKER_PYTHON: the Python that runs the model,
+default this one), ``--log-level`` ($COG_LOG_LEVEL, default info; debug adds a line per
+inference).
 
-The port is open at once: the model is imported and set up in the background while
-``/ping`` answers 503 ``starting``. On SIGTERM (or SIGINT) the server finishes the
-running inferences (and sends their responses), answers the queued and any new ones
-with 503 at once, and exits 0; a second signal exits at once with status 1. Logs
-(including the model's stdout/stderr) go to stderr.
+The port is open at once: the model is imported and set up in a worker process in the
+background while ``/ping`` answers 503 ``starting``. On SIGTERM (or SIGINT) the server
+finishes the running inferences (and sends their responses), answers the queued and any
+new ones with 503 at once, and exits 0; a second signal exits at once with status 1.
+Logs (including the model's stdout/stderr) go to stderr.
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ import sys
 from aiohttp import web
 
 from cog.runtime.app import InferenceServer
-from cog.runtime.model_ref import ModelRef
-from cog.runtime.runner import DEFAULT_MAX_QUEUE
+from cog.runtime.supervisor import DEFAULT_MAX_QUEUE
 
 logger = logging.getLogger("cog.runtime")
 
@@ -48,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency",
         type=int,
-        default=_env_int("COG_CONCURRENCY", 1),
-        help="inferences that may run at once",
+        default=_env_int("COG_CONCURRENCY", 0) or None,
+        help="predictions that may run at once (default: cog.yaml's concurrency.max, or 1)",
     )
     parser.add_argument(
         "--max-queue",
@@ -59,13 +60,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dir", default=".", help="the package directory (with cog.yaml)")
     parser.add_argument(
+        "--python",
+        default=os.environ.get("COG_WORKER_PYTHON") or sys.executable,
+        help="the Python that runs the model (its environment needs only cog's model API)",
+    )
+    parser.add_argument(
         "--log-level",
         default=os.environ.get("COG_LOG_LEVEL", "info").lower(),
         choices=["debug", "info", "warning", "error"],
         help="debug adds a line per inference (status and time)",
     )
     args = parser.parse_args(argv)
-    if args.concurrency < 1:
+    if args.concurrency is not None and args.concurrency < 1:
         parser.error("--concurrency must be 1 or more")
     if args.max_queue < 0:
         parser.error("--max-queue must be 0 or more")
@@ -115,6 +121,7 @@ async def serve(server: InferenceServer, host: str, port: int) -> int:
     await asyncio.wait([drain, forced], return_when=asyncio.FIRST_COMPLETED)
     if force.is_set():
         logger.warning("second signal: exiting without waiting")
+        server.runner.kill_now()
         return 1
     forced.cancel()
     await app_runner.cleanup()
@@ -125,17 +132,13 @@ async def serve(server: InferenceServer, host: str, port: int) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level)
-    server = InferenceServer(
-        # Read cog.yaml in the setup thread too: any failure is reported by /ping.
-        lambda: ModelRef.from_directory(args.dir).load(),
-        concurrency=args.concurrency,
-        max_queue=args.max_queue,
+    server = InferenceServer.from_directory(
+        args.dir, concurrency=args.concurrency, max_queue=args.max_queue, python=args.python
     )
     status = asyncio.run(serve(server, args.host, args.port))
     sys.stdout.flush()
     sys.stderr.flush()
     if status:
-        # Inference threads may still be running; do not wait for them.
         os._exit(status)
 
 
