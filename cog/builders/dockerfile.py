@@ -14,6 +14,7 @@ import shlex
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import cog
 from cog.builders import BuildError, BuilderSettings, BuildRequest
@@ -26,6 +27,7 @@ from cog.cuda import (
     torch_cuda_suffix,
     version_key,
 )
+from cog.openapi import openapi_document
 from cog.requirements import (
     parse_pin,
     pinned,
@@ -33,6 +35,7 @@ from cog.requirements import (
     requirement_names,
     requirement_specs,
 )
+from cog.signature import Signature
 
 WORKDIR = "/src"
 #: The virtualenv the GPU ``image`` strategy installs the package's Python into
@@ -201,6 +204,33 @@ def _quote(words: Sequence[str]) -> str:
     return " ".join(shlex.quote(word) for word in words)
 
 
+def cog_config(config: Config) -> dict[str, Any]:
+    """The config as Cog writes it into ``run.cog.config``: today's cog.yaml as JSON."""
+    env = config.environment
+    build: dict[str, Any] = {
+        "python_version": env.python_version,
+        "gpu": "gpu" in env.architectures,
+    }
+    for key, value in (
+        ("python_packages", list(env.python_packages)),
+        ("python_requirements", env.python_requirements),
+        ("system_packages", list(env.system_packages)),
+        ("cuda", env.cuda),
+        ("cudnn", env.cudnn),
+        ("run", [{"command": command} for command in env.run]),
+    ):
+        if value:
+            build[key] = value
+    document: dict[str, Any] = {"build": build, "predict": config.model}
+    if config.name:
+        document["image"] = config.name
+    if config.concurrency > 1:
+        document["concurrency"] = {"max": config.concurrency}
+    if config.variables:
+        document["environment"] = list(config.variables)
+    return document
+
+
 def _variable(assignment: str) -> str:
     """NAME=value of cog.yaml's environment: as ENV writes it, quoted and $-escaped."""
     name, _, value = assignment.partition("=")
@@ -326,6 +356,12 @@ def dockerfile_for(
     }
     if signature_json:
         labels[f"{LABEL_PREFIX}.signature"] = signature_json
+    # Cog's own labels, for the tools that read Cog's images.
+    labels["run.cog.version"] = cog.__version__
+    labels["run.cog.config"] = json.dumps(cog_config(config), separators=(",", ":"))
+    if signature_json:
+        document = openapi_document(Signature.from_json(json.loads(signature_json)))
+        labels["run.cog.openapi_schema"] = json.dumps(document, separators=(",", ":"))
     lines.append(
         "LABEL " + " \\\n      ".join(f"{key}={_label(value)}" for key, value in labels.items())
     )

@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dir", default=".", help="the package directory (with cog.yaml)")
     parser.add_argument(
+        "--upload-url",
+        default=os.environ.get("COG_UPLOAD_URL") or None,
+        help="upload file outputs of predictions here (PUT <url>/<name>) instead of data: URIs",
+    )
+    parser.add_argument(
         "--python",
         default=os.environ.get("COG_WORKER_PYTHON") or sys.executable,
         help="the Python that runs the model (its environment needs only cog's model API)",
@@ -133,7 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level)
     server = InferenceServer.from_directory(
-        args.dir, concurrency=args.concurrency, max_queue=args.max_queue, python=args.python
+        args.dir,
+        concurrency=args.concurrency,
+        max_queue=args.max_queue,
+        python=args.python,
+        upload_url=args.upload_url,
     )
     status = asyncio.run(serve(server, args.host, args.port))
     sys.stdout.flush()

@@ -29,15 +29,26 @@ from typing import Any, Union
 
 from aiohttp import web
 
+from cog.openapi import openapi_document
+from cog.runtime.files import Files
 from cog.runtime.inputs import BadBody, InvalidInput, read_inputs
 from cog.runtime.model_ref import ModelLoadError, ModelRef
-from cog.runtime.openapi import openapi_document
 from cog.runtime.outputs import OutputError, from_wire, respond, to_wire
-from cog.runtime.supervisor import DEFAULT_MAX_QUEUE, Busy, ModelWorker, NotReady, State
+from cog.runtime.predictions import Predictions
+from cog.runtime.supervisor import (
+    DEFAULT_CANCEL_GRACE,
+    DEFAULT_MAX_QUEUE,
+    Busy,
+    ModelWorker,
+    NotReady,
+    State,
+)
 
 logger = logging.getLogger("cog.runtime")
 
 ModelSource = Union[type, str, ModelRef]
+#: The largest JSON body of a prediction (its data: URIs included).
+MAX_JSON_BODY = 100 * 1024 * 1024
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 _READY = json.dumps({"status": "ready"}).encode()
 
@@ -59,12 +70,16 @@ class InferenceServer:
         concurrency: int | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
         python: str | None = None,
+        upload_url: str | None = None,
+        cancel_grace: float = DEFAULT_CANCEL_GRACE,
         load_error: str | None = None,
     ) -> None:
         env = None
         if isinstance(model, ModelRef):
             reference, directory = model.reference, model.directory
             concurrency = concurrency or model.concurrency
+            if model.variables:
+                env = {**os.environ, **dict(v.split("=", 1) for v in model.variables)}
         elif isinstance(model, type):
             reference = f"{model.__module__}:{model.__qualname__}"
             # The worker imports the class's module as this process does.
@@ -78,18 +93,22 @@ class InferenceServer:
             max_queue=max_queue,
             python=python,
             env=env,
+            cancel_grace=cancel_grace,
         )
         self._load_error = load_error
         # Request ids: unique per server process, cheap to make, short in the log.
         self._id_prefix = os.urandom(4).hex()
         self._ids = itertools.count(1)
-        self.app = web.Application(middlewares=[_json_errors])
+        self.predictions = Predictions(self.runner, Files(upload_url))
+        # client_max_size: a prediction's JSON, data: URIs included (/infer streams forms).
+        self.app = web.Application(middlewares=[_json_errors], client_max_size=MAX_JSON_BODY)
         self.app.add_routes(
             [
                 web.get("/ping", self.ping),
                 web.get("/help", self.help),
                 web.get("/openapi.json", self.openapi),
                 web.post("/infer", self.infer),
+                *self.predictions.routes(),
             ]
         )
         self.app.on_startup.append(self._start)
@@ -111,6 +130,7 @@ class InferenceServer:
         await self.runner.start()
 
     async def _close(self, app: web.Application) -> None:
+        await self.predictions.close()
         await self.runner.close()
 
     async def ping(self, request: web.Request) -> web.Response:
@@ -237,7 +257,10 @@ _ENTITY_HEADERS = ("content-type", "content-length", "content-encoding")
 
 def _http_error_message(request: web.Request, error: web.HTTPException) -> str:
     if isinstance(error, web.HTTPNotFound):
-        return f"not found: {request.path} (the routes are /ping, /help, /openapi.json, /infer)"
+        return (
+            f"not found: {request.path} (the routes are /health-check, /predictions, "
+            "/openapi.json, and the 2021 model's /ping, /help, /infer)"
+        )
     if isinstance(error, web.HTTPMethodNotAllowed):
         allowed = ", ".join(sorted(error.allowed_methods))
         return f"{request.method} is not allowed for {request.path}; use {allowed}"

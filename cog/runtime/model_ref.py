@@ -24,12 +24,20 @@ class ModelRef:
     directory: str = "."
     #: predictions at once that cog.yaml asks for (today's ``concurrency: {max: N}``)
     concurrency: int = 1
+    #: today's ``environment: [NAME=value]`` (images have them as ENV already)
+    variables: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, reference: str, directory: str = ".", concurrency: int = 1) -> ModelRef:
+    def parse(
+        cls,
+        reference: str,
+        directory: str = ".",
+        concurrency: int = 1,
+        variables: tuple[str, ...] = (),
+    ) -> ModelRef:
         """``"infer.py:Model"`` -> ModelRef."""
         file, class_name = parse_reference(reference)
-        return cls(file, class_name, directory, concurrency)
+        return cls(file, class_name, directory, concurrency, variables)
 
     @classmethod
     def from_directory(cls, directory: str = ".") -> ModelRef:
@@ -54,7 +62,11 @@ class ModelRef:
         maximum = concurrency.get("max") if isinstance(concurrency, dict) else None
         if not isinstance(maximum, int) or isinstance(maximum, bool) or maximum < 1:
             maximum = 1
-        return cls.parse(reference, directory, maximum)
+        variables = config.get("environment")
+        if not isinstance(variables, list):
+            variables = []
+        assignments = tuple(v for v in variables if isinstance(v, str) and "=" in v)
+        return cls.parse(reference, directory, maximum, assignments)
 
     @property
     def reference(self) -> str:

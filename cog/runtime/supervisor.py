@@ -104,6 +104,7 @@ class _Job:
     future: asyncio.Future[Outcome | None]
     on_output: Callable[[Any], None] | None
     on_log: Callable[[str], None] | None
+    on_start: Callable[[], None] | None = None
     running: bool = False
     cancel_asked: bool = False
     #: the caller no longer waits: the outcome goes to on_abandon
@@ -396,6 +397,7 @@ class ModelWorker:
         on_log: Callable[[str], None] | None = None,
         on_abandon: Callable[[], None] | None = None,
         cancel_on_abandon: bool = False,
+        on_start: Callable[[], None] | None = None,
     ) -> Outcome:
         """Run one prediction in the worker, after those queued before it.
 
@@ -409,7 +411,8 @@ class ModelWorker:
         if tag in self._running or any(job.id == tag for job in self._waiting):
             raise ValueError(f"a prediction {tag} is running already")
         message = {"op": "predict", "id": tag, "inputs": inputs, "dir": directory}
-        job = _Job(tag, message, asyncio.get_running_loop().create_future(), on_output, on_log)
+        future = asyncio.get_running_loop().create_future()
+        job = _Job(tag, message, future, on_output, on_log, on_start)
         job.on_abandon = on_abandon
         if self.state is State.READY and not self._waiting and not self.busy:
             self._send_job(job)
@@ -448,6 +451,8 @@ class ModelWorker:
         job.running = True
         self._running[job.id] = job
         self._transport.write(encode(job.message))
+        if job.on_start is not None:
+            job.on_start()
 
     def _dispatch(self) -> None:
         while self._waiting and not self.busy and self.state is State.READY:
