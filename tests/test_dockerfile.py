@@ -14,6 +14,7 @@ import io
 import os
 import subprocess
 import tarfile
+import zipfile
 from pathlib import Path
 
 import aiohttp
@@ -705,3 +706,28 @@ async def test_a_connection_broken_while_saving_the_output_is_no_write_error(tmp
     with pytest.raises(aiohttp.ClientOSError):
         await _save(Response(), tmp_path / "output.bin")  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []  # no half-written file, no temporary one
+
+
+def test_a_model_that_imports_pydantic_without_listing_it_gets_it(tmp_path):
+    """Cog's own packages used to bring pydantic: a model importing it keeps working."""
+    from cog.builders.dockerfile import implicit_packages
+
+    def package(files):
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.zip"
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, text in files.items():
+                archive.writestr(name, text)
+        return path
+
+    config = check_config("predict: predict.py:P\n", Files({"predict.py": "class P: pass\n"}))
+    uses = package({"predict.py": "import os\nfrom pydantic import BaseModel\n"})
+    assert implicit_packages(uses, config, None) == ["pydantic>=1.9,<3"]
+    nested = package({"lib/types.py": "  import pydantic.v1 as p\n", "predict.py": "x = 1\n"})
+    assert implicit_packages(nested, config, None) == ["pydantic>=1.9,<3"]
+    assert implicit_packages(package({"predict.py": "# pydantic\n"}), config, None) == []
+    assert implicit_packages(uses, config, "pydantic==1.10.13\n") == []  # its pin wins
+    pinned = check_config(
+        "predict: predict.py:P\nbuild:\n  python_packages: [Pydantic==2.5.0]\n",
+        Files({"predict.py": "class P: pass\n"}),
+    )
+    assert implicit_packages(uses, pinned, None) == []

@@ -115,19 +115,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.set_defaults(func=lambda a: run(logs(a)))
 
-    p = sub.add_parser("infer", help="run an inference on a package's image, locally")
-    p.add_argument("id")
-    p.add_argument(
-        "-i",
-        "--input",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an input: name=value, name=@file, or a bare value/@file for the main input",
-    )
-    p.add_argument("-o", "--output", type=Path, help="where to write a file output")
-    p.add_argument("--docker-host", help="Docker Engine to run on (default: $DOCKER_HOST)")
-    p.set_defaults(func=lambda a: run(infer(a)))
+    for verb in ("infer", "predict"):  # predict: what Cog's users type
+        p = sub.add_parser(
+            verb,
+            help="run an inference on a package's image, locally"
+            + (" (the same as infer)" if verb == "predict" else ""),
+        )
+        p.add_argument("id")
+        p.add_argument(
+            "-i",
+            "--input",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="an input: name=value, name=@file, or a bare value/@file for the main input; "
+            "naming a list input again adds to it",
+        )
+        p.add_argument("-o", "--output", type=Path, help="where to write a file output")
+        p.add_argument("--docker-host", help="Docker Engine to run on (default: $DOCKER_HOST)")
+        p.set_defaults(func=lambda a: run(infer(a)))
     return parser
 
 
@@ -400,11 +406,13 @@ async def infer(args: argparse.Namespace) -> int:
     except InferenceError as exc:
         raise CLIError(str(exc)) from None
     if output.text is not None:
-        if args.output:
+        if args.output and not output.paths:
             args.output.write_text(output.text)
             print(f"Written to {args.output}", file=sys.stderr)
         else:
             print(output.text.rstrip("\n"))
-    else:
+    if output.path is not None:
         print(f"Written to {output.path}", file=sys.stderr)
+    for path in output.paths:
+        print(f"Written to {path}", file=sys.stderr)
     return 0

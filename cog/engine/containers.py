@@ -387,3 +387,8 @@ class ModelContainer:
         """POST /infer; use as ``async with model.infer(form) as response``."""
         assert self._session is not None
         return self._session.post(f"{self.url}/infer", data=form)
+
+    def predict(self, body: dict[str, Any]):
+        """POST /predictions (today's Cog); use as ``async with model.predict(body) as r``."""
+        assert self._session is not None
+        return self._session.post(f"{self.url}/predictions", json=body)

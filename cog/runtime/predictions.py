@@ -23,6 +23,7 @@ import asyncio
 import base64
 import collections
 import datetime as dt
+import itertools
 import json
 import logging
 import os
@@ -93,7 +94,8 @@ class Prediction:
     error: str | None = None
     predict_time: float | None = None
     webhook: Webhook | None = None
-    task: asyncio.Task[None] | None = None
+    #: done when the prediction is over (its answer is in Predictions._done then)
+    finished: asyncio.Future[None] | None = None
     #: encodes yielded items one after another (files may need a read or an upload)
     chain: asyncio.Future[None] | None = None
 
@@ -127,6 +129,10 @@ class Predictions:
         self.files = files
         self._live: dict[str, Prediction] = {}
         self._done: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+        # IDs of predictions made without one: unique, and cheap to make.
+        self._prefix = uuid.uuid4().hex[:16]
+        self._ids = itertools.count(1)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -139,8 +145,8 @@ class Predictions:
 
     async def close(self) -> None:
         for prediction in list(self._live.values()):
-            if prediction.task is not None:
-                await asyncio.wait([prediction.task])
+            if prediction.finished is not None:
+                await asyncio.wait([prediction.finished])
         await self.files.close()
 
     # -- routes -------------------------------------------------------------------------
@@ -194,7 +200,7 @@ class Predictions:
         problems = _request_problems(body, wanted)
         if problems:
             return _detail(problems)
-        prediction_id = wanted or body.get("id") or uuid.uuid4().hex
+        prediction_id = wanted or body.get("id") or self._new_id()
         respond_async = "respond-async" in request.headers.get("Prefer", "")
         given = body.get("input") or {}
 
@@ -230,24 +236,27 @@ class Predictions:
             events = frozenset(body.get("webhook_events_filter") or EVENTS)
             prediction.webhook = Webhook(self.files.session(), webhook, events, prediction.to_json)
         self._live[prediction_id] = prediction
-        prediction.task = asyncio.ensure_future(self._run(prediction, values))
-        return await self._answer(request, prediction, respond_async)
+        prediction.finished = asyncio.get_running_loop().create_future()
+        if respond_async:
+            self._tasks.add(task := asyncio.ensure_future(self._run(prediction, values)))
+            task.add_done_callback(self._tasks.discard)
+            return _answer(prediction.to_json(), 202)
+        # In this handler: a client that hangs up cancels it (see _run).
+        await self._run(prediction, values)
+        return _answer(self._done.get(prediction.id) or prediction.to_json())
 
     async def _answer(
         self, request: web.Request, prediction: Prediction, respond_async: bool
     ) -> web.Response:
+        """A prediction that runs already, for a retry of the request that made it."""
         if respond_async:
             return _answer(prediction.to_json(), 202)
-        assert prediction.task is not None
-        try:
-            await asyncio.shield(prediction.task)
-        except asyncio.CancelledError:
-            # The client hung up: nobody waits for this prediction any more.
-            if prediction.status in ("starting", "processing"):
-                logger.info("[%s] the client hung up; cancelling", prediction.id)
-                self.runner.cancel(prediction.id)
-            raise
+        assert prediction.finished is not None
+        await asyncio.shield(prediction.finished)
         return _answer(self._done.get(prediction.id) or prediction.to_json())
+
+    def _new_id(self) -> str:
+        return f"{self._prefix}{next(self._ids):x}"
 
     # -- one prediction -----------------------------------------------------------------
 
@@ -274,7 +283,9 @@ class Predictions:
                 webhook.event("logs")
 
         try:
-            inputs = await self.files.fetch_inputs(runner.arguments, values, directory)
+            inputs = values
+            if runner.has_files:
+                inputs = await self.files.fetch_inputs(runner.arguments, values, directory)
             outcome = await runner.run(
                 inputs,
                 prediction.id,
@@ -282,6 +293,7 @@ class Predictions:
                 on_output=on_output,
                 on_log=on_log,
                 on_start=started,
+                cancel_on_abandon=True,
             )
             if prediction.chain is not None:
                 await prediction.chain
@@ -290,6 +302,12 @@ class Predictions:
             prediction.status, prediction.error = "failed", str(e)
         except NotReady as e:
             prediction.status, prediction.error = "failed", str(e)
+        except asyncio.CancelledError:
+            # The client of a synchronous prediction hung up: it is cancelled (the slot is
+            # the worker's until it has stopped).
+            logger.info("[%s] the client hung up; cancelled", prediction.id)
+            prediction.status = "canceled"
+            raise
         except Exception as e:  # a bug of ours: the prediction fails, the server goes on
             logger.error("[%s] failed: %r", prediction.id, e, exc_info=e)
             prediction.status, prediction.error = "failed", f"internal error: {e}"
@@ -302,7 +320,10 @@ class Predictions:
             self._done[prediction.id] = prediction.to_json()
             while len(self._done) > KEEP_DONE:
                 self._done.popitem(last=False)
-            await asyncio.to_thread(shutil.rmtree, directory, True)
+            if os.path.lexists(directory):  # files came in, or the model wrote some
+                await asyncio.to_thread(shutil.rmtree, directory, True)
+            if prediction.finished is not None and not prediction.finished.done():
+                prediction.finished.set_result(None)
             if webhook is not None:
                 webhook.event("completed")
                 await webhook.close()

@@ -170,6 +170,8 @@ class ModelWorker:
         self.signature: Signature | None = None
         #: the signature's arguments by name
         self.arguments: dict[str, Argument] = {}
+        #: some input is a file (predictions then fetch their URLs)
+        self.has_files = False
         self.model_name = ""
         self.model_doc = ""
         self.is_async = False
@@ -323,6 +325,7 @@ class ModelWorker:
         elif op == "loaded":
             self.signature = Signature.from_json(message["signature"])
             self.arguments = {a.name: a for a in self.signature.arguments}
+            self.has_files = any(a.is_file for a in self.signature.arguments)
             self.model_name = message.get("name") or ""
             self.model_doc = message.get("doc") or ""
             self.is_async = bool(message.get("async"))
@@ -426,9 +429,9 @@ class ModelWorker:
                 )
             self._waiting.append(job)
         try:
-            outcome = await asyncio.shield(job.future)
+            outcome = await job.future  # cancelling the caller cancels this future only
         except asyncio.CancelledError:
-            if job.future.done():
+            if not job.future.cancelled():  # the outcome came with the cancellation
                 if on_abandon is not None:
                     on_abandon()
                 raise
@@ -436,7 +439,6 @@ class ModelWorker:
             if job in self._waiting:
                 self._waiting.remove(job)
                 logger.info("[%s] the client hung up; dropped from the queue", tag)
-                job.future.cancel()
                 if on_abandon is not None:
                     on_abandon()
             elif cancel_on_abandon:
