@@ -564,3 +564,28 @@ async def test_openapi_is_in_cogs_shape(kitchen):
         "/infer",
     }
     json.dumps(document)
+
+
+async def test_a_worker_that_dies_during_setup_is_setup_failed_not_restarted(
+    aiohttp_client, tmp_path
+):
+    directory = model_dir(
+        tmp_path,
+        """
+        import os
+
+        from cog import BasePredictor
+
+        class Predictor(BasePredictor):
+            def setup(self):
+                os._exit(7)
+
+            def predict(self) -> str:
+                return "never"
+        """,
+    )
+    _server, client = await serve(aiohttp_client, directory)
+    body = await (await client.get("/health-check")).json()
+    assert body["status"] == "SETUP_FAILED"
+    assert body["error"] == "the model's process exited (code 7) during setup"
+    assert (await client.post("/predictions", json={})).status == 503

@@ -176,9 +176,12 @@ async def _infer(
     form = _form(resolved, opened)
     async with model.infer(form) as response:
         if response.status != 200:
-            raise InferenceError(
-                f"the model answered HTTP {response.status}: {_error_text(await response.read())}"
-            )
+            message = f"the model answered HTTP {response.status}: "
+            message += _error_text(await response.read())
+            if response.status == 500:  # the model failed: its last lines say how
+                await asyncio.sleep(0.2)  # for them to reach the container's log
+                message = _with_logs(message, model.log_tail())
+            raise InferenceError(message)
         content_type = response.content_type
         if content_type.startswith("text/") or content_type == "application/json":
             return Output(content_type, text=await response.text())

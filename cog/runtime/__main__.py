@@ -1,12 +1,13 @@
 """``python -m cog.runtime``: serve the model named in ./cog.yaml.
 
 Options (each also from the environment): ``--port`` ($PORT, default 5000), ``--host``
-($COG_HOST, default 0.0.0.0), ``--concurrency`` ($COG_CONCURRENCY; default cog.yaml's
-``concurrency.max``, else 1: predictions at once), ``--max-queue`` ($COG_MAX_QUEUE,
-default 64: requests that may wait for one), ``--dir`` (the package directory, default
-the working directory), ``--python`` ($COG_WORKER_PYTHON: the Python that runs the model,
-default this one), ``--log-level`` ($COG_LOG_LEVEL, default info; debug adds a line per
-inference).
+($COG_HOST, default 0.0.0.0), ``--concurrency`` ($COG_CONCURRENCY or Cog's
+$COG_MAX_CONCURRENCY; default cog.yaml's ``concurrency.max``, else 1: predictions at
+once), ``--max-queue`` ($COG_MAX_QUEUE, default 64: requests that may wait for one),
+``--dir`` (the package directory, default the working directory), ``--python``
+($COG_WORKER_PYTHON: the Python that runs the model, default this one), ``--upload-url``
+($COG_UPLOAD_URL: where file outputs of predictions are uploaded), ``--log-level``
+($COG_LOG_LEVEL, default info; debug adds a line per inference).
 
 The port is open at once: the model is imported and set up in a worker process in the
 background while ``/ping`` answers 503 ``starting``. On SIGTERM (or SIGINT) the server
@@ -49,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency",
         type=int,
-        default=_env_int("COG_CONCURRENCY", 0) or None,
+        # $COG_MAX_CONCURRENCY: Cog's name for the same
+        default=_env_int("COG_CONCURRENCY", 0) or _env_int("COG_MAX_CONCURRENCY", 0) or None,
         help="predictions that may run at once (default: cog.yaml's concurrency.max, or 1)",
     )
     parser.add_argument(

@@ -358,6 +358,11 @@ class ModelWorker:
         why = f"the model's process exited (code {code})"
         if code is not None and code < 0:
             why = f"the model's process was killed ({signal.Signals(-code).name})"
+        if self.setup.completed_at is None:
+            # It died before its setup was over: starting it again would do the same.
+            logger.error("%s during setup", why)
+            self._setup_over(State.FAILED, f"{why} during setup")
+            return
         logger.error("%s; starting it again", why)
         for job in list(self._running.values()):
             self._running.pop(job.id, None)
