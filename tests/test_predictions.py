@@ -589,3 +589,81 @@ async def test_a_worker_that_dies_during_setup_is_setup_failed_not_restarted(
     assert body["status"] == "SETUP_FAILED"
     assert body["error"] == "the model's process exited (code 7) during setup"
     assert (await client.post("/predictions", json={})).status == 503
+
+
+OUTPUT_KINDS = {
+    "list[Path]": (
+        "List[Path]",
+        "[write(f'{i}.txt', str(i)) for i in range(2)]",
+        lambda out: [decoded(u) for u in out] == [b"0", b"1"],
+    ),
+    "Iterator[Path]": (
+        "Iterator[Path]",
+        "(write(f'{i}.txt', str(i)) for i in range(3))",
+        lambda out: [decoded(u) for u in out] == [b"0", b"1", b"2"],
+    ),
+    "Iterator[int] empty": ("Iterator[int]", "iter(())", lambda out: out == []),
+    "File": (
+        "File",
+        "io.BytesIO(b'bytes out')",
+        lambda out: decoded(out) == b"bytes out",
+    ),
+    "dict": ("dict", "{'a': [1, {'b': None}]}", lambda out: out == {"a": [1, {"b": None}]}),
+    "pydantic-like": (
+        "Any",
+        "Dumps()",
+        lambda out: out == {"dumped": True},
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", OUTPUT_KINDS)
+async def test_output_kinds(aiohttp_client, tmp_path, kind):
+    annotation, expression, check = OUTPUT_KINDS[kind]
+    directory = model_dir(
+        tmp_path,
+        f"""
+        import io
+        import tempfile
+        from typing import Any, Iterator, List
+
+        from cog import BasePredictor, File, Path
+
+
+        def write(name, text):
+            path = Path(tempfile.mkdtemp()) / name
+            path.write_text(text)
+            return path
+
+
+        class Dumps:  # what a pydantic model offers
+            def model_dump(self):
+                return {{"dumped": True}}
+
+
+        class Predictor(BasePredictor):
+            def predict(self) -> {annotation}:
+                return {expression}
+        """,
+    )
+    _, client = await serve(aiohttp_client, directory)
+    body = await (await client.post("/predictions", json={})).json()
+    assert body["status"] == "succeeded", body
+    assert check(body["output"]), body["output"]
+
+
+async def test_an_output_that_cannot_be_sent_fails_the_prediction(aiohttp_client, tmp_path):
+    directory = model_dir(
+        tmp_path,
+        """
+        from cog import BasePredictor
+
+        class Predictor(BasePredictor):
+            def predict(self) -> float:
+                return float("nan")
+        """,
+    )
+    _, client = await serve(aiohttp_client, directory)
+    body = await (await client.post("/predictions", json={})).json()
+    assert body["status"] == "failed"
+    assert body["error"] == "the output holds nan, which JSON cannot carry"

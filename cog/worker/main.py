@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections.abc
 import contextvars
 import ctypes
 import inspect
@@ -175,6 +176,7 @@ class Worker:
         self.is_async = False
         self.stdout: LogStream | None = None
         self.stderr: LogStream | None = None
+        self._yields = False
 
     # -- setup ------------------------------------------------------------------------
 
@@ -188,6 +190,9 @@ class Worker:
             )
         self.instance = model_class()
         self.method = getattr(self.instance, name)
+        output = self.signature.output
+        #: annotated Iterator[...]: any iterator it returns is its items
+        self._yields = output is not None and output.iterator
         return {
             "signature": self.signature.to_json(),
             "name": model_class.__name__,
@@ -226,7 +231,7 @@ class Worker:
                 if cancels is not None:
                     cancels.start(prediction)
                 value = self.method(**self._inputs(message, opened))
-                if inspect.isgenerator(value):
+                if inspect.isgenerator(value) or (self._yields and _is_iterator(value)):
                     for item in value:
                         self.connection.send(
                             {"op": "output", "id": prediction, "value": encoder.encode(item)}
@@ -257,7 +262,9 @@ class Worker:
         outcome: Dict[str, Any]
         try:
             value = self.method(**self._inputs(message, opened))
-            if inspect.isasyncgen(value):
+            if inspect.isasyncgen(value) or (
+                self._yields and isinstance(value, collections.abc.AsyncIterator)
+            ):
                 async for item in value:
                     self.connection.send(
                         {"op": "output", "id": prediction, "value": encoder.encode(item)}
@@ -275,6 +282,10 @@ class Worker:
                 f.close()
         outcome["seconds"] = time.perf_counter() - started
         self._done(message, outcome)
+
+
+def _is_iterator(value: Any) -> bool:
+    return isinstance(value, collections.abc.Iterator) and not isinstance(value, (str, bytes))
 
 
 def _directory_maker(path: str) -> Callable[[], str]:
