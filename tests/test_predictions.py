@@ -667,3 +667,28 @@ async def test_an_output_that_cannot_be_sent_fails_the_prediction(aiohttp_client
     body = await (await client.post("/predictions", json={})).json()
     assert body["status"] == "failed"
     assert body["error"] == "the output holds nan, which JSON cannot carry"
+
+
+async def test_setup_gets_its_weights_as_cog_passes_them(aiohttp_client, tmp_path, monkeypatch):
+    directory = model_dir(
+        tmp_path,
+        """
+        from cog import BasePredictor
+
+        class Predictor(BasePredictor):
+            async def setup(self, weights):
+                self.weights = f"{type(weights).__name__}:{weights}"
+
+            def predict(self) -> str:
+                return self.weights
+        """,
+    )
+    _, client = await serve(aiohttp_client, directory)
+    assert (await (await client.post("/predictions", json={})).json())["output"] == "NoneType:None"
+    (directory / "weights").mkdir()
+    _, client = await serve(aiohttp_client, directory)
+    assert (await (await client.post("/predictions", json={})).json())["output"] == "Path:weights"
+    monkeypatch.setenv("COG_WEIGHTS", "https://example.com/w.bin")
+    _, client = await serve(aiohttp_client, directory)
+    body = await (await client.post("/predictions", json={})).json()
+    assert body["output"] == "str:https://example.com/w.bin"
