@@ -344,35 +344,47 @@ def _serve_threads(worker: Worker, sock: socket.socket, threads: int) -> None:
                 )
 
 
+class _AsyncChannel(asyncio.Protocol):
+    """The socket of an async model: each prediction a task, as soon as it arrives."""
+
+    def __init__(self, worker: Worker, closed: asyncio.Future) -> None:
+        self.worker = worker
+        self.closed = closed
+        self.decoder = Decoder()
+        self.tasks: Dict[str, asyncio.Task] = {}
+
+    def data_received(self, data: bytes) -> None:
+        for message in self.decoder.feed(data):
+            if message["op"] == "predict":
+                key = message["id"]
+                task = asyncio.ensure_future(self.worker.predict_async(message))
+                self.tasks[key] = task
+                task.add_done_callback(lambda _t, key=key: self.tasks.pop(key, None))
+            elif message["op"] == "cancel" and message["id"] in self.tasks:
+                self.tasks[message["id"]].cancel()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
 async def _serve_async(worker: Worker, sock: socket.socket, setup: Any) -> None:
     loop = asyncio.get_running_loop()
-    reader, writer = await asyncio.open_connection(sock=sock)
+    closed = loop.create_future()
+    transport, _ = await loop.connect_accepted_socket(lambda: _AsyncChannel(worker, closed), sock)
     main_thread = threading.get_ident()
 
     def send(message: Dict[str, Any]) -> None:
         data = encode(message)
         if threading.get_ident() == main_thread:
-            writer.write(data)
+            transport.write(data)
         else:  # printed from a thread the model started
-            loop.call_soon_threadsafe(writer.write, data)
+            loop.call_soon_threadsafe(transport.write, data)
 
     worker.connection.send = send  # type: ignore[method-assign]
-    if not await _setup(worker, setup):
-        return
-    tasks: Dict[str, asyncio.Task] = {}
-    decoder = Decoder()
-    while True:
-        data = await reader.read(1 << 16)
-        if not data:
-            break
-        for message in decoder.feed(data):
-            if message["op"] == "predict":
-                task = asyncio.ensure_future(worker.predict_async(message))
-                tasks[message["id"]] = task
-                task.add_done_callback(lambda _t, key=message["id"]: tasks.pop(key, None))
-            elif message["op"] == "cancel" and message["id"] in tasks:
-                tasks[message["id"]].cancel()
-    writer.close()
+    if await _setup(worker, setup):
+        await closed
+    transport.close()
 
 
 async def _setup(worker: Worker, setup: Any) -> bool:
