@@ -14,12 +14,11 @@ from cog.config import (
     Environment,
     check_config,
     complete_config,
-    config_from_json,
-    config_to_json,
     defaults_taken,
     load_config,
     validate_config,
 )
+from cog.config_wire import config_from_json, config_to_json
 from cog.requirements import pinned, requirement_specs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -7,10 +7,9 @@ import pytest
 from cog.config import (
     ConfigError,
     check_config,
-    config_from_json,
-    config_to_json,
     load_config,
 )
+from cog.config_wire import config_from_json, config_to_json
 
 PREDICTOR = "from cog import BasePredictor\n\nclass Predictor(BasePredictor):\n    pass\n"
 

@@ -17,7 +17,7 @@ import cog
 from cog.builders import BuildError, BuilderSettings, BuilderUnavailable
 from cog.builders.docker import DockerBuilder
 from cog.cli.infer import InferenceError, run_inference
-from cog.config import config_to_json
+from cog.config_wire import config_to_json
 from cog.engine import Engine, ImageNotFound
 from cog.engine.containers import (
     EXPIRES_LABEL,

@@ -2,7 +2,9 @@
 checked, shown, and then run as their clients run them: `/predictions` on the image, and
 `cog predict`/`cog infer`. Two images, each built once for the module: the kitchen (every
 input type, an object output with files) and the streamer (an async runner whose packages
-Cog's own runtime would fight with: aiohttp 3.8.6, pydantic 1.10)."""
+Cog's own runtime would fight with: aiohttp 3.8.6, pydantic 1.10). The images run as cog
+runs every model, with no network: requests reach them through their socket
+(ModelContainer.request)."""
 
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ def built(tmp_path_factory, registry, base_images):
             package_id = result.stdout.strip().splitlines()[-1].split()[-1]
             shown = json.loads(cog("show", package_id, "--json").stdout)
             packages[name] = {"id": package_id, "log": result.stdout, "doc": shown}
+        packages["url"] = url
         yield cog, packages, tmp_path
 
 
@@ -143,34 +146,34 @@ async def test_predictions_on_the_kitchen_image(built):
     _, packages, _ = built
     engine, model = await running(image(packages, "kitchen"))
     try:
-        async with aiohttp.ClientSession() as client:
-            health = await (await client.get(f"{model.url}/health-check")).json()
-            assert health["status"] == "READY"
-            assert health["setup"]["logs"] == "setting up the kitchen\n"
-            response = await client.post(
-                f"{model.url}/predictions",
-                json={
-                    "input": {
-                        "text": "img",
-                        "image": data_uri(b"\x89PNG1234", "image/png"),
-                        "pages": [data_uri(b"one", "text/plain")],
-                        "token": "s3cret",
-                    }
-                },
-            )
-            body = await response.json()
-            assert response.status == 200
-            assert body["status"] == "succeeded", body
-            assert body["output"]["text"] == "img img|3.0|a,b|**********|file.png:8"
-            file = body["output"]["file"]
-            assert base64.b64decode(file.split(",", 1)[1]) == b"hello img img plain ab s3cret"
-            assert body["logs"] == "predicting img\n"
-            invalid = await client.post(f"{model.url}/predictions", json={"input": {"count": 0}})
-            assert invalid.status == 422
-            failed = await (
-                await client.post(f"{model.url}/predictions", json={"input": {"fail": True}})
-            ).json()
-            assert failed["status"] == "failed" and failed["error"] == "ValueError: asked to fail"
+        health = await (await model.request("GET", "/health-check")).json()
+        assert health["status"] == "READY"
+        assert health["setup"]["logs"] == "setting up the kitchen\n"
+        response = await model.request(
+            "POST",
+            "/predictions",
+            json={
+                "input": {
+                    "text": "img",
+                    "image": data_uri(b"\x89PNG1234", "image/png"),
+                    "pages": [data_uri(b"one", "text/plain")],
+                    "token": "s3cret",
+                }
+            },
+        )
+        body = await response.json()
+        assert response.status == 200
+        assert body["status"] == "succeeded", body
+        assert body["output"]["text"] == "img img|3.0|a,b|**********|file.png:8"
+        file = body["output"]["file"]
+        assert base64.b64decode(file.split(",", 1)[1]) == b"hello img img plain ab s3cret"
+        assert body["logs"] == "predicting img\n"
+        invalid = await model.request("POST", "/predictions", json={"input": {"count": 0}})
+        assert invalid.status == 422
+        failed = await (
+            await model.request("POST", "/predictions", json={"input": {"fail": True}})
+        ).json()
+        assert failed["status"] == "failed" and failed["error"] == "ValueError: asked to fail"
     finally:
         await stop(engine, model)
 
@@ -179,33 +182,30 @@ async def test_the_streamer_streams_concurrently_and_cancels(built):
     _, packages, _ = built
     engine, model = await running(image(packages, "stream"))
     try:
-        async with aiohttp.ClientSession() as client:
-            body = await (
-                await client.post(
-                    f"{model.url}/predictions", json={"input": {"prompt": "a b", "repeat": 2}}
+        body = await (
+            await model.request(
+                "POST", "/predictions", json={"input": {"prompt": "a b", "repeat": 2}}
+            )
+        ).json()
+        assert body["status"] == "succeeded", body
+        assert "".join(body["output"]) == "[aiohttp 3.8.6, pydantic 1.10.13] a b a b"
+        waits = [
+            asyncio.ensure_future(
+                model.request(
+                    "PUT", f"/predictions/w{i}", json={"input": {"prompt": "x", "wait": 60}}
                 )
-            ).json()
-            assert body["status"] == "succeeded", body
-            assert "".join(body["output"]) == "[aiohttp 3.8.6, pydantic 1.10.13] a b a b"
-            waits = [
-                asyncio.ensure_future(
-                    client.put(
-                        f"{model.url}/predictions/w{i}", json={"input": {"prompt": "x", "wait": 60}}
-                    )
-                )
-                for i in range(4)
-            ]
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + WAIT
-            while (await (await client.get(f"{model.url}/health-check")).json())[
-                "status"
-            ] != "BUSY":
-                assert loop.time() < deadline, "four predictions never ran at once"
-                await asyncio.sleep(0.05)
-            for i in range(4):
-                assert (await client.post(f"{model.url}/predictions/w{i}/cancel")).status == 200
-            answers = [await (await w).json() for w in waits]
-            assert [a["status"] for a in answers] == ["canceled"] * 4
+            )
+            for i in range(4)
+        ]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT
+        while (await (await model.request("GET", "/health-check")).json())["status"] != "BUSY":
+            assert loop.time() < deadline, "four predictions never ran at once"
+            await asyncio.sleep(0.05)
+        for i in range(4):
+            assert (await model.request("POST", f"/predictions/w{i}/cancel")).status == 200
+        answers = [await (await w).json() for w in waits]
+        assert [a["status"] for a in answers] == ["canceled"] * 4
     finally:
         await stop(engine, model)
 
@@ -233,3 +233,71 @@ def test_cog_predict_and_infer_as_a_cog_user(built):
     streamed = cog("infer", packages["stream"]["id"][:12], "-i", "prompt=hello world", cwd=work)
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout.strip() == "[aiohttp 3.8.6, pydantic 1.10.13] hello world"
+
+
+async def test_todays_models_run_through_the_server(built):
+    """POST /v1/packages/<id>/predictions on a predictor (the web's route, which the page's
+    Try it and `cog infer --remote` use): a form as the page sends it is typed from the
+    signature and answered as a 2021 model's is; JSON is answered with Cog's output; the
+    model's refusal and its failure come back as a 2021 model's do."""
+    _, packages, _ = built
+    route = f"{packages['url']}/v1/packages/{packages['kitchen']['id']}/predictions"
+    async with aiohttp.ClientSession() as client:
+        form = aiohttp.FormData()
+        for name, value in (("text", "web"), ("count", "3"), ("loud", "true")):
+            form.add_field(name, value)
+        form.add_field("pages", b"page one", filename="one.txt", content_type="text/plain")
+        async with client.post(route, data=form) as answer:
+            assert answer.status == 200, await answer.text()
+            assert answer.content_type == "application/json"
+            output = await answer.json()
+        assert output["text"] == "WEB WEB WEB|4.5|a,b|None"
+        assert decoded(output["file"]) == b"hello WEB WEB WEB plain ab None"
+        assert [decoded(f) for f in output["files"]] == [b"page one"]
+        async with client.post(route, data={"count": "99", "flavour": "sour"}) as answer:
+            assert answer.status == 400
+            refusal = await answer.json()
+        assert refusal["problems"] == [{"input": "count", "message": "99 is above the maximum 5"}]
+        async with client.post(route, json={"input": {"flavour": "sour"}}) as answer:
+            assert answer.status == 400
+            assert [p["input"] for p in (await answer.json())["problems"]] == ["flavour"]
+        async with client.post(route, json={"input": {"text": "json"}}) as answer:
+            document = await answer.json()
+        assert document["status"] == "succeeded"
+        assert document["output"]["text"] == "json json|3.0|a,b|None"
+        assert set(document["metrics"]) == {"predict_time"}
+        async with client.post(route, json={"input": {"fail": True}}) as answer:
+            assert answer.status == 500
+            failure = await answer.json()
+        assert failure["error"] == "ValueError: asked to fail"
+        assert "predicting world" in failure["logs"]
+
+
+def test_cog_infer_remote_on_todays_models(built):
+    """`cog infer --remote` writes a predictor's outputs as `cog predict` does locally, and
+    joins what a ConcatenateIterator streamed."""
+    cog, packages, tmp_path = built
+    work = tmp_path / "remote"
+    work.mkdir()
+    (work / "a.txt").write_text("first")
+    kitchen = packages["kitchen"]["id"][:12]
+    ran = cog(
+        "infer", "--remote", kitchen, "-i", "text=far", "-i", "pages=@a.txt", "-i", "count=1",
+        cwd=work,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout)["text"] == "far|1.5|a,b|None"
+    assert (work / "output.file.txt").read_text() == "hello far plain ab None"
+    assert (work / "output.files.0.txt").read_text() == "first"
+    assert "Written to output.files.0.txt" in ran.stderr
+    refused = cog("predict", "--remote", kitchen, "-i", "count=99", cwd=work)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == "cog: error: input count: 99 is above the maximum 5"
+    stream = packages["stream"]["id"][:12]
+    streamed = cog("infer", "--remote", stream, "-i", "prompt=over the server", cwd=work)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == "[aiohttp 3.8.6, pydantic 1.10.13] over the server\n"
+
+
+def decoded(uri: str) -> bytes:
+    return base64.b64decode(uri.split(",", 1)[1])

@@ -19,7 +19,8 @@ from typing import Any
 import cog
 from cog.builders import BuildError, BuilderSettings, BuildRequest
 from cog.builders.runtime import RUNTIME_REQUIREMENTS, runtime_wheel
-from cog.config import Config, config_to_json
+from cog.config import Config
+from cog.config_wire import config_to_json
 from cog.cuda import (
     known_nvidia_cuda_images,
     nvidia_cuda_image_tag,

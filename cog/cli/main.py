@@ -520,10 +520,11 @@ async def infer_on_server(args: argparse.Namespace) -> int:
 
     async with client(args) as registry:
         package = await registry.show(args.id)
-        arguments = (package.get("Signature") or {}).get("arguments") or {}
+        signature = package.get("Signature") or {}
+        arguments = signature.get("arguments") or {}
         try:
             inputs = resolve_names(parse_inputs(args.input), arguments)
-            output = await registry.predict(package["ID"], inputs, args.output)
+            output = await registry.predict(package["ID"], inputs, args.output, signature)
         except InferenceError as exc:
             raise CLIError(str(exc)) from None
     print_output(output, args.output)
