@@ -4,7 +4,10 @@ JSON, and outputs written as Cog writes them."""
 from __future__ import annotations
 
 import base64
+import functools
+import http.server
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -41,15 +44,36 @@ def resolved(*values):
     return resolve_names(parse_inputs(list(values)), arguments)
 
 
-def test_values_are_converted_to_the_inputs_types_and_repeated_names_build_lists(tmp_path):
+@pytest.fixture
+def web_files(tmp_path):
+    """A real HTTP server of tmp_path/web's files; its URL."""
+    root = tmp_path / "web"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_values_are_converted_to_the_inputs_types_and_repeated_names_build_lists(
+    tmp_path, web_files
+):
     (tmp_path / "a.png").write_bytes(b"\x89PNG")
     (tmp_path / "b.txt").write_text("bee")
+    root, url = web_files
+    (root / "c.txt").write_text("sea")
     values = prediction_input(
         SIGNATURE,
         resolved(
             "prompt=hi", "steps=3", "scale=2", "loud=true", f"image=@{tmp_path / 'a.png'}",
-            f"pages=@{tmp_path / 'b.txt'}", "pages=https://example.com/c.txt", "tags=x",
-            "token=s3cret",
+            f"pages=@{tmp_path / 'b.txt'}", f"pages={url}/c.txt", "tags=x", "token=s3cret",
         ),
     )  # fmt: skip
     assert values == {
@@ -58,12 +82,18 @@ def test_values_are_converted_to_the_inputs_types_and_repeated_names_build_lists
         "scale": 2.0,
         "loud": True,
         "image": uri(b"\x89PNG", "image/png"),
-        "pages": [uri(b"bee"), "https://example.com/c.txt"],
+        # The URL is fetched by cog: the model runs with no network.
+        "pages": [uri(b"bee"), uri(b"sea")],
         "tags": ["x"],
         "token": "s3cret",
     }
     # A bare value goes to the only required input.
     assert prediction_input(SIGNATURE, resolved("hello")) == {"prompt": "hello"}
+    with pytest.raises(PredictionInputError) as caught:
+        prediction_input(SIGNATURE, resolved("prompt=x", f"image={url}/gone.png"))
+    assert str(caught.value) == (
+        f"input image: cannot download {url}/gone.png: HTTP 404 File not found"
+    )
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,8 @@
 ``POST /predictions``, outputs written as Cog writes them.
 
 - ``-i name=value`` is converted to the input's type; ``-i name=@file`` sends the file as
-  a ``data:`` URI; an ``http(s)://`` URL for a file input is sent as it is; naming an
-  input more than once builds a list.
+  a ``data:`` URI; an ``http(s)://`` URL for a file input is downloaded here and sent so
+  too (the model runs with no network); naming an input more than once builds a list.
 - A file output is written to ``output.<ext>`` (or ``-o``), the files of a list output to
   ``output.<n>.<ext>``, those of an object output to ``output.<field>.<ext>``; the text of a
   ``ConcatenateIterator`` is joined; anything else is printed (JSON when not text).
@@ -16,6 +16,8 @@ import binascii
 import json
 import mimetypes
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,10 @@ class PredictionInputError(Exception):
 def to_json_value(argument: Argument, raw: str) -> Any:
     """One command-line value as the JSON the input takes."""
     if argument.is_file:
-        if raw.startswith(("http://", "https://", "data:")):
+        if raw.startswith("data:"):
             return raw
+        if raw.startswith(("http://", "https://")):
+            return _fetched(argument.name, raw)
         path = Path(raw[1:] if raw.startswith("@") else raw).expanduser()
         if not path.is_file():
             raise PredictionInputError(f"input {argument.name}: no such file: {path}")
@@ -54,6 +58,24 @@ def to_json_value(argument: Argument, raw: str) -> Any:
     except InputError as e:
         raise PredictionInputError(f"input {argument.name}: {e}") from None
     return raw
+
+
+def _fetched(name: str, url: str) -> str:
+    """A file input's URL as a data: URI: cog runs the model with no network, so the
+    model cannot fetch it itself."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+            content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+    except (OSError, ValueError) as exc:  # urllib's URLError and HTTPError are OSErrors
+        reason = getattr(exc, "reason", None) or exc
+        if isinstance(exc, urllib.error.HTTPError):
+            exc.close()  # it holds the connection
+            reason = f"HTTP {exc.code} {exc.reason}"
+        raise PredictionInputError(f"input {name}: cannot download {url}: {reason}") from None
+    if not content_type or content_type == "application/octet-stream":
+        content_type = mimetypes.guess_type(url)[0] or "application/octet-stream"
+    return f"data:{content_type};base64,{base64.b64encode(data).decode()}"
 
 
 def prediction_input(signature: Signature, inputs: list[tuple[str, str]]) -> dict[str, Any]:
