@@ -46,8 +46,11 @@ def static_signature(source: str, class_name: str, filename: str = "<model>") ->
     cls = classes.get(class_name)
     if cls is None:
         return None
-    if is_predictor_class(tree, cls):
-        return static_predictor_signature(tree, cls, filename)
+    try:
+        if is_predictor_class(tree, cls):
+            return static_predictor_signature(tree, cls, filename)
+    except RecursionError:  # what parsed may still nest deeper than the reader recurses
+        raise SignatureError([f"{filename} nests deeper than the server reads"]) from None
     methods = _methods(cls)
     if not methods and _defines_neither(cls, classes, names, tree):
         raise SignatureError(
