@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from cog.builders import BuilderSettings  # noqa: E402
 from cog.builders.context import _file, _members  # noqa: E402
 from cog.builders.dockerfile import dockerfile_for  # noqa: E402
-from cog.builders.runtime import runtime_wheel  # noqa: E402
+from cog.builders.runtime import model_wheel, runtime_wheel  # noqa: E402
 from cog.config import DirectoryFiles, check_config  # noqa: E402
 from cog.package import write_package  # noqa: E402
 from tests.test_cli import free_port, wait_for  # noqa: E402
@@ -67,7 +67,8 @@ def context_tar(model: Path, base: str, work: Path) -> Path:
     tar = work / "context.tar"
     with open(tar, "wb") as out:
         out.write(_file("Dockerfile", dockerfile.encode()))
-        out.write(_file(f"cog/{runtime_wheel()[0]}", runtime_wheel()[1]))
+        for folder, (name, wheel) in (("server", runtime_wheel()), ("model", model_wheel())):
+            out.write(_file(f"cog/{folder}/{name}", wheel))
         for chunk in _members(zip_path):
             out.write(chunk)
         out.write(b"\0" * 1024)

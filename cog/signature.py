@@ -7,7 +7,7 @@ One signature model serves both generations of model:
   into a :class:`Signature` (the rules are in :mod:`cog.declarations`);
 - the inference runtime converts form fields with :meth:`Argument.convert` (``/infer``)
   and JSON values with :meth:`Argument.validate` (``/predictions``), and publishes
-  :meth:`Signature.to_json` (``/help``) and OpenAPI (:mod:`cog.runtime.openapi`);
+  :meth:`Signature.to_json` (``/help``) and OpenAPI (:mod:`cog.openapi`);
 - the cog server reads the same signature from the model's source without importing it
   (:mod:`cog.server.source`), and stores its JSON in the package document.
 

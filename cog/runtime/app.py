@@ -3,7 +3,7 @@
 - ``GET /ping``: 200 ``{"status": "ready"}``; 503 ``{"status": "starting"}``,
   ``{"status": "failed", "error": ...}`` or ``{"status": "stopping"}``.
 - ``GET /help``: the signature, ``{"arguments": {...}}`` (see :mod:`cog.signature`).
-- ``GET /openapi.json``: the same as an OpenAPI 3.0 document (:mod:`cog.runtime.openapi`).
+- ``GET /openapi.json``: the same as an OpenAPI 3.0 document (:mod:`cog.openapi`).
 - ``POST /infer``: a multipart form (or urlencoded, for text only) of the inputs. The
   response is the output (see :mod:`cog.runtime.outputs`) with ``X-Setup-Time`` and
   ``X-Run-Time`` (seconds) and ``X-Request-ID``. Errors are JSON ``{"error": message}``:
