@@ -1,5 +1,9 @@
 """cog.yaml: the schema, and the three pure steps load -> validate -> complete.
 
+Both formats of cog.yaml, the 2021 one and today's Cog's (``build:``, ``predict:``), are
+read into this one config model (:mod:`cog.config_formats`), checked by the same rules
+and sent as the same wire JSON.
+
 - :func:`load_config` parses YAML (once its size, nesting and number of values are
   within the bounds of :mod:`cog.config_bounds`) and structures it into frozen attrs
   classes; syntax errors carry line and column, schema errors (unknown keys, wrong types, missing
@@ -9,9 +13,7 @@
 - :func:`complete_config` fills in what the author left out, notably the CUDA/cuDNN pair
   for GPU images from the pinned torch/tensorflow (see :mod:`cog.cuda`).
 
-:func:`config_to_json` / :func:`config_from_json` are the wire format: the original Cog's
-Go-style document (``Name``, ``Environment`` {``PythonVersion``...}, ``Model``), empty
-lists as ``null`` like Go's nil slices.
+:mod:`cog.config_wire` is its wire format, the original Cog's Go-style document.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from typing import Any
 import attrs
 import cattrs
 import yaml
-from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from cog.config_bounds import (
     MAX_EXAMPLES,
@@ -36,6 +37,15 @@ from cog.config_bounds import (
     dockerfile_problem,
     plain_path_problem,
     shape_problems,
+)
+from cog.config_formats import (
+    MODEL_FORMAT,
+    PREDICT_DEFAULT_PYTHON,
+    PREDICT_FORMAT,
+    detect_format,
+    original_path,
+    translate,
+    yaml_type,
 )
 from cog.cuda import NoCudaPair, choose_pair
 from cog.requirements import pinned, requirement_specs
@@ -61,6 +71,8 @@ class Environment:
     architectures: tuple[str, ...] = ("cpu",)
     cuda: str = ""
     cudnn: str = ""
+    #: shell commands run after the packages are installed (today's ``build.run``)
+    run: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -77,6 +89,12 @@ class Config:
     name: str = ""
     environment: Environment = attrs.field(factory=Environment)
     examples: tuple[Example, ...] = ()
+    #: predictions at once (today's ``concurrency.max``; an async predictor's)
+    concurrency: int = 1
+    #: ``NAME=value`` for the image's environment (today's ``environment:`` list)
+    variables: tuple[str, ...] = ()
+    #: the cog.yaml format: MODEL_FORMAT (2021) or PREDICT_FORMAT (today's Cog)
+    format: str = MODEL_FORMAT
 
 
 class ConfigError(Exception):
@@ -147,16 +165,7 @@ def _string_list(value: Any, _: type) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _yaml_type(value: Any) -> str:
-    return {
-        type(None): "nothing (null)",
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "a mapping",
-    }.get(type(value), type(value).__name__)
+_yaml_type = yaml_type
 
 
 _lenient = cattrs.Converter(forbid_extra_keys=False)
@@ -290,7 +299,11 @@ def _path(path: str) -> str:
     return re.sub(r"\['([^']*)'\]", r".\1", path) or "cog.yaml"
 
 
-def load_config(text: str | bytes, source: str = "cog.yaml") -> Config:
+def load_config(
+    text: str | bytes, source: str = "cog.yaml", warnings: list[str] | None = None
+) -> Config:
+    """The config of a cog.yaml in either format; ConfigError lists every problem.
+    What is ignored (keys of newer Cog releases) is appended to ``warnings``."""
     too_big = shape_problems(text, source)
     if too_big:
         raise ConfigError(too_big)
@@ -302,19 +315,40 @@ def load_config(text: str | bytes, source: str = "cog.yaml") -> Config:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{source}: {where}invalid YAML: {problem}"]) from None
     if doc is None:
-        raise ConfigError([f"{source} is empty; it needs at least `model: file.py:ClassName`"])
+        needs = "`predict: file.py:ClassName` (2021 format: `model: file.py:ClassName`)"
+        raise ConfigError([f"{source} is empty; it needs at least {needs}"])
     if not isinstance(doc, dict):
         raise ConfigError([f"{source}: expected a mapping of keys, got {_yaml_type(doc)}"])
     problems = _duplicate_keys(text, source)
-    doc = _shaped(doc, Config, "cog.yaml", problems)
+    fmt, mixed = detect_format(doc)
+    if mixed:
+        raise ConfigError(problems + mixed)
+    found: list[str] = []
+    if fmt == PREDICT_FORMAT:
+        doc, translated, ignored = translate({k: v for k, v in doc.items() if isinstance(k, str)})
+        problems += translated
+        if warnings is not None:
+            warnings += ignored
+    else:
+        for key in ("concurrency", "variables", "format"):
+            if key in doc:  # fields of the config model that only today's format sets
+                found.append(f"cog.yaml: unknown key: {key}")
+                del doc[key]
+        environment = doc.get("environment")
+        if isinstance(environment, dict) and "run" in environment:
+            found.append("environment: unknown key: run (a key of today's build:)")
+            environment = {k: v for k, v in environment.items() if k != "run"}
+            doc["environment"] = environment
+    doc = _shaped(doc, Config, "cog.yaml", found)
     _normalize_examples(doc)
     try:
         config = _loader.structure(doc, Config)
     except cattrs.BaseValidationError as exc:
         for message in cattrs.transform_error(exc, format_exception=_format_error):
             text, _, path = message.rpartition(" @ ")
-            problems.append(f"{_path(path)}: {text}")
+            found.append(f"{_path(path)}: {text}")
         config = None
+    problems += [_in_format(problem, fmt) for problem in found]
     if problems:
         try:
             partial = config or _lenient.structure(doc, Config)
@@ -323,6 +357,12 @@ def load_config(text: str | bytes, source: str = "cog.yaml") -> Config:
         raise ConfigError(problems, partial) from None
     assert config is not None
     return config
+
+
+def _in_format(problem: str, fmt: str) -> str:
+    """A problem ("path: message") with its path as the author's file spells it."""
+    path, sep, message = problem.partition(": ")
+    return f"{original_path(path, fmt)}{sep}{message}" if sep else problem
 
 
 # -- validate ---------------------------------------------------------------------------
@@ -399,6 +439,12 @@ def _python_version_problem(version: str) -> str | None:
 
 def validate_config(config: Config, files: PackageFiles) -> None:
     """Raise ConfigError listing every problem of config for a package with these files."""
+    problems = [_in_format(problem, config.format) for problem in _problems(config, files)]
+    if problems:
+        raise ConfigError(problems)
+
+
+def _problems(config: Config, files: PackageFiles) -> list[str]:
     env = config.environment
     problems: list[str] = []
     if config.name and name_problem(config.name):
@@ -457,8 +503,12 @@ def validate_config(config: Config, files: PackageFiles) -> None:
                 problems += _example_file(f"examples[{i}].input.{name}", value[1:], files)
         if example.output is not None and example.output.startswith("@"):
             problems += _example_file(f"examples[{i}].output", example.output[1:], files)
-    if problems:
-        raise ConfigError(problems)
+    if config.concurrency < 1:
+        problems.append(f"concurrency: {config.concurrency} is not 1 or more")
+    for i, command in enumerate(env.run):
+        if not command.strip() or "\0" in command:
+            problems.append(f"environment.run[{i}]: {command!r} is not a command")
+    return problems
 
 
 def _example_file(where: str, path: str, files: PackageFiles) -> list[str]:
@@ -470,10 +520,16 @@ def _example_file(where: str, path: str, files: PackageFiles) -> list[str]:
     return []
 
 
-def check_config(text: str | bytes, files: PackageFiles, source: str = "cog.yaml") -> Config:
-    """load -> validate -> complete, reporting the problems of all three steps at once."""
+def check_config(
+    text: str | bytes,
+    files: PackageFiles,
+    source: str = "cog.yaml",
+    warnings: list[str] | None = None,
+) -> Config:
+    """load -> validate -> complete, reporting the problems of all three steps at once
+    (what is ignored is appended to ``warnings``)."""
     try:
-        config = load_config(text, source)
+        config = load_config(text, source, warnings)
     except ConfigError as exc:
         if exc.config is None:
             raise
@@ -513,57 +569,18 @@ def complete_config(config: Config, files: PackageFiles) -> Config:
 
 
 def defaults_taken(text: str | bytes) -> list[str]:
-    """Lines for the build log naming the defaults a 2021-format cog.yaml (``model:`` and
-    ``environment:``) relies on; the text is one that load_config accepts."""
-    doc = yaml.safe_load(text)
-    if not isinstance(doc, dict) or "model" not in doc:
+    """Lines for the build log naming the defaults a cog.yaml relies on: the Python of a
+    2021-format one (``model:``, ``environment:``) or of today's (``build:``); the text is
+    one that load_config accepts."""
+    doc = yaml.load(text, Loader=YAML_LOADER)
+    if not isinstance(doc, dict):
         return []
-    environment = doc.get("environment") or {}
-    if isinstance(environment, dict) and "python_version" not in environment:
-        return [f"python_version not set: using {DEFAULT_PYTHON_VERSION}, Cog's default"]
+    fmt, _ = detect_format(doc)
+    section, default = doc.get("environment"), DEFAULT_PYTHON_VERSION
+    if fmt == PREDICT_FORMAT:
+        section, default = doc.get("build"), PREDICT_DEFAULT_PYTHON
+    elif "model" not in doc:
+        return []
+    if "python_version" not in (section if isinstance(section, dict) else {}):
+        return [f"python_version not set: using {default}, Cog's default"]
     return []
-
-
-# -- wire format ------------------------------------------------------------------------
-
-_wire = cattrs.Converter()
-_GO_KEYS = {
-    Environment: {
-        "python_version": "PythonVersion",
-        "python_requirements": "PythonRequirements",
-        "python_packages": "PythonPackages",
-        "system_packages": "SystemPackages",
-        "architectures": "Architectures",
-        "cuda": "CUDA",
-        "cudnn": "CuDNN",
-    },
-    Example: {"input": "Input", "output": "Output"},
-    Config: {
-        "name": "Name",
-        "environment": "Environment",
-        "model": "Model",
-        "examples": "Examples",
-    },
-}
-# Go's nil slices: empty lists travel as null, and null reads back as empty.
-_STRINGS, _EXAMPLES = tuple[str, ...], tuple[Example, ...]
-_wire.register_unstructure_hook_func(lambda t: t == _STRINGS, lambda v: list(v) or None)
-_wire.register_unstructure_hook_func(
-    lambda t: t == _EXAMPLES, lambda v: [_wire.unstructure(e, Example) for e in v] or None
-)
-_wire.register_structure_hook_func(lambda t: t == _STRINGS, lambda v, _: tuple(v or ()))
-_wire.register_structure_hook_func(
-    lambda t: t == _EXAMPLES, lambda v, _: tuple(_wire.structure(e, Example) for e in v or ())
-)
-for _cls, _keys in _GO_KEYS.items():
-    _overrides = {field: override(rename=key) for field, key in _keys.items()}
-    _wire.register_unstructure_hook(_cls, make_dict_unstructure_fn(_cls, _wire, **_overrides))
-    _wire.register_structure_hook(_cls, make_dict_structure_fn(_cls, _wire, **_overrides))
-
-
-def config_to_json(config: Config) -> dict[str, Any]:
-    return _wire.unstructure(config)
-
-
-def config_from_json(doc: dict[str, Any]) -> Config:
-    return _wire.structure(doc, Config)

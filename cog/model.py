@@ -17,7 +17,8 @@ Models written for Cog from June 2021 on name the method ``predict()`` instead o
 are checked when the class is defined: every problem is raised at once as
 :class:`cog.signature.SignatureError`, naming the model file, the line and the input.
 
-This module runs inside every image: Python 3.8+, attrs and the standard library only.
+This module runs inside every image, in the model's own Python: Python 3.8+ and the
+standard library only.
 """
 
 from __future__ import annotations
@@ -28,14 +29,9 @@ import tempfile
 import threading
 from typing import Any, Callable, TypeVar
 
-from cog.signature import (
-    NO_DEFAULT,
-    InputDeclaration,
-    Signature,
-    SignatureError,
-    build_signature,
-    run_parameters,
-)
+from cog.declarations import InputDeclaration, build_signature, run_parameters
+from cog.signature import NO_DEFAULT, Signature, SignatureError
+from cog.types import Path
 
 __all__ = [
     "METHODS",
@@ -54,22 +50,6 @@ _SIGNATURE = "_cog_signature"
 #: The names of a model's inference method, in order of preference: ``run()`` (Cog's first
 #: API) and ``predict()`` (its name in Cog models from June 2021).
 METHODS = ("run", "predict")
-
-
-class Path(type(pathlib.Path())):  # type: ignore[misc]  # the concrete class (PosixPath)
-    """A file: the type of a file input, and a file output when ``run()`` returns one.
-
-    Every inference has a temporary directory of its own, which the server removes with
-    everything in it once it answers (a file output there is opened first and still sent
-    whole). File inputs arrive in it (as a
-    ``cog.Path``, each in a folder of its own, under the name the client gave the file),
-    so a model may write its output next to its input (``image.with_name("out.png")``) or
-    in :func:`request_directory`, which gives the directory to any model.
-
-    A file returned from anywhere else (say ``tempfile.mkstemp()``, or a file shipped with
-    the model) is sent and left where it is: the server removes only the inference's own
-    directory.
-    """
 
 
 class _Request(threading.local):

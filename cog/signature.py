@@ -1,54 +1,55 @@
-"""The input signature of a model's ``run()``: what each ``@cog.input`` declared, as data.
+"""The signature of a model: its inputs and (for today's predictors) its output, as data.
 
-One set of rules serves three readers:
+One signature model serves both generations of model:
 
-- ``cog.Model`` checks a class's declarations when the class is defined
-  (:func:`build_signature`, raising :class:`SignatureError` that lists every problem);
-- the inference server converts and checks form values with :meth:`Argument.convert`
-  and publishes :meth:`Signature.to_json` (``/help``) and an OpenAPI document
-  (:mod:`cog.runtime.openapi`);
+- a 2021 model (``cog.Model`` with ``@cog.input``) and a predictor of today's Cog
+  (``cog.BasePredictor``/``BaseRunner`` with ``Input(...)`` annotations) are both read
+  into a :class:`Signature` (the rules are in :mod:`cog.declarations`);
+- the inference runtime converts form fields with :meth:`Argument.convert` (``/infer``)
+  and JSON values with :meth:`Argument.validate` (``/predictions``), and publishes
+  :meth:`Signature.to_json` (``/help``) and OpenAPI (:mod:`cog.openapi`);
 - the cog server reads the same signature from the model's source without importing it
-  (:mod:`cog.server.source`), so it can be compared with what a built image reports.
+  (:mod:`cog.server.source`), and stores its JSON in the package document.
 
-JSON form (``/help``)::
+JSON form (``/help``, the package document's ``Signature``)::
 
     {"arguments": {"scale": {"type": "float", "help": "...", "default": 1.5,
-                             "min": 1.0, "max": 4.0}, ...}}
+                             "min": 1.0, "max": 4.0}, ...},
+     "kind": "predictor",                       # today's Cog only
+     "output": {"type": "Path", "list": true}}  # today's Cog only
 
 Keys that were not declared are **omitted** (never null), so ``"default": null`` means
-"optional; run() gets None" (the only default a file input may have) while a missing
-``default`` means "required". Arguments are listed in the order of run()'s parameters.
+"optional; the model gets None" while a missing ``default`` means "required". Arguments
+are listed in the order of the method's parameters. A 2021 model's JSON is exactly what
+it was before today's Cog was supported.
 
-This module runs inside every image: Python 3.8+, attrs and the standard library only.
+This module runs inside every image, in the model's own Python: Python 3.8+ and the
+standard library only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-import inspect
 import math
-import pathlib
 import re
 import sys
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable
 
-import attrs
-
-#: The input types, by the name used in JSON.
-TYPE_NAMES = ("str", "int", "float", "bool", "Path")
-_JSON_SCHEMA_TYPES = {
-    "str": {"type": "string"},
-    "int": {"type": "integer"},
-    "float": {"type": "number"},
-    "bool": {"type": "boolean"},
-    "Path": {"type": "string", "format": "binary"},
-}
+#: The input types, by the name used in JSON. File and Secret are today's Cog only.
+TYPE_NAMES = ("str", "int", "float", "bool", "Path", "File", "Secret")
+#: The types of a file: sent as an upload (``/infer``) or a URL (``/predictions``).
+FILE_TYPES = ("Path", "File")
+#: The kinds of signature: a 2021 ``cog.Model`` and a predictor of today's Cog.
+KINDS = ("model", "predictor")
 _A_TYPE = {
     "str": "a string",
     "int": "an integer",
     "float": "a number",
     "bool": "a boolean",
     "Path": "a file",
+    "File": "a file",
+    "Secret": "a string",
 }
 _TRUE = ("true", "1")
 _FALSE = ("false", "0")
@@ -57,6 +58,8 @@ _FALSE = ("false", "0")
 _INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*\Z", re.ASCII)
 #: How much of a rejected value a message quotes.
 _SHOWN = 40
+#: The URL schemes a file input of /predictions may use.
+FILE_URL_SCHEMES = ("data:", "http://", "https://")
 
 
 class _NoDefault(enum.Enum):
@@ -71,7 +74,7 @@ NO_DEFAULT = _NoDefault.NO_DEFAULT
 
 
 class SignatureError(ValueError):
-    """A model's inputs are declared wrongly.
+    """A model's inputs or output are declared wrongly.
 
     ``problems`` holds one line per problem, each starting with ``file:line:`` and naming
     the input; the message is all of them.
@@ -86,9 +89,9 @@ class InputError(ValueError):
     """One input value is not acceptable; the message says why (without the input's name)."""
 
 
-@attrs.frozen
+@dataclasses.dataclass(frozen=True)
 class Argument:
-    """One declared input of ``run()``."""
+    """One declared input."""
 
     name: str
     #: one of TYPE_NAMES
@@ -99,6 +102,12 @@ class Argument:
     min: int | float | None = None
     max: int | float | None = None
     options: tuple[Any, ...] | None = None
+    #: a list of values of ``type`` (``list[str]``)
+    is_list: bool = False
+    min_length: int | None = None
+    max_length: int | None = None
+    regex: str | None = None
+    deprecated: bool = False
 
     @property
     def required(self) -> bool:
@@ -106,14 +115,14 @@ class Argument:
 
     @property
     def is_file(self) -> bool:
-        return self.type == "Path"
+        return self.type in FILE_TYPES
 
     def convert(self, raw: str) -> Any:
         """The value of a text form field, converted to this input's type and checked.
 
         Raises InputError. File inputs are not converted here (the server stores them).
         """
-        if self.type == "str":
+        if self.type in ("str", "Secret"):
             value: Any = raw
         elif self.type == "int":
             if not _INTEGER.match(raw):
@@ -148,8 +157,49 @@ class Argument:
         self.check(value)
         return value
 
+    def validate(self, value: Any) -> Any:
+        """A JSON value (of ``POST /predictions``) checked against this input; the value
+        as the model gets it, except that a file is still its URL. Raises InputError."""
+        if value is None:
+            if self.default is None:
+                return None
+            raise InputError("none is not an allowed value")
+        if not self.is_list:
+            return self._validate_one(value)
+        if not isinstance(value, list):
+            value = [value]  # one value for a list input, as Cog accepts it
+        return [self._validate_one(item) for item in value]
+
+    def _validate_one(self, value: Any) -> Any:
+        kind = self.type
+        if kind in ("str", "Secret"):
+            if not isinstance(value, str):
+                raise InputError(f"{_show(value)} is not a string")
+        elif kind == "int":
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InputError(f"{_show(value)} is not an integer")
+        elif kind == "float":
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise InputError(f"{_show(value)} is not a number")
+            if not math.isfinite(value):
+                raise InputError(f"{_show(value)} is not a finite number")
+            value = float(value)
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                raise InputError(f"{_show(value)} is not a boolean")
+        else:  # a file: its URL
+            if not isinstance(value, str) or not value.startswith(FILE_URL_SCHEMES):
+                raise InputError(
+                    f"{_show(value)} is not a file URL (use a data: URI or an http(s) URL)"
+                )
+            return value
+        self.check(value)
+        return value
+
     def check(self, value: Any) -> None:
-        """Raise InputError if a value of the right type is out of range or not an option."""
+        """Raise InputError if a value of the right type breaks a constraint."""
         if self.min is not None and value < self.min:
             raise InputError(f"{_show(value)} is below the minimum {self.min!r}")
         if self.max is not None and value > self.max:
@@ -157,36 +207,50 @@ class Argument:
         if self.options is not None and value not in self.options:
             allowed = ", ".join(repr(option) for option in self.options)
             raise InputError(f"{_show(value)} is not one of {allowed}")
+        if self.min_length is not None and len(value) < self.min_length:
+            raise InputError(f"{_show(value)} is shorter than {self.min_length} characters")
+        if self.max_length is not None and len(value) > self.max_length:
+            raise InputError(f"{_show(value)} is longer than {self.max_length} characters")
+        if self.regex is not None and re.match(self.regex, value) is None:
+            raise InputError(f"{_show(value)} does not match {self.regex!r}")
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"type": self.type}
+        if self.is_list:
+            data["list"] = True
         if self.help is not None:
             data["help"] = self.help
         if self.default is not NO_DEFAULT:
-            data["default"] = self.default
-        if self.min is not None:
-            data["min"] = self.min
-        if self.max is not None:
-            data["max"] = self.max
+            data["default"] = list(self.default) if self.is_list and self.default else self.default
+        for key in ("min", "max", "min_length", "max_length", "regex"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
         if self.options is not None:
             data["options"] = list(self.options)
+        if self.deprecated:
+            data["deprecated"] = True
         return data
 
-    def to_json_schema(self) -> dict[str, Any]:
-        schema = dict(_JSON_SCHEMA_TYPES[self.type])
-        if self.help is not None:
-            schema["description"] = self.help
-        if self.default is not NO_DEFAULT:
-            schema["default"] = self.default
-            if self.default is None:
-                schema["nullable"] = True
-        if self.min is not None:
-            schema["minimum"] = self.min
-        if self.max is not None:
-            schema["maximum"] = self.max
-        if self.options is not None:
-            schema["enum"] = list(self.options)
-        return schema
+    @classmethod
+    def from_json(cls, name: str, spec: dict[str, Any]) -> Argument:
+        options = spec.get("options")
+        default = spec.get("default", NO_DEFAULT)
+        if spec.get("list") and isinstance(default, list):
+            default = tuple(default)
+        return cls(
+            name=name,
+            type=spec["type"],
+            help=spec.get("help"),
+            default=default,
+            min=spec.get("min"),
+            max=spec.get("max"),
+            options=None if options is None else tuple(options),
+            is_list=bool(spec.get("list")),
+            min_length=spec.get("min_length"),
+            max_length=spec.get("max_length"),
+            regex=spec.get("regex"),
+            deprecated=bool(spec.get("deprecated")),
+        )
 
 
 def _show(value: Any) -> str:
@@ -196,14 +260,70 @@ def _show(value: Any) -> str:
         return shown
     if isinstance(value, str):
         return f"{value[:_SHOWN]!r}... ({len(value)} characters)"
-    return f"{shown[:_SHOWN]}... ({len(shown.lstrip('-'))} digits)"
+    if isinstance(value, int):
+        return f"{shown[:_SHOWN]}... ({len(shown.lstrip('-'))} digits)"
+    return f"{shown[:_SHOWN]}..."
 
 
-@attrs.frozen
+@dataclasses.dataclass(frozen=True)
+class OutputType:
+    """What a predictor's method returns (today's Cog; a 2021 model's output is free)."""
+
+    #: one of TYPE_NAMES, "any" (unannotated, dict, Any) or "object" (a BaseModel)
+    type: str = "any"
+    is_list: bool = False
+    #: yielded one by one (``Iterator[T]``); the answer is the list of them
+    iterator: bool = False
+    #: ``ConcatenateIterator[str]``: the pieces make one text
+    concatenate: bool = False
+    #: a field of an object that may be None
+    optional: bool = False
+    #: the class name of an object
+    name: str | None = None
+    #: an object's fields, in order
+    fields: tuple[tuple[str, OutputType], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"type": self.type}
+        for key, value in (
+            ("list", self.is_list),
+            ("iterator", self.iterator),
+            ("concatenate", self.concatenate),
+            ("optional", self.optional),
+        ):
+            if value:
+                data[key] = True
+        if self.name is not None:
+            data["name"] = self.name
+        if self.type == "object":
+            data["fields"] = {name: field.to_json() for name, field in self.fields}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> OutputType:
+        fields = tuple(
+            (name, cls.from_json(spec)) for name, spec in (data.get("fields") or {}).items()
+        )
+        return cls(
+            type=data["type"],
+            is_list=bool(data.get("list")),
+            iterator=bool(data.get("iterator")),
+            concatenate=bool(data.get("concatenate")),
+            optional=bool(data.get("optional")),
+            name=data.get("name"),
+            fields=fields,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Signature:
-    """The inputs of a model's ``run()``, in the order of its parameters."""
+    """The inputs of a model, in the order of its parameters; a predictor's output type."""
 
     arguments: tuple[Argument, ...] = ()
+    #: "model" (2021: cog.Model and @cog.input) or "predictor" (today's Cog)
+    kind: str = "model"
+    #: a predictor's output type (None for a 2021 model, whose output is free)
+    output: OutputType | None = None
 
     def argument(self, name: str) -> Argument | None:
         for argument in self.arguments:
@@ -212,234 +332,20 @@ class Signature:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        """``{"arguments": {name: {type, help, default, min, max, options}}}``, unset omitted."""
-        return {"arguments": {arg.name: arg.to_json() for arg in self.arguments}}
+        """``{"arguments": {name: {...}}}``, with ``kind`` and ``output`` for a predictor."""
+        data: dict[str, Any] = {"arguments": {arg.name: arg.to_json() for arg in self.arguments}}
+        if self.kind != "model":
+            data["kind"] = self.kind
+        if self.output is not None:
+            data["output"] = self.output.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Signature:
-        """The inverse of to_json (for clients reading ``/help``)."""
-        arguments = []
-        for name, spec in data["arguments"].items():
-            options = spec.get("options")
-            arguments.append(
-                Argument(
-                    name=name,
-                    type=spec["type"],
-                    help=spec.get("help"),
-                    default=spec.get("default", NO_DEFAULT),
-                    min=spec.get("min"),
-                    max=spec.get("max"),
-                    options=None if options is None else tuple(options),
-                )
-            )
-        return cls(tuple(arguments))
-
-    def to_json_schema(self) -> dict[str, Any]:
-        """The form of ``POST /infer`` as a JSON Schema object (OpenAPI 3.0 flavour)."""
-        return {
-            "type": "object",
-            "properties": {arg.name: arg.to_json_schema() for arg in self.arguments},
-            "required": [arg.name for arg in self.arguments if arg.required],
-            "additionalProperties": False,
-        }
-
-
-# --- Declarations and their rules ------------------------------------------------------
-
-
-@attrs.frozen
-class InputDeclaration:
-    """What one ``@cog.input(...)`` said, before it is checked (values may be anything)."""
-
-    name: Any
-    #: a Python type (str, int, float, bool, a pathlib.Path subclass) as written
-    type: Any
-    help: Any = None
-    default: Any = NO_DEFAULT
-    min: Any = None
-    max: Any = None
-    options: Any = None
-    #: where the decorator is, for messages
-    line: int | None = None
-
-
-@attrs.frozen
-class RunParameters:
-    """What a model's ``run()`` accepts, and where it is."""
-
-    #: named parameters after ``self``, in order
-    names: tuple[str, ...]
-    #: run() has ``**kwargs``, so any input name is a parameter
-    takes_any: bool = False
-    #: parameters that can only be passed by position (inputs are passed by name)
-    positional_only: tuple[str, ...] = ()
-    filename: str = "<model>"
-    line: int | None = None
-    qualname: str = "Model.run"
-    is_async: bool = False
-
-
-def run_parameters(function: Callable[..., Any], qualname: str | None = None) -> RunParameters:
-    """The parameters of a ``run`` function (unbound: its first parameter is ``self``)."""
-    code = getattr(inspect.unwrap(function), "__code__", None)
-    parameters = list(inspect.signature(function).parameters.values())
-    if parameters and parameters[0].kind in (
-        inspect.Parameter.POSITIONAL_ONLY,
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-    ):
-        parameters = parameters[1:]
-    kind = inspect.Parameter
-    return RunParameters(
-        names=tuple(
-            p.name for p in parameters if p.kind not in (kind.VAR_POSITIONAL, kind.VAR_KEYWORD)
-        ),
-        takes_any=any(p.kind is kind.VAR_KEYWORD for p in parameters),
-        positional_only=tuple(p.name for p in parameters if p.kind is kind.POSITIONAL_ONLY),
-        filename=code.co_filename if code else "<model>",
-        line=code.co_firstlineno if code else None,
-        qualname=qualname or getattr(function, "__qualname__", "run"),
-        is_async=inspect.iscoroutinefunction(function),
-    )
-
-
-def type_name(value: Any) -> str | None:
-    """The JSON name of an input type given in ``@cog.input(type=...)``, or None."""
-    if value is str:
-        return "str"
-    if value is bool:
-        return "bool"
-    if value is int:
-        return "int"
-    if value is float:
-        return "float"
-    if isinstance(value, type) and issubclass(value, pathlib.PurePath):
-        return "Path"
-    return None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _conform(type_: str, value: Any) -> Any:
-    """A declared literal (default or option) as the input's type; raises InputError."""
-    if type_ == "str" and isinstance(value, str):
-        return value
-    if type_ == "bool" and isinstance(value, bool):
-        return value
-    if type_ == "int" and _is_number(value) and isinstance(value, int):
-        return value
-    if type_ == "float" and _is_number(value):
-        if not math.isfinite(value):
-            raise InputError(f"{value!r} is not a finite number")
-        return float(value)
-    raise InputError(f"{value!r} is not {_A_TYPE[type_]}")
-
-
-def build_signature(declarations: Sequence[InputDeclaration], run: RunParameters) -> Signature:
-    """Check every declaration against the rules and ``run()``; the Signature, or SignatureError.
-
-    Every problem is collected, so a model author sees them all at once.
-    """
-    problems: list[str] = []
-
-    def where(line: int | None) -> str:
-        return f"{run.filename}:{line if line is not None else '?'}: {run.qualname}"
-
-    method = run.qualname.rpartition(".")[2] + "()"  # run() or predict()
-    if run.is_async:
-        problems.append(f"{where(run.line)}: {method} must be a plain method, not async")
-    arguments: dict[str, Argument] = {}
-    seen: set[str] = set()
-    for declaration in declarations:
-        name = declaration.name
-        if not isinstance(name, str) or not name:
-            problems.append(f"{where(declaration.line)}: an input's name must be a string")
-            continue
-        found: list[str] = []
-        argument = _check_declaration(declaration, found)
-        if name in seen:
-            found.insert(0, "declared more than once")
-        elif not run.takes_any and name not in run.names:
-            found.insert(0, f"is not a parameter of {method}")
-        elif name in run.positional_only:
-            found.insert(
-                0, f"is a positional-only parameter of {method}; inputs are passed by name"
-            )
-        problems.extend(f"{where(declaration.line)}: input {name!r}: {p}" for p in found)
-        if argument is not None and name not in seen:
-            arguments[name] = argument
-        seen.add(name)
-    declared = {d.name for d in declarations if isinstance(d.name, str)}
-    for parameter in run.names:
-        if parameter not in declared:
-            problems.append(
-                f"{where(run.line)}: parameter {parameter!r} of {method} has no @cog.input"
-            )
-    if problems:
-        raise SignatureError(problems)
-    ordered = [arguments[n] for n in run.names if n in arguments]
-    ordered += [a for n, a in arguments.items() if n not in run.names]
-    return Signature(tuple(ordered))
-
-
-def _check_declaration(d: InputDeclaration, problems: list[str]) -> Argument | None:
-    """One declaration as an Argument, appending what is wrong with it to ``problems``."""
-    type_ = type_name(d.type)
-    if type_ is None:
-        problems.append(f"type must be str, int, float, bool or cog.Path, not {d.type!r}")
-        return None
-    if d.help is not None and not isinstance(d.help, str):
-        problems.append(f"help must be a string, not {d.help!r}")
-    numeric = type_ in ("int", "float")
-    bounds: dict[str, Any] = {"min": None, "max": None}
-    for key in bounds:
-        bound = getattr(d, key)
-        if bound is None:
-            continue
-        if not numeric:
-            problems.append(f"{key} is only allowed for int and float inputs, not {type_}")
-        elif not _is_number(bound) or not math.isfinite(bound):
-            problems.append(f"{key} must be a number, not {bound!r}")
-        else:
-            bounds[key] = float(bound) if type_ == "float" else bound
-    low, high = bounds["min"], bounds["max"]
-    if low is not None and high is not None and low > high:
-        problems.append(f"min {low!r} is above max {high!r}")
-    probe = Argument(name=d.name, type=type_, min=low, max=high)
-
-    options: tuple[Any, ...] | None = None
-    if d.options is not None:
-        if type_ == "Path":
-            problems.append("options are not allowed for file inputs")
-        elif not isinstance(d.options, (list, tuple)):
-            problems.append(f"options must be a list, not {d.options!r}")
-        elif len(d.options) < 2:
-            problems.append("options must list two or more values")
-        else:
-            conformed = []
-            for option in d.options:
-                try:
-                    value = _conform(type_, option)
-                    probe.check(value)
-                except InputError as e:
-                    problems.append(f"option {e}")
-                    continue
-                if value in conformed:
-                    problems.append(f"option {option!r} is listed twice")
-                conformed.append(value)
-            options = tuple(conformed)
-    probe = attrs.evolve(probe, options=options)
-
-    default = d.default
-    if default is not NO_DEFAULT:
-        if type_ == "Path" and default is not None:
-            problems.append("a file input cannot have a default (default=None: optional)")
-            default = NO_DEFAULT
-        elif default is not None:
-            try:
-                default = _conform(type_, default)
-                probe.check(default)
-            except InputError as e:
-                problems.append(f"default {e}")
-    return attrs.evolve(probe, help=d.help if isinstance(d.help, str) else None, default=default)
+        """The inverse of to_json (for clients reading ``/help`` or a package document)."""
+        output = data.get("output")
+        return cls(
+            tuple(Argument.from_json(name, spec) for name, spec in data["arguments"].items()),
+            kind=data.get("kind", "model"),
+            output=None if output is None else OutputType.from_json(output),
+        )

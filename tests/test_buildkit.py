@@ -308,7 +308,8 @@ async def test_context_server_serves_each_build_once_and_forgets_it(package_zip)
         names = archive.getnames()
         assert archive.extractfile("Dockerfile").read() == b"FROM scratch\n"
         assert archive.extractfile("package/infer.py").read() == b"print('hi')\n" * 1000
-    assert names[0] == "Dockerfile" and names[1].startswith("cog/cog-")
+    assert names[0] == "Dockerfile" and names[1].startswith("cog/server/cog-")
+    assert names[2].startswith("cog/model/cog-")
 
 
 async def test_context_url_is_what_the_operator_set(package_zip):

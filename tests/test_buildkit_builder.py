@@ -450,7 +450,9 @@ async def test_failing_run_step_is_named_with_its_output(builder, registry, tmp_
     assert not isinstance(error, BuilderUnavailable)
     assert str(error).startswith(f"{builder.label}: ")
     assert "exit code: 100" in error.message
-    assert error.step.startswith("[3/") and "apt-get install" in error.step
+    # [2/] checks the image's Python; [3/] is the inference server's environment, the same
+    # for every package
+    assert error.step.startswith("[4/") and "apt-get install" in error.step
     assert any("Unable to locate package no-such-package-cog-test" in line for line in error.output)
     assert any(line.endswith("ERROR: " + error.message.split(": ", 1)[1]) for line in seen)
 

@@ -14,12 +14,11 @@ from cog.config import (
     Environment,
     check_config,
     complete_config,
-    config_from_json,
-    config_to_json,
     defaults_taken,
     load_config,
     validate_config,
 )
+from cog.config_wire import config_from_json, config_to_json
 from cog.requirements import pinned, requirement_specs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -96,8 +95,13 @@ def test_defaults():
         ),
         ("model: infer.py:Model\nenvironment:\n  python_version: '3.8'\n", []),
         ("model: infer.py:Model\nenvironment:\n  python_version: '3.11'\n", []),
-        # not the 2021 format (today's Cog says build: and predict:): not this default's
-        ("build:\n  gpu: false\npredict: predict.py:Predictor\n", []),
+        # today's Cog (build: and predict:) has a default of its own
+        (
+            "build:\n  gpu: false\npredict: predict.py:Predictor\n",
+            ["python_version not set: using 3.13, Cog's default"],
+        ),
+        ("predict: predict.py:Predictor\n", ["python_version not set: using 3.13, Cog's default"]),
+        ("build:\n  python_version: '3.11'\npredict: predict.py:Predictor\n", []),
     ],
 )
 def test_the_default_python_is_named_for_the_build_log(text, notes):

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import aiohttp
@@ -221,16 +222,31 @@ def test_layer_order_puts_what_changes_most_last():
     text = render(*CASES["cpu-packages"][:3], files=CASES["cpu-packages"][3])
     order = [
         layer_index(text, "FROM "),
+        layer_index(text, "--target /opt/cog-runtime 'aiohttp"),  # the server's environment
         layer_index(text, "apt-get install"),
         layer_index(text, 'COPY ["package/requirements.txt"'),
         layer_index(text, "-r /tmp/cog/requirements.txt"),
         layer_index(text, "pillow==11.3.0"),
-        layer_index(text, "aiohttp"),
-        layer_index(text, f"COPY cog/{WHEEL}"),
+        layer_index(text, "COPY cog/ /tmp/cog/"),
+        layer_index(text, f"/tmp/cog/model/{WHEEL}"),
         layer_index(text, "COPY package/ /src/"),
         layer_index(text, "LABEL"),
     ]
     assert order == sorted(order)
+
+
+def test_todays_cog_yaml_sets_variables_and_runs_its_commands_after_the_packages():
+    yaml = (
+        "predict: predict.py:Predictor\nbuild:\n  python_packages: [pillow==11.3.0]\n"
+        "  run: ['echo \"$HOME\" > /x']\nenvironment: [HF_HOME=/src/$cache, EMPTY=]\n"
+    )
+    text = render(yaml, "cpu", "wheels", files={"predict.py": "class Predictor:\n  pass\n"})
+    assert 'ENV HF_HOME="/src/\\$cache" EMPTY=""' in text
+    assert layer_index(text, "--target /opt/cog-runtime 'aiohttp") < layer_index(
+        text, "ENV HF_HOME"
+    )
+    assert layer_index(text, "pillow==11.3.0") < layer_index(text, 'RUN echo "$HOME" > /x')
+    assert layer_index(text, 'RUN echo "$HOME"') < layer_index(text, "COPY cog/ /tmp/cog/")
 
 
 def _real_dockerfile(root: Path, tmp_path: Path, target: str, strategy: str = "wheels") -> str:
@@ -496,7 +512,8 @@ def test_context_tar_is_deterministic_and_complete(tmp_path):
         assert tar.extractfile("package/infer.py").read().decode() == MODEL
     assert set(members) == {
         "Dockerfile",
-        f"cog/{runtime_wheel()[0]}",
+        f"cog/server/{runtime_wheel()[0]}",
+        f"cog/model/{runtime_wheel()[0]}",
         "package/cog.yaml",
         "package/infer.py",
     }
@@ -733,3 +750,28 @@ def test_the_python_check_comes_first():
     assert layer_index(gpu, "ENV PATH=/opt/cog/bin") < layer_index(gpu, "sys.version_info")
     assert layer_index(gpu, "sys.version_info") < layer_index(gpu, "torch==2.4.1")
     assert "(--base-image gpu=IMAGE)" in gpu
+
+
+def test_a_model_that_imports_pydantic_without_listing_it_gets_it(tmp_path):
+    """Cog's own packages used to bring pydantic: a model importing it keeps working."""
+    from cog.builders.dockerfile import implicit_packages
+
+    def package(files):
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.zip"
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, text in files.items():
+                archive.writestr(name, text)
+        return path
+
+    config = check_config("predict: predict.py:P\n", Files({"predict.py": "class P: pass\n"}))
+    uses = package({"predict.py": "import os\nfrom pydantic import BaseModel\n"})
+    assert implicit_packages(uses, config, None) == ["pydantic>=1.9,<3"]
+    nested = package({"lib/types.py": "  import pydantic.v1 as p\n", "predict.py": "x = 1\n"})
+    assert implicit_packages(nested, config, None) == ["pydantic>=1.9,<3"]
+    assert implicit_packages(package({"predict.py": "# pydantic\n"}), config, None) == []
+    assert implicit_packages(uses, config, "pydantic==1.10.13\n") == []  # its pin wins
+    pinned = check_config(
+        "predict: predict.py:P\nbuild:\n  python_packages: [Pydantic==2.5.0]\n",
+        Files({"predict.py": "class P: pass\n"}),
+    )
+    assert implicit_packages(uses, pinned, None) == []

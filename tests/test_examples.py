@@ -95,7 +95,7 @@ async def test_example_inferences(directory, aiohttp_client, monkeypatch, tmp_pa
     require_pinned_packages(config)
     monkeypatch.syspath_prepend(str(directory))
     monkeypatch.chdir(directory)  # as in the image: the package is the working directory
-    server = InferenceServer(lambda: ModelRef.from_directory(".").load())
+    server = InferenceServer.from_directory(".")
     client = await aiohttp_client(server.app)
     await server.runner.wait_started()
     assert (await client.get("/ping")).status == 200, server.runner.error

@@ -26,6 +26,14 @@ class Model(cog.Model):
         return text
 """
 HEAD = "model: infer.py:Model\nenvironment:\n  python_version: '3.11'\n"
+PREDICTOR = """\
+from cog import BasePredictor, Input
+
+
+class Predictor(BasePredictor):
+    def predict(self, text: str = Input()) -> str:
+        return text
+"""
 
 
 def package(cog_yaml: str, **files: str | bytes) -> bytes:
@@ -69,6 +77,27 @@ HOSTILE = {
     "model source nested past the parser": (
         package(HEAD, **{"infer.py": MODEL + "x = " + "1 + " * 100_000 + "1\n"}),
         "model: infer.py nests deeper than the server reads",
+    ),
+    "today's cog.yaml nested 10,000 deep": (
+        raw_zip(
+            {
+                "cog.yaml": "predict: predict.py:Predictor\nbuild:\n  python_packages: "
+                + "[" * 10_000
+                + "]" * 10_000
+                + "\n",
+                "predict.py": PREDICTOR,
+            }
+        ),
+        "nest",
+    ),
+    "a predictor's annotation nested past the source reader": (
+        raw_zip(
+            {
+                "cog.yaml": "predict: predict.py:Predictor\nbuild:\n  python_version: '3.11'\n",
+                "predict.py": PREDICTOR.replace("text: str", "text: " + " | ".join(["str"] * 900)),
+            }
+        ),
+        "predict.py nests deeper than the server reads",
     ),
     "a model file of 2 MiB": (
         package(HEAD, **{"infer.py": MODEL + "#" * (2 * 1024 * 1024) + "\n"}),

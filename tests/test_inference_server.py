@@ -18,10 +18,9 @@ import aiohttp
 import pytest
 
 import cog
-from cog.runtime import InferenceServer, console
+from cog.runtime import InferenceServer
 from cog.runtime.inputs import RequestInputs, _store
-from cog.runtime.model_ref import ModelRef
-from cog.runtime.runner import ModelRunner, State
+from cog.runtime.supervisor import State
 
 WAIT = 10.0  # seconds a condition may take before the test gives up (a bound, not a timing)
 
@@ -68,7 +67,24 @@ def temp_root(tmp_path, monkeypatch):
     root = tmp_path / "tmp"
     root.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(root))
+    monkeypatch.setenv("TMPDIR", str(root))  # the model's worker process too
     return root
+
+
+def marker_dir(monkeypatch, tmp_path):
+    """A folder the test and the model's worker process signal each other through (files
+    appear when things happen), named to the worker by $COG_TEST_MARKERS."""
+    folder = tmp_path / "markers"
+    folder.mkdir()
+    monkeypatch.setenv("COG_TEST_MARKERS", str(folder))
+    return folder
+
+
+def wait_for_file(path, timeout=WAIT):
+    """In the model: wait until the test creates ``path`` (a bounded poll of the disk)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 # --- Models -----------------------------------------------------------------------------
@@ -404,16 +420,17 @@ async def test_files_go_to_a_per_request_directory_and_are_removed(aiohttp_clien
     assert list(temp_root.iterdir()) == []
 
 
+class Three(cog.Model):
+    @cog.input("a", type=cog.Path)
+    @cog.input("b", type=cog.Path)
+    @cog.input("c", type=cog.Path)
+    def run(self, a, b, c):
+        return [[p.name, p.read_text()] for p in (a, b, c)]
+
+
 async def test_same_filenames_never_collide(aiohttp_client, temp_root):
     """The files keep their names whatever the others are called (a folder named like one
     input's fallback once made the next upload of that name a 500)."""
-
-    class Three(cog.Model):
-        @cog.input("a", type=cog.Path)
-        @cog.input("b", type=cog.Path)
-        @cog.input("c", type=cog.Path)
-        def run(self, a, b, c):
-            return [[p.name, p.read_text()] for p in (a, b, c)]
 
     _, client = await started_client(aiohttp_client, Three)
     for names in [("same.txt", "c.d", "same.txt"), ("x", "x", "x"), ("b", "a", "inputs")]:
@@ -441,13 +458,14 @@ async def test_unusable_filenames_are_made_safe(aiohttp_client, temp_root, sent,
     assert (await response.json())["names"][0] == stored
 
 
-async def test_an_input_name_that_is_no_file_name_is_not_used_as_one(aiohttp_client, temp_root):
-    class Kwargs(cog.Model):
-        @cog.input("../up/../and away", type=cog.Path)
-        def run(self, **inputs):
-            (path,) = inputs.values()
-            return str(path)
+class Kwargs(cog.Model):
+    @cog.input("../up/../and away", type=cog.Path)
+    def run(self, **inputs):
+        (path,) = inputs.values()
+        return str(path)
 
+
+async def test_an_input_name_that_is_no_file_name_is_not_used_as_one(aiohttp_client, temp_root):
     _, client = await started_client(aiohttp_client, Kwargs)
     response = await client.post("/infer", data=form(**{"../up/../and away": ("..", b"1")}))
     assert response.status == 200, await response.text()
@@ -456,18 +474,19 @@ async def test_an_input_name_that_is_no_file_name_is_not_used_as_one(aiohttp_cli
     assert path.parts[-3:] == ("inputs", "input-1", "file")
 
 
-async def test_400_lists_every_problem(aiohttp_client, temp_root):
-    class Strict(cog.Model):
-        @cog.input("text", type=str)
-        @cog.input("count", type=int, max=5)
-        @cog.input("ratio", type=float, min=0.0)
-        @cog.input("mode", type=str, options=["a", "b"])
-        @cog.input("flag", type=bool)
-        @cog.input("image", type=cog.Path)
-        @cog.input("mask", type=cog.Path)
-        def run(self, text, count, ratio, mode, flag, image, mask):
-            raise AssertionError("never called")
+class Strict(cog.Model):
+    @cog.input("text", type=str)
+    @cog.input("count", type=int, max=5)
+    @cog.input("ratio", type=float, min=0.0)
+    @cog.input("mode", type=str, options=["a", "b"])
+    @cog.input("flag", type=bool)
+    @cog.input("image", type=cog.Path)
+    @cog.input("mask", type=cog.Path)
+    def run(self, text, count, ratio, mode, flag, image, mask):
+        raise AssertionError("never called")
 
+
+async def test_400_lists_every_problem(aiohttp_client, temp_root):
     _, client = await started_client(aiohttp_client, Strict)
     response = await client.post(
         "/infer",
@@ -672,32 +691,37 @@ async def test_every_error_answer_is_json(aiohttp_client, caplog):
     assert (await client.get("/ping")).status == 200
 
 
-async def test_run_exception_is_500_and_the_server_keeps_serving(aiohttp_client, caplog):
-    class Flaky(cog.Model):
-        @cog.input("fail", type=bool)
-        def run(self, fail):
-            if fail:
-                raise RuntimeError("kaboom")
-            return "fine"
+class Flaky(cog.Model):
+    @cog.input("fail", type=bool)
+    def run(self, fail):
+        if fail:
+            raise RuntimeError("kaboom")
+        return "fine"
 
+
+async def test_run_exception_is_500_and_the_server_keeps_serving(aiohttp_client, caplog):
+    caplog.set_level(logging.INFO, logger="cog.model")
     _, client = await started_client(aiohttp_client, Flaky)
     response = await client.post("/infer", data=form(fail="true"), headers={"X-Request-ID": "r1"})
     assert response.status == 500
     body = await response.json()
     assert body == {"error": "RuntimeError: kaboom"}  # no traceback in the answer
     assert "X-Run-Time" in response.headers
-    logged = [r for r in caplog.records if r.name == "cog.runtime" and r.exc_info]
-    assert any("[r1]" in r.getMessage() for r in logged)
+    # The traceback is in the log, from the model's process, tagged with the request.
+    logged = [r.getMessage() for r in caplog.records if r.name == "cog.model"]
+    assert "[r1] stderr: Traceback (most recent call last):" in logged
+    assert "[r1] stderr: RuntimeError: kaboom" in logged
     response = await client.post("/infer", data=form(fail="false"))
     assert response.status == 200
     assert await response.text() == "fine"
 
 
-async def test_sys_exit_in_run_is_a_500_too(aiohttp_client):
-    class Exits(cog.Model):
-        def run(self):
-            sys.exit(3)
+class Exits(cog.Model):
+    def run(self):
+        sys.exit(3)
 
+
+async def test_sys_exit_in_run_is_a_500_too(aiohttp_client):
     _, client = await started_client(aiohttp_client, Exits)
     response = await client.post("/infer")
     assert response.status == 500
@@ -708,17 +732,17 @@ async def test_sys_exit_in_run_is_a_500_too(aiohttp_client):
 # --- Setup: /ping while it runs and after it fails --------------------------------------
 
 
-async def test_ping_while_setup_runs_then_ready(aiohttp_client):
-    release = threading.Event()
+class SlowSetup(cog.Model):
+    def setup(self):
+        wait_for_file(os.path.join(os.environ["COG_TEST_MARKERS"], "release"))
+        self.value = "set up"
 
-    class SlowSetup(cog.Model):
-        def setup(self):
-            release.wait(WAIT)
-            self.value = "set up"
+    def run(self):
+        return self.value
 
-        def run(self):
-            return self.value
 
+async def test_ping_while_setup_runs_then_ready(aiohttp_client, monkeypatch, tmp_path):
+    markers = marker_dir(monkeypatch, tmp_path)
     server = InferenceServer(SlowSetup)
     client = await aiohttp_client(server.app)
     response = await client.get("/ping")
@@ -728,21 +752,23 @@ async def test_ping_while_setup_runs_then_ready(aiohttp_client):
     assert response.status == 503
     assert (await response.json())["status"] == "starting"
     assert (await client.get("/help")).status == 503
-    release.set()
+    (markers / "release").touch()
     await server.runner.wait_started()
     assert (await client.get("/ping")).status == 200
     response = await client.post("/infer")
     assert await response.text() == "set up"
 
 
+class Broken(cog.Model):
+    def setup(self):
+        raise FileNotFoundError("weights.bin is missing")
+
+    def run(self):
+        return "never"
+
+
 async def test_setup_failure_is_reported_by_ping(aiohttp_client, caplog):
-    class Broken(cog.Model):
-        def setup(self):
-            raise FileNotFoundError("weights.bin is missing")
-
-        def run(self):
-            return "never"
-
+    caplog.set_level(logging.INFO, logger="cog.model")
     _, client = await started_client(aiohttp_client, Broken)
     response = await client.get("/ping")
     assert response.status == 503
@@ -753,25 +779,26 @@ async def test_setup_failure_is_reported_by_ping(aiohttp_client, caplog):
     response = await client.post("/infer")
     assert response.status == 503
     assert "weights.bin is missing" in (await response.json())["error"]
-    assert any(r.exc_info for r in caplog.records if "setup failed" in r.getMessage())
+    logged = [r.getMessage() for r in caplog.records if r.name == "cog.model"]
+    assert "[setup] stderr: Traceback (most recent call last):" in logged
+    assert "[setup] stderr: FileNotFoundError: weights.bin is missing" in logged
 
 
 async def test_load_failure_is_reported_by_ping(aiohttp_client, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "cog.yaml").write_text("model: infer.py:Model\n")
     (tmp_path / "infer.py").write_text(
         "import cog\n\nclass Model(cog.Model):\n"
         "    @cog.input('size', type=int, default='big')\n"
         "    def run(self, size):\n        pass\n"
     )
-    server = InferenceServer(lambda: ModelRef.from_directory(str(tmp_path)).load())
+    server = InferenceServer.from_directory(str(tmp_path))
     client = await aiohttp_client(server.app)
     await server.runner.wait_started()
     status = await (await client.get("/ping")).json()
     assert status["status"] == "failed"
     assert "infer.py:4: Model.run: input 'size': default 'big' is not an integer" in status["error"]
 
-    server = InferenceServer(lambda: ModelRef.from_directory(str(tmp_path / "nowhere")).load())
+    server = InferenceServer.from_directory(str(tmp_path / "nowhere"))
     client = await aiohttp_client(server.app)
     await server.runner.wait_started()
     status = await (await client.get("/ping")).json()
@@ -782,41 +809,58 @@ async def test_load_failure_is_reported_by_ping(aiohttp_client, tmp_path, monkey
 
 
 class Gate(cog.Model):
-    started: threading.Event
-    release: threading.Event
-    running = 0
-    most = 0
-    lock = threading.Lock()
+    """Each run marks that it started, waits for the test's release, and counts how many
+    ran at once (files in $COG_TEST_MARKERS: the model runs in another process)."""
 
     @cog.input("n", type=int)
     def run(self, n):
-        cls = type(self)
-        with cls.lock:
-            cls.running += 1
-            cls.most = max(cls.most, cls.running)
-        cls.started.set()
-        cls.release.wait(WAIT)
-        with cls.lock:
-            cls.running -= 1
+        folder = os.environ["COG_TEST_MARKERS"]
+        mine = os.path.join(folder, f"running-{n}")
+        open(mine, "w").close()
+        running = len([f for f in os.listdir(folder) if f.startswith("running-")])
+        with open(os.path.join(folder, f"saw-{n}-{running}"), "w"):
+            pass
+        wait_for_file(os.path.join(folder, "release"))
+        os.remove(mine)
         return n
 
 
+class GateMarkers:
+    def __init__(self, folder):
+        self.folder = folder
+
+    def started(self, n=None):
+        names = os.listdir(self.folder)
+        return any(f.startswith("saw-" if n is None else f"saw-{n}-") for f in names)
+
+    @property
+    def running(self):
+        return len([f for f in os.listdir(self.folder) if f.startswith("running-")])
+
+    @property
+    def most(self):
+        seen = [int(f.rsplit("-", 1)[1]) for f in os.listdir(self.folder) if f.startswith("saw-")]
+        return max(seen, default=0)
+
+    def release(self):
+        (self.folder / "release").touch()
+
+
 @pytest.fixture
-def gate():
-    Gate.started, Gate.release = threading.Event(), threading.Event()
-    Gate.running = Gate.most = 0
-    yield Gate
-    Gate.release.set()
+def gate(monkeypatch, tmp_path):
+    markers = GateMarkers(marker_dir(monkeypatch, tmp_path))
+    yield markers
+    markers.release()
 
 
 async def test_one_inference_at_a_time_then_queue_then_503(aiohttp_client, gate):
-    server, client = await started_client(aiohttp_client, gate, concurrency=1, max_queue=1)
+    server, client = await started_client(aiohttp_client, Gate, concurrency=1, max_queue=1)
     first = asyncio.ensure_future(client.post("/infer", data=form(n="1")))
-    await eventually(gate.started.is_set, "the first run to start")
+    await eventually(gate.started, "the first run to start")
     second = asyncio.ensure_future(client.post("/infer", data=form(n="2")))
     await eventually(lambda: server.runner.admitted == 2, "the second request to queue")
 
-    # The loop is free while run() blocks a worker thread.
+    # The loop is free while run() blocks the model's process.
     ping = await client.get("/ping")
     assert ping.status == 200
 
@@ -825,7 +869,7 @@ async def test_one_inference_at_a_time_then_queue_then_503(aiohttp_client, gate)
     assert refused.headers["Retry-After"] == "1"
     assert "busy" in (await refused.json())["error"]
 
-    gate.release.set()
+    gate.release()
     responses = await asyncio.gather(first, second)
     assert [r.status for r in responses] == [200, 200]
     assert [await r.json() for r in responses] == [1, 2]
@@ -833,20 +877,20 @@ async def test_one_inference_at_a_time_then_queue_then_503(aiohttp_client, gate)
 
 
 async def test_concurrency_setting_allows_parallel_runs(aiohttp_client, gate):
-    _, client = await started_client(aiohttp_client, gate, concurrency=2, max_queue=0)
+    _, client = await started_client(aiohttp_client, Gate, concurrency=2, max_queue=0)
     requests = [asyncio.ensure_future(client.post("/infer", data=form(n=str(i)))) for i in (1, 2)]
     await eventually(lambda: gate.running == 2, "two runs at once")
     refused = await client.post("/infer", data=form(n="3"))
     assert refused.status == 503
-    gate.release.set()
+    gate.release()
     assert [r.status for r in await asyncio.gather(*requests)] == [200, 200]
     assert gate.most == 2
 
 
 async def test_drain_finishes_running_and_refuses_queued_and_new(aiohttp_client, gate):
-    server, client = await started_client(aiohttp_client, gate, concurrency=1, max_queue=4)
+    server, client = await started_client(aiohttp_client, Gate, concurrency=1, max_queue=4)
     running = asyncio.ensure_future(client.post("/infer", data=form(n="1")))
-    await eventually(gate.started.is_set, "the first run to start")
+    await eventually(gate.started, "the first run to start")
     queued = asyncio.ensure_future(client.post("/infer", data=form(n="2")))
     await eventually(lambda: server.runner.admitted == 2, "the second request to queue")
 
@@ -863,7 +907,7 @@ async def test_drain_finishes_running_and_refuses_queued_and_new(aiohttp_client,
     assert not drained.done()
     assert not running.done()
 
-    gate.release.set()
+    gate.release()
     await asyncio.wait_for(drained, WAIT)
     response = await running
     assert response.status == 200
@@ -871,23 +915,28 @@ async def test_drain_finishes_running_and_refuses_queued_and_new(aiohttp_client,
     assert gate.most == 1  # the refused job never ran
 
 
-async def test_cancelled_just_after_the_run_finished_still_cleans_up(gate):
-    """The request is cancelled in the instant between the worker handing over the outcome
-    and the request resuming. No real client can hit that instant on purpose, so _finish
-    is wrapped to cancel the request right after it ran (a fake for the timing only)."""
-    runner = ModelRunner(lambda: gate)
+async def test_cancelled_just_after_the_run_finished_still_cleans_up(gate, tmp_path):
+    """The request is cancelled in the instant between the worker's answer and the request
+    resuming. No real client can hit that instant on purpose, so _settle is wrapped to
+    cancel the request right after it ran (a fake for the timing only)."""
+    from cog.runtime.supervisor import ModelWorker
+
+    runner = ModelWorker(
+        f"{Gate.__module__}:{Gate.__qualname__}",
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+    )
     await runner.start()
     assert await runner.wait_started() is State.READY
     cleaned = []
     task = asyncio.ensure_future(runner.run({"n": 1}, "late", on_abandon=lambda: cleaned.append(1)))
-    finish = runner._finish
+    settle = runner._settle
 
-    def finish_then_cancel(job, outcome):
-        finish(job, outcome)
+    def settle_then_cancel(job, outcome):
+        settle(job, outcome)
         task.cancel()
 
-    runner._finish = finish_then_cancel
-    gate.release.set()
+    runner._settle = settle_then_cancel
+    gate.release()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, WAIT)
     assert cleaned == [1]
@@ -897,19 +946,20 @@ async def test_cancelled_just_after_the_run_finished_still_cleans_up(gate):
 # --- The model's stdout/stderr in the log, tagged with the request ----------------------
 
 
+class Chatty(cog.Model):
+    def setup(self):
+        print("loading weights")
+
+    @cog.input("word", type=str)
+    def run(self, word):
+        print(f"got {word}")
+        print("to stderr", file=sys.stderr)
+        sys.stdout.write("no newline at the end")
+        return word
+
+
 async def test_model_output_goes_to_the_log_tagged(aiohttp_client, caplog):
     caplog.set_level(logging.INFO, logger="cog.model")
-
-    class Chatty(cog.Model):
-        def setup(self):
-            print("loading weights")
-
-        @cog.input("word", type=str)
-        def run(self, word):
-            print(f"got {word}")
-            print("to stderr", file=sys.stderr)
-            sys.stdout.write("no newline at the end")
-            return word
 
     _, client = await started_client(aiohttp_client, Chatty)
     response = await client.post("/infer", data=form(word="hi"), headers={"X-Request-ID": "req-7"})
@@ -921,24 +971,6 @@ async def test_model_output_goes_to_the_log_tagged(aiohttp_client, caplog):
     assert "[req-7] stdout: no newline at the end" in lines
     records = [r for r in caplog.records if r.name == "cog.model" and "got hi" in r.getMessage()]
     assert records[0].request_id == "req-7"
-
-
-def test_console_does_not_loop_through_a_handler_on_stderr(caplog):
-    caplog.set_level(logging.INFO, logger="cog.model")
-    console.install()
-    try:
-        handler = logging.StreamHandler(sys.stderr)  # the wrapped stream
-        logging.getLogger("cog.model").addHandler(handler)
-        try:
-            console.call_tagged("t1", print, "a line\rprogress 50%\nafter", file=sys.stderr)
-        finally:
-            logging.getLogger("cog.model").removeHandler(handler)
-        print("untagged lines pass through")
-    finally:
-        console.uninstall()
-    lines = [r.getMessage() for r in caplog.records if r.name == "cog.model"]
-    assert lines == ["[t1] stderr: a line", "[t1] stderr: progress 50%", "[t1] stderr: after"]
-    assert not isinstance(sys.stdout, console.TaggedStream)
 
 
 async def test_help_serves_what_the_model_file_declares(aiohttp_client, tmp_path, monkeypatch):
@@ -959,8 +991,7 @@ async def test_help_serves_what_the_model_file_declares(aiohttp_client, tmp_path
     )
     (tmp_path / "cog.yaml").write_text("model: infer.py:Model\n")
     (tmp_path / "infer.py").write_text(source)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    server = InferenceServer(lambda: ModelRef.from_directory(str(tmp_path)).load())
+    server = InferenceServer.from_directory(str(tmp_path))
     client = await aiohttp_client(server.app)
     await server.runner.wait_started()
     response = await client.get("/help")

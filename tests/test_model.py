@@ -23,7 +23,11 @@ RUNTIME_FILES = [
     "cog/__init__.py",
     "cog/model.py",
     "cog/signature.py",
+    "cog/declarations.py",
+    "cog/predictor.py",
+    "cog/types.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cog" / "runtime").glob("*.py")),
+    *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cog" / "worker").glob("*.py")),
 ]
 SERVER_ONLY = ["aiodocker", "aiofiles", "cattrs", "structlog", "aiobotocore", "grpc", "pathspec"]
 
@@ -174,7 +178,8 @@ def test_load_errors(tmp_path, monkeypatch):
     write_package(tmp_path, "class Other:\n    pass\n")
     with pytest.raises(ModelLoadError, match=re.escape("infer.py has no class Model")):
         ModelRef("infer.py", "Model", str(tmp_path)).load()
-    with pytest.raises(ModelLoadError, match=re.escape("not a subclass of cog.Model")):
+    # Any other class is a predictor of today's Cog, which needs predict() or run().
+    with pytest.raises(SignatureError, match=re.escape("defines neither predict() nor run()")):
         ModelRef("infer.py", "Other", str(tmp_path)).load()
 
 
@@ -233,7 +238,7 @@ def test_a_model_file_named_like_a_stdlib_module_does_not_shadow_it(tmp_path, mo
 def test_the_standard_library_is_known_before_python_3_10(monkeypatch, name, stdlib):
     """Python 3.8 and 3.9 have no sys.stdlib_module_names (the runtime once failed every
     model there for it): the standard library's own folders are looked in instead."""
-    from cog.runtime.model_ref import _in_standard_library
+    from cog.worker.loader import _in_standard_library
 
     monkeypatch.delattr(sys, "stdlib_module_names", raising=False)
     assert _in_standard_library(name) is stdlib

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
+import json
 import os
 import re
 import signal
@@ -16,8 +18,19 @@ import pytest
 
 from cog.server.app import make_app
 from cog.server.keys import CATALOG, WARM_POOL
-from cog.server.model_api import BadInputs, InferRoute, decode_data_uri
+from cog.server.model_api import (
+    Answer,
+    BadInputs,
+    InferRoute,
+    PredictionsRoute,
+    adapter_for,
+    decode_data_uri,
+    prediction_answer,
+    typed_values,
+)
 from cog.server.predictions import runnable_image
+from cog.server.records import PackageRecord, Status
+from cog.signature import Signature
 from tests.registry_helpers import EXAMPLES
 from tests.test_cli import COG, cog_server, free_port, wait_for
 
@@ -69,6 +82,100 @@ def test_json_inputs_become_the_form_the_image_takes():
         InferRoute.form({"x": "data:text/plain,hello"})
     with pytest.raises(BadInputs, match="input x: expected text, a number, true/false or a "):
         InferRoute.form({"x": [1, 2]})
+
+
+PREDICTOR = Signature.from_json(
+    {
+        "kind": "predictor",
+        "arguments": {
+            "prompt": {"type": "str"},
+            "steps": {"type": "int", "default": 4, "min": 1, "max": 10},
+            "loud": {"type": "bool", "default": False},
+            "image": {"type": "Path", "default": None},
+            "pages": {"type": "Path", "list": True, "default": None},
+        },
+        "output": {"type": "str", "list": True, "iterator": True, "concatenate": True},
+    }
+)
+
+
+def test_a_form_for_a_predictor_becomes_the_json_it_takes():
+    """What the page and `cog infer --remote` send as a form, typed as /predictions takes
+    it: numbers and booleans converted, a list input a list (of one, too), files kept as
+    data: URIs; what cannot be converted is the problem of its input, every one at once."""
+    uri = "data:text/plain;base64,aGk="
+    values = {"prompt": "hi", "steps": "3", "loud": "true", "image": uri, "pages": uri}
+    assert typed_values(PREDICTOR, values) == (
+        {"prompt": "hi", "steps": 3, "loud": True, "image": uri, "pages": [uri]},
+        [],
+    )
+    assert typed_values(PREDICTOR, {"pages": [uri, uri], "unknown": "x"})[0] == {
+        "pages": [uri, uri],
+        "unknown": "x",  # passed on: the model ignores it, as Cog does
+    }
+    assert typed_values(PREDICTOR, {"steps": "99", "loud": "maybe", "prompt": ["a", "b"]}) == (
+        {},
+        [
+            {"input": "steps", "message": "99 is above the maximum 10"},
+            {"input": "loud", "message": "'maybe' is not a boolean (use true, false, 1 or 0)"},
+            {"input": "prompt", "message": "takes one value, not a list"},
+        ],
+    )
+
+
+async def body_of(answer: Answer) -> bytes:
+    return b"".join([chunk async for chunk in answer.body])
+
+
+async def test_cogs_prediction_becomes_the_routes_answer():
+    """Cog's answer to POST /predictions, as the server's route answers: 422's detail as
+    the 400 with problems that a 2021 model gives; a failed prediction a 500 with its
+    error and logs; the output as it is for JSON requests, and for a form as a 2021
+    model answers (a file as itself, a ConcatenateIterator's text joined)."""
+    detail = {"detail": [{"loc": ["body", "input", "steps"], "msg": "too big", "type": "x"}]}
+    invalid = prediction_answer(422, json.dumps(detail).encode(), PREDICTOR, as_json=False)
+    assert invalid.status == 400
+    assert json.loads(await body_of(invalid)) == {
+        "error": "invalid input: steps: too big",
+        "problems": [{"input": "steps", "message": "too big"}],
+    }
+    failed = {"status": "failed", "error": "ValueError: no", "logs": "a\nb\n", "output": None}
+    answer = prediction_answer(200, json.dumps(failed).encode(), PREDICTOR, as_json=True)
+    assert answer.status == 500
+    assert json.loads(await body_of(answer)) == {"error": "ValueError: no", "logs": ["a", "b"]}
+    done = {"status": "succeeded", "output": ["a", " b"], "metrics": {"predict_time": 0.25}}
+    as_json = prediction_answer(200, json.dumps(done).encode(), PREDICTOR, as_json=True)
+    assert (as_json.status, as_json.content_type) == (200, "application/json")
+    assert json.loads(await body_of(as_json)) == ["a", " b"]
+    assert as_json.headers["X-Run-Time"] == "0.250000"
+    joined = prediction_answer(200, json.dumps(done).encode(), PREDICTOR, as_json=False)
+    assert (joined.content_type, await body_of(joined)) == ("text/plain", b"a b")
+    picture = {"status": "succeeded", "output": "data:image/png;base64,iVBORw=="}
+    file = prediction_answer(200, json.dumps(picture).encode(), PREDICTOR, as_json=False)
+    assert (file.content_type, await body_of(file)) == ("image/png", b"\x89PNG")
+    assert file.headers["Content-Disposition"] == 'attachment; filename="output.png"'
+    gone = prediction_answer(503, b'{"error": "not ready"}', PREDICTOR, as_json=False)
+    assert (gone.status, json.loads(await body_of(gone))) == (503, {"error": "not ready"})
+
+
+def test_the_adapter_is_the_models_kind():
+    def record(signature, cog_yaml):
+        from cog.config import load_config
+
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return PackageRecord(
+            "f" * 64, "x", load_config(cog_yaml), now, now, Status.READY, 1, signature=signature
+        )
+
+    model = {"arguments": {}}
+    predictor = PREDICTOR.to_json()
+    assert isinstance(adapter_for(record(model, "model: infer.py:Model\n")), InferRoute)
+    chosen = adapter_for(record(predictor, "predict: predict.py:Predictor\n"))
+    assert isinstance(chosen, PredictionsRoute) and chosen.signature == PREDICTOR
+    # Not read from the source: today's format asks the image; the 2021 one sends its form.
+    unknown = adapter_for(record(None, "predict: predict.py:Predictor\n"))
+    assert isinstance(unknown, PredictionsRoute) and unknown.signature is None
+    assert isinstance(adapter_for(record(None, "model: infer.py:Model\n")), InferRoute)
 
 
 async def test_a_server_without_builder_runs_no_models(aiohttp_client, tmp_path):

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import random
+import shutil
 import stat
 import sys
 import zipfile
@@ -747,3 +748,43 @@ async def test_received_comes_before_the_full_check_of_every_member(client, spoo
     response = await upload(client, _corrupt_member_zip())  # without the stream: plain 400
     assert response.status == 400
     assert "weights.bin is corrupt" in (await response.json())["error"]
+
+
+async def test_a_todays_cog_package_is_read_at_upload_as_a_2021_one_is(client, tmp_path):
+    """Today's cog.yaml and predictor: stored with the same document shape, its signature
+    read without importing it, newer keys a warning in the build stream, and a wrongly
+    declared input refused before anything is stored."""
+    root = tmp_path / "today"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "kitchen", root)
+    with open(root / "cog.yaml", "a") as f:
+        f.write("train: train.py:train\n")
+    data, package_id = package_bytes(root)
+    response = await upload(client, data, headers={"Accept": NDJSON})
+    events = [json.loads(line) async for line in response.content if line.strip()]
+    warnings = [e["line"] for e in events if e.get("stage") == "config"]
+    assert warnings == [
+        "warning: cog.yaml: train: training (/trainings) is not supported yet; ignored"
+    ]
+    document = events[-1]["package"]
+    assert document["ID"] == package_id
+    assert document["Name"] == "test/kitchen"
+    assert document["Config"]["Model"] == "predict.py:Predictor"
+    assert document["Config"]["Format"] == "predict"
+    assert document["Signature"]["kind"] == "predictor"
+    assert document["Signature"]["arguments"]["count"] == {
+        "type": "int",
+        "default": 2,
+        "min": 1,
+        "max": 5,
+    }
+    shown = await (await client.get(f"/v1/packages/{package_id[:12]}")).json()
+    assert shown == document
+
+    (root / "predict.py").write_text(
+        (root / "predict.py").read_text().replace("default=2, ge=1", "default=9, ge=1")
+    )
+    bad, _ = package_bytes(root)
+    response = await upload(client, bad)
+    assert response.status == 400  # as an invalid 2021 package is
+    (problem,) = (await response.json())["problems"]
+    assert problem.endswith("Predictor.predict: input 'count': default 9 is above the maximum 5")

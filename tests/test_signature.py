@@ -11,7 +11,7 @@ import pytest
 
 import cog
 from cog.model import signature_of
-from cog.runtime.openapi import openapi_document
+from cog.openapi import openapi_document
 from cog.server.source import static_signature
 from cog.signature import (
     NO_DEFAULT,
@@ -276,7 +276,7 @@ def test_json_round_trip():
 def test_openapi_document():
     document = openapi_document(signature_of(Documented), title="Documented")
     assert document["openapi"].startswith("3.")
-    schema = document["components"]["schemas"]["Input"]
+    schema = document["components"]["schemas"]["InferForm"]  # the 2021 route's form
     assert schema["required"] == ["image"]
     assert schema["properties"]["image"] == {
         "type": "string",

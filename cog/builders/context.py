@@ -1,7 +1,8 @@
 """The build context: a tar streamed straight from the package zip, never unpacked to disk.
 
-Layout (see :mod:`cog.builders.dockerfile`): ``Dockerfile``, ``cog/<runtime wheel>``,
-``package/<every file of the zip>``. Headers are fixed (mtime 0, root owner, modes from the
+Layout (see :mod:`cog.builders.dockerfile`): ``Dockerfile``, ``cog/server/<wheel>`` (the
+inference server's), ``cog/model/<wheel>`` (the model's API), ``package/<every file of
+the zip>``. Headers are fixed (mtime 0, root owner, modes from the
 zip), so the same package always gives the same tar and the builders' caches hit.
 """
 
@@ -13,7 +14,7 @@ import zipfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-from cog.builders.runtime import runtime_wheel
+from cog.builders.runtime import model_wheel, runtime_wheel
 
 CHUNK = 1024 * 1024
 BLOCK = tarfile.BLOCKSIZE
@@ -58,9 +59,9 @@ def _members(zip_path: Path) -> Iterator[bytes]:
 
 async def build_context(zip_path: Path, dockerfile: str) -> AsyncIterator[bytes]:
     """The whole context tar as chunks; zip reads happen in a worker thread."""
-    wheel_name, wheel = runtime_wheel()
     yield _file("Dockerfile", dockerfile.encode())
-    yield _file(f"cog/{wheel_name}", wheel)
+    for folder, (wheel_name, wheel) in (("server", runtime_wheel()), ("model", model_wheel())):
+        yield _file(f"cog/{folder}/{wheel_name}", wheel)
     members = _members(zip_path)
     loop = asyncio.get_running_loop()
     reading: asyncio.Future[bytes | None] | None = None

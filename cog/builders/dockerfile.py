@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import shlex
 import zipfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import cog
 from cog.builders import BuildError, BuilderSettings, BuildRequest
 from cog.builders.runtime import RUNTIME_REQUIREMENTS, runtime_wheel
-from cog.config import Config, config_to_json
+from cog.config import Config
+from cog.config_wire import config_to_json
 from cog.cuda import (
     known_nvidia_cuda_images,
     nvidia_cuda_image_tag,
@@ -24,6 +28,7 @@ from cog.cuda import (
     torch_cuda_suffix,
     version_key,
 )
+from cog.openapi import openapi_document
 from cog.requirements import (
     parse_pin,
     pinned,
@@ -31,6 +36,7 @@ from cog.requirements import (
     requirement_names,
     requirement_specs,
 )
+from cog.signature import Signature
 
 WORKDIR = "/src"
 #: The virtualenv the GPU ``image`` strategy installs the package's Python into
@@ -43,6 +49,22 @@ _LAST_ON_WHEELS_PAGE = (2, 3)
 #: The first TensorFlow with the ``and-cuda`` extra (NVIDIA's wheels as dependencies)
 TF_AND_CUDA = (2, 14)
 LABEL_PREFIX = "org.cog-models"
+#: Where the inference server's environment is: its own packages, not the model's
+SERVER_ENV = "/opt/cog-runtime"
+#: The server, in isolated mode (-I: no $PYTHONPATH, no user site; -S: no site-packages,
+#: so nothing of the model's environment), with only its own environment on sys.path; it
+#: starts the model's worker with this same Python in normal mode.
+SERVER_COMMAND = [
+    "python",
+    "-I",
+    "-S",
+    "-c",
+    f"import sys, runpy; sys.path.insert(0, {SERVER_ENV!r}); "
+    "runpy.run_module('cog.runtime', run_name='__main__', alter_sys=True)",
+]
+#: What a model may import without listing it, because Cog's own dependencies brought it:
+#: module -> the requirement installed for it (Cog 0.10 and later took pydantic 1 or 2).
+IMPLICIT = {"pydantic": "pydantic>=1.9,<3"}
 _TORCH_FAMILY = {"torch", "torchvision", "torchaudio"}
 _PIP = "python -m pip install --no-cache-dir"
 #: Every NVIDIA library directory pip put in site-packages (nvidia/<library>/lib), for
@@ -222,6 +244,39 @@ def _quote(words: Sequence[str]) -> str:
     return " ".join(shlex.quote(word) for word in words)
 
 
+def cog_config(config: Config) -> dict[str, Any]:
+    """The config as Cog writes it into ``run.cog.config``: today's cog.yaml as JSON."""
+    env = config.environment
+    build: dict[str, Any] = {
+        "python_version": env.python_version,
+        "gpu": "gpu" in env.architectures,
+    }
+    for key, value in (
+        ("python_packages", list(env.python_packages)),
+        ("python_requirements", env.python_requirements),
+        ("system_packages", list(env.system_packages)),
+        ("cuda", env.cuda),
+        ("cudnn", env.cudnn),
+        ("run", [{"command": command} for command in env.run]),
+    ):
+        if value:
+            build[key] = value
+    document: dict[str, Any] = {"build": build, "predict": config.model}
+    if config.name:
+        document["image"] = config.name
+    if config.concurrency > 1:
+        document["concurrency"] = {"max": config.concurrency}
+    if config.variables:
+        document["environment"] = list(config.variables)
+    return document
+
+
+def _variable(assignment: str) -> str:
+    """NAME=value of cog.yaml's environment: as ENV writes it, quoted and $-escaped."""
+    name, _, value = assignment.partition("=")
+    return f"{name}={_label(value)}"
+
+
 def _label(value: str) -> str:
     # Docker substitutes $VARS in LABEL values: escape them; JSON quoting does the rest.
     return json.dumps(value).replace("$", "\\$")
@@ -256,12 +311,15 @@ def dockerfile_for(
     runtime_wheel: str,
     signature_json: str | None = None,
     requirements: str | None = None,
+    implicit: Sequence[str] = (),
 ) -> str:
-    """The Dockerfile text. runtime_wheel is the wheel's file name in the context's cog/.
+    """The Dockerfile text. runtime_wheel is the file name of the wheels in the context's
+    cog/server/ and cog/model/ (see cog.builders.runtime).
 
     requirements: the text of the package's python_requirements file. GPU images need it
     to rewrite its torch/tensorflow pins (and to see which framework brings CUDA); without
-    it the file is installed as written.
+    it the file is installed as written. implicit: packages the model uses without listing
+    them, that Cog's own dependencies used to bring (see :func:`implicit_packages`).
     """
     env = config.environment
     gpu = target == "gpu"
@@ -284,6 +342,13 @@ def dockerfile_for(
     # The image never runs another Python than the one its labels name.
     flag = "gpu" if gpu and strategy == "image" else "cpu"
     lines.append(python_check(env.python_version, base_image(config, target, settings), flag))
+    lines += [
+        # The inference server's environment, apart from the model's: the same layer for
+        # every package on this base image.
+        f"RUN {_PIP} --target {SERVER_ENV} {_quote(RUNTIME_REQUIREMENTS)}",
+    ]
+    if config.variables:
+        lines.append("ENV " + " ".join(_variable(v) for v in config.variables))
     if env.system_packages:
         lines.append(
             "RUN apt-get update -qq && apt-get install -y --no-install-recommends "
@@ -308,17 +373,22 @@ def dockerfile_for(
         if gpu:
             packages, extra = gpu_packages(packages, env.cuda, strategy=strategy, pins=pins)
         lines.append(f"RUN {_PIP} {_quote([*extra, *packages])}")
+    if implicit:
+        lines.append(f"RUN {_PIP} {_quote(list(implicit))}")
     if wheels_gpu:
         lines.append(f"RUN {_REGISTER_NVIDIA_LIBS}")
+    lines += [f"RUN {command}" for command in env.run]
     lines += [
-        # The runtime's dependencies in a layer of their own: a new cog wheel reuses it.
-        f"RUN {_PIP} {_quote(RUNTIME_REQUIREMENTS)}",
-        f"COPY cog/{runtime_wheel} /tmp/cog/",
-        f"RUN {_PIP} --no-deps /tmp/cog/{runtime_wheel} && rm -rf /tmp/cog",
+        # cog itself: the server's wheel into its environment, the model's (its API and
+        # worker, pure Python, no dependencies) into the image's Python.
+        "COPY cog/ /tmp/cog/",
+        f"RUN {_PIP} --no-deps --upgrade --target {SERVER_ENV} /tmp/cog/server/{runtime_wheel}"
+        f" && {_PIP} --no-deps --force-reinstall /tmp/cog/model/{runtime_wheel}"
+        " && rm -rf /tmp/cog",
         # Image settings before the model's files, so a code change reuses them too.
         f"WORKDIR {WORKDIR}",
         "EXPOSE 5000",
-        'CMD ["python", "-m", "cog.runtime"]',
+        f"CMD {json.dumps(SERVER_COMMAND)}",
         f"COPY package/ {WORKDIR}/",
     ]
     labels = {
@@ -329,6 +399,12 @@ def dockerfile_for(
     }
     if signature_json:
         labels[f"{LABEL_PREFIX}.signature"] = signature_json
+    # Cog's own labels, for the tools that read Cog's images.
+    labels["run.cog.version"] = cog.__version__
+    labels["run.cog.config"] = json.dumps(cog_config(config), separators=(",", ":"))
+    if signature_json:
+        document = openapi_document(Signature.from_json(json.loads(signature_json)))
+        labels["run.cog.openapi_schema"] = json.dumps(document, separators=(",", ":"))
     lines.append(
         "LABEL " + " \\\n      ".join(f"{key}={_label(value)}" for key, value in labels.items())
     )
@@ -377,6 +453,43 @@ def _read_requirements(request: BuildRequest) -> str | None:
         raise BuildError(f"{path} is not UTF-8 text", step="Dockerfile") from None
 
 
+_IMPORT = re.compile(rb"^\s*(?:import|from)\s+([A-Za-z_][A-Za-z0-9_]*)", re.MULTILINE)
+#: A Python file of the package larger than this is not searched for imports.
+_SCANNED = 4 * 1024 * 1024
+
+
+def implicit_packages(package_zip: Path, config: Config, requirements: str | None) -> list[str]:
+    """What the model imports without listing it, that Cog's own dependencies brought
+    (pydantic): installed for it, as Cog's installation did. A listed pin wins."""
+    listed = requirement_names([*config.environment.python_packages])
+    if requirements is not None:
+        listed |= requirement_names(list(filter(None, requirement_specs(requirements))))
+    wanted = {m: r for m, r in IMPLICIT.items() if requirement_key(m) not in listed}
+    if not wanted:
+        return []
+    found: set[str] = set()
+    try:
+        with zipfile.ZipFile(package_zip) as archive:
+            for info in archive.infolist():
+                if info.filename.endswith(".py") and info.file_size <= _SCANNED:
+                    imports = set(_IMPORT.findall(archive.read(info)))
+                    found |= {m for m in wanted if m.encode() in imports}
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise BuildError(f"cannot read the package: {exc}", step="Dockerfile") from None
+    return [wanted[m] for m in sorted(found)]
+
+
+def _requirements_text(request: BuildRequest) -> str | None:
+    path = request.config.environment.python_requirements
+    if not path:
+        return None
+    try:
+        with zipfile.ZipFile(request.package_zip) as archive:
+            return archive.read(posixpath.normpath(path)).decode("utf-8-sig", "replace")
+    except (KeyError, OSError, zipfile.BadZipFile):
+        return None
+
+
 def dockerfile_for_request(request: BuildRequest, settings: BuilderSettings) -> str:
     """The Dockerfile of one build request, the same for every builder."""
     return dockerfile_for(
@@ -387,4 +500,7 @@ def dockerfile_for_request(request: BuildRequest, settings: BuilderSettings) -> 
         runtime_wheel=runtime_wheel()[0],
         signature_json=request.signature_json,
         requirements=_read_requirements(request),
+        implicit=implicit_packages(
+            request.package_zip, request.config, _requirements_text(request)
+        ),
     )

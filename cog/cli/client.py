@@ -93,11 +93,20 @@ class RegistryClient:
     async def delete(self, ref: str) -> dict[str, Any]:
         return await self._json("DELETE", f"/v1/packages/{ref}")
 
-    async def predict(self, ref: str, inputs: list[tuple[str, str]], output_path: Path | None):
+    async def predict(
+        self,
+        ref: str,
+        inputs: list[tuple[str, str]],
+        output_path: Path | None,
+        signature: dict[str, Any] | None = None,
+    ):
         """One inference on the server (``-i`` inputs, named); the text it answered, or
-        the file it answered saved (as ``cog infer`` saves it)."""
+        the file it answered saved (as ``cog infer`` saves it). A predictor of today's Cog
+        (``signature``'s kind) gets JSON, and its output is written as Cog writes it."""
         from cog.cli.infer import Output, _form, _save
 
+        if signature is not None and signature.get("kind") == "predictor":
+            return await self._predict_json(ref, inputs, output_path, signature)
         opened: list = []
         try:
             form = _form(inputs, opened)
@@ -111,6 +120,34 @@ class RegistryClient:
         finally:
             for file in opened:
                 file.close()
+
+    async def _predict_json(
+        self,
+        ref: str,
+        inputs: list[tuple[str, str]],
+        output_path: Path | None,
+        signature: dict[str, Any],
+    ):
+        from cog.cli.infer import Output
+        from cog.cli.predict import PredictionInputError, prediction_input, write_output
+        from cog.signature import Signature
+
+        described = Signature.from_json(signature)
+        try:
+            values = await asyncio.to_thread(prediction_input, described, inputs)
+        except PredictionInputError as exc:
+            raise CLIError(str(exc)) from None
+        path = f"/v1/packages/{ref}/predictions"
+        answer = await self._json("POST", path, json={"input": values})
+        try:
+            text, written = await asyncio.to_thread(
+                write_output, answer.get("output"), described.output, output_path
+            )
+        except OSError as exc:
+            raise CLIError(f"cannot write the output: {exc.strerror or exc}") from None
+        except PredictionInputError as exc:
+            raise CLIError(str(exc)) from None
+        return Output("application/json", text=text, paths=tuple(written))
 
     async def upload(
         self,

@@ -1,8 +1,10 @@
-"""``cog infer``: run one inference on a package's image on the local Docker Engine.
+"""``cog infer`` (``cog predict``): run one inference on a package's image on the local
+Docker Engine.
 
 Pull the image (unless present), start it, wait until the model is ready, send the
-inputs, return the text or save the file it answered, and remove the container, also on
-Ctrl-C.
+inputs (a form to ``/infer`` for a 2021 model, JSON to ``/predictions`` for a predictor
+of today's Cog, see :mod:`cog.cli.predict`), return the text or save the files it
+answered, and remove the container, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ from typing import Any
 import aiohttp
 import attrs
 
+from cog.cli.predict import PredictionInputError, prediction_input, write_output
 from cog.engine import Engine, EngineError, EngineUnreachable, ImageNotFound
 from cog.engine.containers import ContainerError, ModelContainer, remove_stale_containers
+from cog.signature import Signature
 
 BARE_INPUT = "input"
+#: How a file input's value starts: a local file, or a URL (for today's predictors)
+_FILE_VALUES = ("@", "http://", "https://", "data:")
 
 
 class InferenceError(Exception):
@@ -44,6 +50,8 @@ class Output:
     text: str | None = None
     #: where a file output was written
     path: Path | None = None
+    #: where the files of a prediction's output were written
+    paths: tuple[Path, ...] = ()
 
 
 def parse_inputs(values: list[str]) -> list[RawInput]:
@@ -79,7 +87,8 @@ def resolve_names(inputs: list[RawInput], arguments: dict[str, Any]) -> list[tup
                 )
         if name not in arguments:
             raise InferenceError(f"the model has no input {name!r} (inputs: {names})")
-        if arguments[name].get("type") == "Path" and not item.value.startswith("@"):
+        # A URL is no path: a predictor fetches it (a 2021 model says it wants a file).
+        if arguments[name].get("type") == "Path" and not item.value.startswith(_FILE_VALUES):
             written = f"{item.name}=@{item.value}" if item.name else f"@{item.value}"
             raise InferenceError(
                 f"input {name} is a file: write -i {written} (a value without @ is sent as text)"
@@ -174,17 +183,62 @@ def _with_logs(message: str, logs: tuple[str, ...]) -> str:
 async def _infer(
     model: ModelContainer, inputs: list[str], output_path: Path | None, opened: list
 ) -> Output:
-    arguments = (await model.help()).get("arguments", {})
-    form = _form(resolve_names(parse_inputs(inputs), arguments), opened)
+    described = await model.help()
+    arguments = described.get("arguments", {})
+    resolved = resolve_names(parse_inputs(inputs), arguments)
+    if described.get("kind") == "predictor":
+        return await _predict(model, Signature.from_json(described), resolved, output_path)
+    form = _form(resolved, opened)
     async with model.infer(form) as response:
         if response.status != 200:
-            raise InferenceError(
-                f"the model answered HTTP {response.status}: {_error_text(await response.read())}"
-            )
+            message = f"the model answered HTTP {response.status}: "
+            message += _error_text(await response.read())
+            if response.status == 500:  # the model failed: its last lines say how
+                await asyncio.sleep(0.2)  # for them to reach the container's log
+                message = _with_logs(message, model.log_tail())
+            raise InferenceError(message)
         content_type = response.content_type
         if content_type.startswith("text/") or content_type == "application/json":
             return Output(content_type, text=await response.text())
         return Output(content_type, path=await _save(response, output_path))
+
+
+async def _predict(
+    model: ModelContainer,
+    signature: Signature,
+    inputs: list[tuple[str, str]],
+    output_path: Path | None,
+) -> Output:
+    try:
+        body = {"input": await asyncio.to_thread(prediction_input, signature, inputs)}
+    except PredictionInputError as e:
+        raise InferenceError(str(e)) from None
+    async with model.predict(body) as response:
+        answer = await response.read()
+        if response.status == 422:
+            detail = json.loads(answer).get("detail") or []
+            problems = "; ".join(f"{d['loc'][-1]}: {d['msg']}" for d in detail)
+            raise InferenceError(f"invalid input: {problems}")
+        if response.status != 200:
+            raise InferenceError(
+                f"the model answered HTTP {response.status}: {_error_text(answer)}"
+            )
+    prediction = json.loads(answer)
+    if prediction.get("status") != "succeeded":
+        logs = tuple((prediction.get("logs") or "").splitlines())
+        reason = prediction.get("error") or prediction.get("status")
+        raise InferenceError(
+            _with_logs(f"the prediction {prediction.get('status')}: {reason}", logs)
+        )
+    try:
+        text, written = await asyncio.to_thread(
+            write_output, prediction.get("output"), signature.output, output_path
+        )
+    except OSError as exc:
+        raise InferenceError(f"cannot write the output: {exc.strerror or exc}") from None
+    except PredictionInputError as e:
+        raise InferenceError(str(e)) from None
+    return Output("application/json", text=text, paths=tuple(written))
 
 
 async def _save(response: aiohttp.ClientResponse, output_path: Path | None) -> Path:

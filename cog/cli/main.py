@@ -151,27 +151,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.set_defaults(func=lambda a: run(logs(a)))
 
-    p = sub.add_parser(
-        "infer", help="run an inference on a package's image, locally (or on the server)"
-    )
-    p.add_argument("id")
-    p.add_argument(
-        "-i",
-        "--input",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an input: name=value, name=@file, or a bare value/@file for the main input",
-    )
-    p.add_argument("-o", "--output", type=Path, help="where to write a file output")
-    p.add_argument("--docker-host", help="Docker Engine to run on (default: $DOCKER_HOST)")
-    p.add_argument(
-        "--remote",
-        dest="on_server",
-        action="store_true",
-        help="run it on the cog server's Docker Engine instead of the local one",
-    )
-    p.set_defaults(func=lambda a: run(infer(a)))
+    for verb in ("infer", "predict"):  # predict: what Cog's users type
+        p = sub.add_parser(
+            verb,
+            help="run an inference on a package's image, locally (or on the server)"
+            + (" (the same as infer)" if verb == "predict" else ""),
+        )
+        p.add_argument("id")
+        p.add_argument(
+            "-i",
+            "--input",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="an input: name=value, name=@file, or a bare value/@file for the main input; "
+            "naming a list input again adds to it",
+        )
+        p.add_argument("-o", "--output", type=Path, help="where to write a file output")
+        p.add_argument("--docker-host", help="Docker Engine to run on (default: $DOCKER_HOST)")
+        p.add_argument(
+            "--remote",
+            dest="on_server",
+            action="store_true",
+            help="run it on the cog server's Docker Engine instead of the local one",
+        )
+        p.set_defaults(func=lambda a: run(infer(a)))
     return parser
 
 
@@ -409,19 +413,50 @@ def describe(package: dict[str, Any]) -> str:
     if artifacts:
         lines.append(style("Images:", "bold"))
         lines += [f"  {a['Target']:<11} {a['URI']}" for a in artifacts]
-    arguments = (package.get("Signature") or {}).get("arguments") or {}
+    if config.get("Concurrency", 1) > 1:
+        lines.append(f"{style('Concurrency:', 'bold')} {config['Concurrency']}")
+    for label, values in (
+        ("Run", env.get("Run")),
+        ("Env", config.get("EnvironmentVariables")),
+    ):
+        if values:
+            lines.append(f"{style(label + ':', 'bold')}      {'; '.join(values)}")
+    signature = package.get("Signature") or {}
+    arguments = signature.get("arguments") or {}
     if arguments:
         lines.append(style("Inputs:", "bold"))
         for name, spec in arguments.items():
             extras = [
                 f"{key}={spec[key]!r}"
-                for key in ("default", "min", "max", "options")
+                for key in ("default", "min", "max", "options", "min_length", "max_length", "regex")
                 if spec.get(key) is not None
             ]
-            kind = ", ".join([str(spec.get("type")), *extras])
+            if spec.get("deprecated"):
+                extras.append("deprecated")
+            kind = ", ".join([describe_type(spec), *extras])
             help_text = f"  {spec['help']}" if spec.get("help") else ""
             lines.append(f"  {name} ({kind}){help_text}")
+    if signature.get("output"):
+        lines.append(f"{style('Output:', 'bold')}   {describe_type(signature['output'])}")
     return "\n".join(lines)
+
+
+def describe_type(spec: dict[str, Any]) -> str:
+    """A signature's type as Python spells it: list[Path], Iterator[str], Output{...}."""
+    if spec.get("type") == "object":
+        fields = ", ".join(f"{k}: {describe_type(v)}" for k, v in spec.get("fields", {}).items())
+        text = f"{spec.get('name') or 'object'} {{{fields}}}"
+    else:
+        text = str(spec.get("type"))
+    if spec.get("list"):
+        text = f"list[{text}]"
+    if spec.get("concatenate"):
+        text = f"ConcatenateIterator[{text}]"
+    elif spec.get("iterator"):
+        text = f"Iterator[{text}]"
+    if spec.get("optional"):
+        text = f"Optional[{text}]"
+    return text
 
 
 async def download(args: argparse.Namespace) -> int:
@@ -488,10 +523,11 @@ async def infer_on_server(args: argparse.Namespace) -> int:
 
     async with client(args) as registry:
         package = await registry.show(args.id)
-        arguments = (package.get("Signature") or {}).get("arguments") or {}
+        signature = package.get("Signature") or {}
+        arguments = signature.get("arguments") or {}
         try:
             inputs = resolve_names(parse_inputs(args.input), arguments)
-            output = await registry.predict(package["ID"], inputs, args.output)
+            output = await registry.predict(package["ID"], inputs, args.output, signature)
         except InferenceError as exc:
             raise CLIError(str(exc)) from None
     print_output(output, args.output)
@@ -499,14 +535,19 @@ async def infer_on_server(args: argparse.Namespace) -> int:
 
 
 def print_output(output, path: Path | None) -> None:
+    """The output: its text (written to ``path`` if given), and where its files went."""
+    written = [where for where in (output.path, *output.paths) if where is not None]
     if output.text is not None:
-        if path:
+        if path and not written:
             path.write_text(output.text)
             print(f"Written to {shown_path(path)}")
-        else:
-            print(output.text.rstrip("\n"))
-    else:
-        print(f"Written to {shown_path(output.path)}")
+            return
+        print(output.text.rstrip("\n"))
+    # Where the files went: the output itself on stdout when it is only files; beside
+    # text (a JSON object naming them), on stderr.
+    stream = sys.stdout if output.text is None else sys.stderr
+    for where in written:
+        print(f"Written to {shown_path(where)}", file=stream)
 
 
 #: How much of a package's error a one-line warning quotes.

@@ -455,3 +455,8 @@ class ModelContainer:
         """Any request to the model's server; ``async with model.request(...) as response``."""
         assert self._session is not None
         return self._session.request(method, f"{self.url}{path}", **kwargs)
+
+    def predict(self, body: dict[str, Any]):
+        """POST /predictions (today's Cog); use as ``async with model.predict(body) as r``."""
+        assert self._session is not None
+        return self._session.post(f"{self.url}/predictions", json=body)

@@ -3,16 +3,19 @@
 Options (each also from the environment): ``--port`` ($PORT, default 5000), ``--host``
 ($COG_HOST, default 0.0.0.0), ``--unix-socket`` ($COG_UNIX_SOCKET: listen on this Unix
 socket instead of a port, as the cog server and ``cog infer`` ask of a model that runs
-with no network), ``--concurrency`` ($COG_CONCURRENCY, default 1: inferences
-at once), ``--max-queue`` ($COG_MAX_QUEUE, default 64: requests that may wait for one),
-``--dir`` (the package directory, default the working directory), ``--log-level``
+with no network), ``--concurrency`` ($COG_CONCURRENCY or Cog's $COG_MAX_CONCURRENCY;
+default cog.yaml's ``concurrency.max``, else 1: predictions at once), ``--max-queue``
+($COG_MAX_QUEUE, default 64: requests that may wait for one), ``--dir`` (the package
+directory, default the working directory), ``--python`` ($COG_WORKER_PYTHON: the Python
+that runs the model, default this one), ``--upload-url`` ($COG_UPLOAD_URL: where file
+outputs of predictions are uploaded), ``--log-level``
 ($COG_LOG_LEVEL, default info; debug adds a line per inference).
 
-The port is open at once: the model is imported and set up in the background while
-``/ping`` answers 503 ``starting``. On SIGTERM (or SIGINT) the server finishes the
-running inferences (and sends their responses), answers the queued and any new ones
-with 503 at once, and exits 0; a second signal exits at once with status 1. Logs
-(including the model's stdout/stderr) go to stderr.
+The port is open at once: the model is imported and set up in a worker process in the
+background while ``/ping`` answers 503 ``starting``. On SIGTERM (or SIGINT) the server
+finishes the running inferences (and sends their responses), answers the queued and any
+new ones with 503 at once, and exits 0; a second signal exits at once with status 1.
+Logs (including the model's stdout/stderr) go to stderr.
 """
 
 from __future__ import annotations
@@ -27,8 +30,7 @@ import sys
 from aiohttp import web
 
 from cog.runtime.app import InferenceServer
-from cog.runtime.model_ref import ModelRef
-from cog.runtime.runner import DEFAULT_MAX_QUEUE
+from cog.runtime.supervisor import DEFAULT_MAX_QUEUE
 
 logger = logging.getLogger("cog.runtime")
 
@@ -56,8 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency",
         type=int,
-        default=_env_int("COG_CONCURRENCY", 1),
-        help="inferences that may run at once",
+        # $COG_MAX_CONCURRENCY: Cog's name for the same
+        default=_env_int("COG_CONCURRENCY", 0) or _env_int("COG_MAX_CONCURRENCY", 0) or None,
+        help="predictions that may run at once (default: cog.yaml's concurrency.max, or 1)",
     )
     parser.add_argument(
         "--max-queue",
@@ -67,13 +70,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dir", default=".", help="the package directory (with cog.yaml)")
     parser.add_argument(
+        "--upload-url",
+        default=os.environ.get("COG_UPLOAD_URL") or None,
+        help="upload file outputs of predictions here (PUT <url>/<name>) instead of data: URIs",
+    )
+    parser.add_argument(
+        "--python",
+        default=os.environ.get("COG_WORKER_PYTHON") or sys.executable,
+        help="the Python that runs the model (its environment needs only cog's model API)",
+    )
+    parser.add_argument(
         "--log-level",
         default=os.environ.get("COG_LOG_LEVEL", "info").lower(),
         choices=["debug", "info", "warning", "error"],
         help="debug adds a line per inference (status and time)",
     )
     args = parser.parse_args(argv)
-    if args.concurrency < 1:
+    if args.concurrency is not None and args.concurrency < 1:
         parser.error("--concurrency must be 1 or more")
     if args.max_queue < 0:
         parser.error("--max-queue must be 0 or more")
@@ -133,6 +146,7 @@ async def serve(
     await asyncio.wait([drain, forced], return_when=asyncio.FIRST_COMPLETED)
     if force.is_set():
         logger.warning("second signal: exiting without waiting")
+        server.runner.kill_now()
         return 1
     forced.cancel()
     await app_runner.cleanup()
@@ -143,17 +157,17 @@ async def serve(
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level)
-    server = InferenceServer(
-        # Read cog.yaml in the setup thread too: any failure is reported by /ping.
-        lambda: ModelRef.from_directory(args.dir).load(),
+    server = InferenceServer.from_directory(
+        args.dir,
         concurrency=args.concurrency,
         max_queue=args.max_queue,
+        python=args.python,
+        upload_url=args.upload_url,
     )
     status = asyncio.run(serve(server, args.host, args.port, args.unix_socket))
     sys.stdout.flush()
     sys.stderr.flush()
     if status:
-        # Inference threads may still be running; do not wait for them.
         os._exit(status)
 
 

@@ -3,7 +3,7 @@
 - ``GET /ping``: 200 ``{"status": "ready"}``; 503 ``{"status": "starting"}``,
   ``{"status": "failed", "error": ...}`` or ``{"status": "stopping"}``.
 - ``GET /help``: the signature, ``{"arguments": {...}}`` (see :mod:`cog.signature`).
-- ``GET /openapi.json``: the same as an OpenAPI 3.0 document (:mod:`cog.runtime.openapi`).
+- ``GET /openapi.json``: the same as an OpenAPI 3.0 document (:mod:`cog.openapi`).
 - ``POST /infer``: a multipart form (or urlencoded, for text only) of the inputs. The
   response is the output (see :mod:`cog.runtime.outputs`) with ``X-Setup-Time`` and
   ``X-Run-Time`` (seconds) and ``X-Request-ID``. Errors are JSON ``{"error": message}``:
@@ -23,20 +23,32 @@ import json
 import logging
 import os
 import re
+import sys
 import time
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 from aiohttp import web
 
-from cog.model import Model
+from cog.openapi import openapi_document
+from cog.runtime.files import Files
 from cog.runtime.inputs import BadBody, InvalidInput, read_inputs
-from cog.runtime.openapi import openapi_document
-from cog.runtime.outputs import OutputError, respond
-from cog.runtime.runner import DEFAULT_MAX_QUEUE, Busy, ModelRunner, NotReady, State
+from cog.runtime.model_ref import ModelLoadError, ModelRef
+from cog.runtime.outputs import OutputError, from_wire, respond, to_wire
+from cog.runtime.predictions import Predictions
+from cog.runtime.supervisor import (
+    DEFAULT_CANCEL_GRACE,
+    DEFAULT_MAX_QUEUE,
+    Busy,
+    ModelWorker,
+    NotReady,
+    State,
+)
 
 logger = logging.getLogger("cog.runtime")
 
-ModelSource = Union[type, Callable[[], type]]
+ModelSource = Union[type, str, ModelRef]
+#: The largest JSON body of a prediction (its data: URIs included).
+MAX_JSON_BODY = 100 * 1024 * 1024
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 _READY = json.dumps({"status": "ready"}).encode()
 
@@ -44,42 +56,81 @@ _READY = json.dumps({"status": "ready"}).encode()
 class InferenceServer:
     """One model behind the routes. ``app`` is the aiohttp application to serve.
 
-    ``model`` is a cog.Model subclass, or a function returning one (called in the setup
-    thread, so a slow import does not hold up ``/ping``), e.g. ``ModelRef(...).load``.
+    ``model`` is a ModelRef (the cog.yaml of a directory, see :meth:`from_directory`), a
+    reference (``"predict.py:Predictor"`` in ``directory``), or a class of an importable
+    module (for programs and tests that define one). The model runs in a worker process
+    of ``python`` (default: this one), see :mod:`cog.runtime.supervisor`.
     """
 
     def __init__(
         self,
         model: ModelSource,
         *,
-        concurrency: int = 1,
+        directory: str = ".",
+        concurrency: int | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        python: str | None = None,
+        upload_url: str | None = None,
+        cancel_grace: float = DEFAULT_CANCEL_GRACE,
+        load_error: str | None = None,
     ) -> None:
-        if isinstance(model, type) and issubclass(model, Model):
-            model_class = model
-            load: Callable[[], type] = lambda: model_class  # noqa: E731
+        env = None
+        if isinstance(model, ModelRef):
+            reference, directory = model.reference, model.directory
+            concurrency = concurrency or model.concurrency
+            if model.variables:
+                env = {**os.environ, **dict(v.split("=", 1) for v in model.variables)}
+        elif isinstance(model, type):
+            reference = f"{model.__module__}:{model.__qualname__}"
+            # The worker imports the class's module as this process does.
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         else:
-            load = model
-        self.runner = ModelRunner(load, concurrency=concurrency, max_queue=max_queue)
+            reference = model
+        self.runner = ModelWorker(
+            reference,
+            directory=directory,
+            concurrency=concurrency or 1,
+            max_queue=max_queue,
+            python=python,
+            env=env,
+            cancel_grace=cancel_grace,
+        )
+        self._load_error = load_error
         # Request ids: unique per server process, cheap to make, short in the log.
         self._id_prefix = os.urandom(4).hex()
         self._ids = itertools.count(1)
-        self.app = web.Application(middlewares=[_json_errors])
+        self.predictions = Predictions(self.runner, Files(upload_url))
+        # client_max_size: a prediction's JSON, data: URIs included (/infer streams forms).
+        self.app = web.Application(middlewares=[_json_errors], client_max_size=MAX_JSON_BODY)
         self.app.add_routes(
             [
                 web.get("/ping", self.ping),
                 web.get("/help", self.help),
                 web.get("/openapi.json", self.openapi),
                 web.post("/infer", self.infer),
+                *self.predictions.routes(),
             ]
         )
         self.app.on_startup.append(self._start)
         self.app.on_cleanup.append(self._close)
 
+    @classmethod
+    def from_directory(cls, directory: str = ".", **settings: Any) -> InferenceServer:
+        """The model named by ``directory/cog.yaml``; one that cannot be found is reported
+        by /ping (and /health-check) as a failed setup."""
+        try:
+            return cls(ModelRef.from_directory(directory), **settings)
+        except ModelLoadError as e:
+            return cls("-", directory=directory, load_error=str(e), **settings)
+
     async def _start(self, app: web.Application) -> None:
+        if self._load_error is not None:
+            self.runner.fail(self._load_error)
+            return
         await self.runner.start()
 
     async def _close(self, app: web.Application) -> None:
+        await self.predictions.close()
         await self.runner.close()
 
     async def ping(self, request: web.Request) -> web.Response:
@@ -98,13 +149,13 @@ class InferenceServer:
         return web.json_response(signature.to_json())
 
     async def openapi(self, request: web.Request) -> web.Response:
-        signature, model_class = self.runner.signature, self.runner.model_class
-        if signature is None or model_class is None:
+        signature = self.runner.signature
+        if signature is None:
             return _not_ready(NotReady(self.runner.state, self.runner.error))
         document = openapi_document(
             signature,
-            title=model_class.__name__,
-            description=(model_class.__doc__ or "").strip() or None,
+            title=self.runner.model_name,
+            description=self.runner.model_doc.strip() or None,
         )
         return web.json_response(document)
 
@@ -153,7 +204,7 @@ class InferenceServer:
         try:
             try:
                 outcome = await runner.run(
-                    inputs.values, tag, on_abandon=inputs.cleanup, directory=inputs.directory
+                    to_wire(inputs.values), tag, directory=inputs.path, on_abandon=inputs.cleanup
                 )
             except NotReady as e:  # shutdown began while this request waited
                 return _not_ready(e, headers)
@@ -163,11 +214,11 @@ class InferenceServer:
             headers["X-Setup-Time"] = f"{runner.setup_time:.6f}"
             headers["X-Run-Time"] = f"{outcome.seconds:.6f}"
             if outcome.error is not None:
-                error = outcome.error
-                logger.error("[%s] run() raised %r", tag, error, exc_info=error)
-                return _error(500, f"{type(error).__name__}: {error}", headers)
+                logger.error("[%s] run() failed: %s", tag, outcome.error)
+                return _error(500, str(outcome.error), headers)
             try:
-                return await respond(request, outcome.value, headers, opened=inputs.cleanup)
+                value = from_wire(outcome.value)
+                return await respond(request, value, headers, opened=inputs.cleanup)
             except OutputError as e:
                 logger.error("[%s] %s", tag, e)
                 return _error(500, str(e), headers)
@@ -176,11 +227,9 @@ class InferenceServer:
                 inputs.cleanup()
 
 
-def create_app(
-    model: ModelSource, *, concurrency: int = 1, max_queue: int = DEFAULT_MAX_QUEUE
-) -> web.Application:
+def create_app(model: ModelSource, **settings: Any) -> web.Application:
     """The aiohttp application serving ``model`` (see InferenceServer)."""
-    return InferenceServer(model, concurrency=concurrency, max_queue=max_queue).app
+    return InferenceServer(model, **settings).app
 
 
 @web.middleware
@@ -208,7 +257,10 @@ _ENTITY_HEADERS = ("content-type", "content-length", "content-encoding")
 
 def _http_error_message(request: web.Request, error: web.HTTPException) -> str:
     if isinstance(error, web.HTTPNotFound):
-        return f"not found: {request.path} (the routes are /ping, /help, /openapi.json, /infer)"
+        return (
+            f"not found: {request.path} (the routes are /health-check, /predictions, "
+            "/openapi.json, and the 2021 model's /ping, /help, /infer)"
+        )
     if isinstance(error, web.HTTPMethodNotAllowed):
         allowed = ", ".join(sorted(error.allowed_methods))
         return f"{request.method} is not allowed for {request.path}; use {allowed}"

@@ -30,9 +30,9 @@ from urllib.parse import unquote_to_bytes
 import attrs
 from aiohttp import BodyPartReader, MultipartReader, web
 
-from cog.model import Path
 from cog.multipart import MalformedBody, parsing
 from cog.signature import Argument, InputError
+from cog.types import Path
 
 T = TypeVar("T")
 
@@ -118,14 +118,17 @@ class RequestInputs:
 
     def __init__(self) -> None:
         self.values: dict[str, Any] = {}
-        self._directory: str | None = None
+        #: this request's directory: made on first use, here or by the model's worker
+        self.path = os.path.join(tempfile.gettempdir(), f"cog-infer-{os.urandom(8).hex()}")
+        self._made = False
         self._folders = 0
 
     def directory(self) -> str:
         """This request's temporary directory, made on first use (a blocking call)."""
-        if self._directory is None:
-            self._directory = tempfile.mkdtemp(prefix="cog-infer-")
-        return self._directory
+        if not self._made:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            self._made = True
+        return self.path
 
     def folder_for(self, input_name: str) -> str:
         """The folder (relative to the directory) that holds ``input_name``'s file."""
@@ -136,9 +139,9 @@ class RequestInputs:
         return os.path.join(_INPUTS, f"input-{self._folders}")
 
     def cleanup(self) -> None:
-        if self._directory is not None:
-            shutil.rmtree(self._directory, ignore_errors=True)
-            self._directory = None
+        # Always: the model's worker may have made it (cog.request_directory()).
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._made = False
 
     def _create(self, folder: str, name: str) -> BinaryIO:
         """Make the upload's folder and open its file (in a worker thread)."""

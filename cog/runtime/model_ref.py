@@ -1,24 +1,18 @@
-"""Which class is the model: cog.yaml's ``model: "infer.py:Model"``, and loading it."""
+"""Which class is the model: cog.yaml's ``model:`` (2021), ``predict:`` or ``run:``
+(today's Cog), and the predictions it may run at once (``concurrency.max``)."""
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import os
-import re
-import sys
-import sysconfig
 
 import attrs
 import yaml
 
-from cog.model import Model, signature_of
+from cog.worker.loader import ModelLoadError, describe, load_class, parse_reference
+
+__all__ = ["CONFIG_FILE", "ModelLoadError", "ModelRef"]
 
 CONFIG_FILE = "cog.yaml"
-
-
-class ModelLoadError(Exception):
-    """The model cannot be found or imported; the message says which file and why."""
 
 
 @attrs.frozen
@@ -28,17 +22,22 @@ class ModelRef:
     file: str
     class_name: str
     directory: str = "."
+    #: predictions at once that cog.yaml asks for (today's ``concurrency: {max: N}``)
+    concurrency: int = 1
+    #: today's ``environment: [NAME=value]`` (images have them as ENV already)
+    variables: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, reference: str, directory: str = ".") -> ModelRef:
+    def parse(
+        cls,
+        reference: str,
+        directory: str = ".",
+        concurrency: int = 1,
+        variables: tuple[str, ...] = (),
+    ) -> ModelRef:
         """``"infer.py:Model"`` -> ModelRef."""
-        file, sep, class_name = reference.rpartition(":")
-        if not sep or not file.endswith(".py") or not class_name.isidentifier():
-            raise ModelLoadError(
-                f"model must look like 'infer.py:Model' (a Python file and a class), "
-                f"not {reference!r}"
-            )
-        return cls(file, class_name, directory)
+        file, class_name = parse_reference(reference)
+        return cls(file, class_name, directory, concurrency, variables)
 
     @classmethod
     def from_directory(cls, directory: str = ".") -> ModelRef:
@@ -51,60 +50,36 @@ class ModelRef:
             raise ModelLoadError(f"{path} not found") from None
         except yaml.YAMLError as e:
             raise ModelLoadError(f"{path} is not valid YAML: {e}") from None
-        reference = config.get("model") if isinstance(config, dict) else None
+        if not isinstance(config, dict):
+            config = {}
+        reference = config.get("model") or config.get("predict") or config.get("run")
         if not isinstance(reference, str):
-            raise ModelLoadError(f'{path} does not name the model (model: "infer.py:Model")')
-        return cls.parse(reference, directory)
+            raise ModelLoadError(
+                f'{path} does not name the model (predict: "predict.py:Predictor", or '
+                'model: "infer.py:Model")'
+            )
+        concurrency = config.get("concurrency")
+        maximum = concurrency.get("max") if isinstance(concurrency, dict) else None
+        if not isinstance(maximum, int) or isinstance(maximum, bool) or maximum < 1:
+            maximum = 1
+        variables = config.get("environment")
+        if not isinstance(variables, list):
+            variables = []
+        assignments = tuple(v for v in variables if isinstance(v, str) and "=" in v)
+        return cls.parse(reference, directory, maximum, assignments)
+
+    @property
+    def reference(self) -> str:
+        return f"{self.file}:{self.class_name}"
 
     @property
     def path(self) -> str:
         return os.path.join(self.directory, self.file)
 
-    def load(self) -> type[Model]:
-        """Import the file and return the class, its declarations checked.
-
-        The file's directory goes on ``sys.path`` (a model imports its sibling modules).
-        The module is registered under its own name (``infer``), as ``import infer`` would
-        do: a sibling's ``from infer import x`` gets this module rather than a second copy,
-        and processes started with spawn (a DataLoader's workers, say) can import what they
-        unpickle. A file named like a module that is imported already or part of the
-        standard library (``queue.py``, ``json.py``) gets a private name instead
-        (``_cog_model_queue``), so it replaces nothing that is imported later. Raises
-        ModelLoadError, or SignatureError for wrongly declared inputs.
-        """
-        path = os.path.abspath(self.path)
-        if not os.path.isfile(path):
-            raise ModelLoadError(f"model file {self.file} not found in {self.directory}")
-        folder = os.path.dirname(path)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        module_name = stem
-        if not stem.isidentifier() or stem in sys.modules or _in_standard_library(stem):
-            module_name = "_cog_model_" + re.sub(r"\W", "_", stem)  # a dot means a package
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        if spec is None or spec.loader is None:
-            raise ModelLoadError(f"cannot import {self.file}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-        model_class = getattr(module, self.class_name, None)
-        if model_class is None:
-            raise ModelLoadError(f"{self.file} has no class {self.class_name}")
-        if not (isinstance(model_class, type) and issubclass(model_class, Model)):
-            raise ModelLoadError(f"{self.file}:{self.class_name} is not a subclass of cog.Model")
-        signature_of(model_class)
+    def load(self) -> type:
+        """Import the class in this process and check its signature (the worker does this
+        in the model's own process; this is for tools and tests). Raises ModelLoadError,
+        or SignatureError for wrongly declared inputs."""
+        model_class = load_class(self.directory, self.file, self.class_name)
+        describe(model_class)
         return model_class
-
-
-def _in_standard_library(name: str) -> bool:
-    """Whether ``name`` is a module of Python's standard library."""
-    names = getattr(sys, "stdlib_module_names", None)  # Python 3.10 and newer
-    if names is not None:
-        return name in names
-    if name in sys.builtin_module_names:
-        return True
-    # Python 3.8 and 3.9: look only where the standard library lives.
-    stdlib = sysconfig.get_paths()["stdlib"]
-    places = [stdlib, os.path.join(stdlib, "lib-dynload")]
-    return importlib.machinery.PathFinder.find_spec(name, places) is not None

@@ -9,6 +9,7 @@ anything else (numbers, bool, None, lists, dicts, and numpy-like values with
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import json
 import mimetypes
@@ -19,12 +20,37 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from cog.types import Path
+from cog.worker.protocol import BYTES, FILE, MARK
+
 #: A file output is read in chunks of this size, each in a worker thread.
 _CHUNK = 1 << 20
 
 
 class OutputError(Exception):
     """run() returned something that cannot be sent."""
+
+
+def to_wire(values: dict[str, Any]) -> dict[str, Any]:
+    """A request's inputs for the model's worker: files as their paths."""
+    return {
+        name: str(value) if isinstance(value, pathlib.PurePath) else value
+        for name, value in values.items()
+    }
+
+
+def from_wire(value: Any) -> Any:
+    """An output from the model's worker: files as cog.Path, bytes as bytes."""
+    if isinstance(value, dict):
+        mark = value.get(MARK)
+        if mark == FILE:
+            return Path(value["path"])
+        if mark == BYTES:
+            return base64.b64decode(value["base64"])
+        return {k: from_wire(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_wire(v) for v in value]
+    return value
 
 
 async def respond(

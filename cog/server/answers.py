@@ -24,6 +24,9 @@ ERROR_BYTES = 64 * 1024
 #: the most of a text or JSON answer read: an answer equal to the expected one, with any
 #: amount of surrounding whitespace a sane model adds, fits
 TEXT_BYTES = 1024 * 1024
+#: the most of a prediction's JSON answer read (today's models: file outputs come as
+#: data: URIs inside it)
+PREDICTION_BYTES = 64 * 1024 * 1024
 
 
 @attrs.frozen

@@ -1,6 +1,9 @@
-"""The check after a build: boot the image, compare its inputs, run the package's examples.
+"""The check after a build: boot the image, compare its signature, run the model.
 
-A failure raises :class:`~cog.builders.BuildError` naming the step (setup, /help, example N)
+A 2021 model runs the package's examples (``/infer``). A predictor of today's Cog runs one
+prediction (``/predictions``) with its inputs' defaults when every input has one; with a
+required input there is nothing to send it, and the check is its setup. A failure raises
+:class:`~cog.builders.BuildError` naming the step (setup, /help, example N, prediction)
 with the model's error and the last lines it printed. The container is always removed.
 """
 
@@ -26,7 +29,8 @@ from cog.engine.containers import (
     remove_stale_containers,
     sweep_containers,
 )
-from cog.server.answers import Verdict, judge, member
+from cog.server.answers import PREDICTION_BYTES, Verdict, judge, member, read_at_most
+from cog.units import format_size
 
 
 def _log(line: str) -> BuildLog:
@@ -104,8 +108,9 @@ async def _check(
     await engine.ensure_image(image)
     yield _log(f"Starting {image}")
     started = time.monotonic()
-    # The longest this check can take: boot, /help, then each example, each bounded.
-    lifetime = timeout * (2 + len(config.examples)) + 60
+    # The longest this check can take: boot, /help, then each example (or a predictor's
+    # one prediction), each bounded.
+    lifetime = timeout * (3 + len(config.examples)) + 60
     container = ModelContainer(
         engine, image, role="check", lifetime=lifetime, socket_root=socket_root, labels=labels
     )
@@ -140,6 +145,10 @@ async def _check(
                 step="test: /help",
             )
         yield _log(f"Inputs: {', '.join(served.get('arguments', {})) or '(none)'}")
+        if served.get("kind") == "predictor":
+            async for line in _check_prediction(model, served, timeout):
+                yield line
+            return
 
         for number, example in enumerate(config.examples, start=1):
             step = f"test: example {number}"
@@ -180,3 +189,60 @@ async def _answer(
     """The model's answer to one example, judged as it streams in (never held whole)."""
     async with model.infer(form) as response:
         return await judge(response, example.output, zip_path)
+
+
+async def _check_prediction(
+    model: ModelContainer, served: dict[str, Any], timeout: float
+) -> AsyncIterator[BuildLog]:
+    """One prediction with the defaults, when every input has one."""
+    arguments = served.get("arguments") or {}
+    required = [name for name, spec in arguments.items() if "default" not in spec]
+    if required:
+        yield _log(
+            f"Required input{'s' if len(required) > 1 else ''} without a default "
+            f"({', '.join(required)}): checked that the model sets up"
+        )
+        return
+    step = "test: prediction"
+    began = time.monotonic()
+    try:
+        status, body = await asyncio.wait_for(_predict(model), timeout)
+    except asyncio.TimeoutError:
+        raise BuildError(
+            f"the prediction with the defaults got no answer within {timeout:g}s",
+            step=step,
+            output=model.log_tail(),
+        ) from None
+    except aiohttp.ClientError as exc:
+        failure = await model.failure("answering the prediction", exc)
+        raise BuildError(str(failure), step=step, output=failure.logs) from None
+    for line in model.new_log_lines():
+        yield _log(f"model: {line}")
+    if status != 200 or not isinstance(body, dict):
+        raise BuildError(
+            f"the prediction with the defaults failed (HTTP {status}): {body!r:.300}",
+            step=step,
+            output=model.log_tail(),
+        )
+    if body.get("status") != "succeeded":
+        logs = tuple((body.get("logs") or "").splitlines()[-20:])
+        raise BuildError(
+            f"the prediction with the defaults {body.get('status')}: {body.get('error')}",
+            step=step,
+            output=logs or model.log_tail(),
+        )
+    yield _log(f"Prediction with the defaults: ok ({time.monotonic() - began:.2f}s)")
+
+
+async def _predict(model: ModelContainer) -> tuple[int, Any]:
+    """The status and JSON body of one prediction with the defaults, the body read up to
+    a bound (a model's answer is as hostile as any upload)."""
+    async with model.predict({"input": {}}) as response:
+        body, more = await read_at_most(response, PREDICTION_BYTES)
+        if more:
+            limit = format_size(PREDICTION_BYTES)
+            return response.status, f"an answer of more than {limit}, more than the check reads"
+        try:
+            return response.status, json.loads(body)
+        except ValueError:
+            return response.status, body[:300]

@@ -189,6 +189,8 @@ class IngestService:
         yield events.status(
             f"Received package {short_id(received.package_id)} ({format_size(received.size)})"
         )
+        for warning in inspection.warnings:
+            yield events.log("config", f"warning: cog.yaml: {warning}")
         await asyncio.to_thread(verify_package, received.path, self.limits, received.scanned)
         async with contextlib.aclosing(
             self.ingest(

@@ -25,6 +25,8 @@ class Inspection:
     #: the model's inputs read from its source ({"arguments": {...}}); None when they
     #: cannot be known without running it (the built image tells)
     signature: dict[str, Any] | None
+    #: what cog.yaml says that this server ignores (keys of newer Cog releases)
+    warnings: tuple[str, ...] = ()
 
 
 def inspect_package(path: Path, limits: PackageLimits) -> Inspection:
@@ -34,8 +36,9 @@ def inspect_package(path: Path, limits: PackageLimits) -> Inspection:
     rest. Raises InvalidPackage or ConfigError (every problem at once).
     """
     with PackageArchive.open(path, limits, verify=False) as archive:
-        config = check_config(archive.read_text("cog.yaml"), archive)
-        return Inspection(config, _signature(archive, config))
+        warnings: list[str] = []
+        config = check_config(archive.read_text("cog.yaml"), archive, warnings=warnings)
+        return Inspection(config, _signature(archive, config), tuple(warnings))
 
 
 def build_notes(path: Path, limits: PackageLimits) -> list[str]:
@@ -60,7 +63,7 @@ def verify_package(
 
 
 def _signature(archive: PackageArchive, config: Config) -> dict[str, Any] | None:
-    """The inputs read from the model file without importing it; None if not knowable so.
+    """The signature read from the model file without importing it; None if not knowable so.
 
     Inputs declared wrongly (a default outside min/max, ...) are refused now, before any
     image is built, with the same messages the model would give at import.

@@ -15,6 +15,9 @@ import asyncio
 import base64
 import codecs
 import json
+import mimetypes
+import re
+import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,14 +25,19 @@ import aiohttp
 from aiohttp import web
 
 from cog.engine.containers import ModelContainer
+from cog.multipart import MalformedBody, parsing
 from cog.package import short_id
 from cog.server.auth import Routes, Scope
 from cog.server.keys import WARM_POOL
 from cog.server.model_api import (
+    CHUNK,
+    Answer,
     BadInputs,
     FormInputs,
+    FormValues,
     Inputs,
     JsonInputs,
+    ModelAPI,
     PredictionFailed,
     TooLarge,
     adapter_for,
@@ -39,11 +47,8 @@ from cog.server.settings import PredictionOptions
 from cog.server.views import resolve
 from cog.units import format_size
 
-#: headers of the model's answer passed on to the client
-PASSED_ON = ("Content-Type", "Content-Disposition", "X-Run-Time", "X-Setup-Time")
 #: the most of a model's error answer read (it is JSON of a line or two)
 MAX_ERROR_BYTES = 64 * 1024
-CHUNK = 256 * 1024
 
 
 def add_routes(app: web.Application) -> None:
@@ -57,10 +62,11 @@ async def predict(request: web.Request) -> web.StreamResponse:
         raise web.HTTPConflict(text="this server runs no models (it has no builder)")
     image = runnable_image(record)
     options = pool.options
-    inputs = await read_inputs(request, options)
+    api = adapter_for(record)
+    inputs = await read_inputs(request, options, streams_forms=api.streams_forms)
     async with pool.model(record.id, image) as model:
         try:
-            return await asyncio.wait_for(_answer(request, model, record, inputs), options.timeout)
+            return await asyncio.wait_for(_answer(request, model, api, inputs), options.timeout)
         except asyncio.TimeoutError:
             raise PredictionFailed(
                 f"the model gave no answer within {options.timeout:g}s; it was stopped",
@@ -84,9 +90,16 @@ def runnable_image(record: PackageRecord) -> str:
     return image
 
 
-async def read_inputs(request: web.Request, options: PredictionOptions) -> Inputs:
+async def read_inputs(
+    request: web.Request, options: PredictionOptions, *, streams_forms: bool = True
+) -> Inputs:
+    """The request's inputs: a form streamed through as it came (``streams_forms``) or
+    read whole into FormValues (for a model that takes JSON, within the JSON bound);
+    JSON read whole."""
     kind = request.content_type
     declared = request.content_length
+    if kind in ("multipart/form-data", "application/x-www-form-urlencoded") and not streams_forms:
+        return FormValues(await read_form_values(request, options.max_json_bytes))
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
         if declared is not None and declared > options.max_form_bytes:
             raise TooLarge(_too_large("form", options.max_form_bytes))
@@ -116,6 +129,55 @@ async def read_inputs(request: web.Request, options: PredictionOptions) -> Input
     )
 
 
+async def read_form_values(request: web.Request, limit: int) -> dict[str, Any]:
+    """A form read into input name -> text, or a file as a data: URI (a name given more
+    than once: a list); TooLarge once what it becomes passes ``limit`` bytes."""
+    values: dict[str, Any] = {}
+    size = 0
+
+    def add(name: str, value: str) -> None:
+        previous = values.get(name)
+        if previous is None:
+            values[name] = value
+        else:
+            values[name] = [*previous, value] if isinstance(previous, list) else [previous, value]
+
+    def count(more: int) -> None:
+        nonlocal size
+        size += more
+        if size > limit:
+            raise TooLarge(_too_large("form (read as the JSON this model takes)", limit))
+
+    if request.content_type == "application/x-www-form-urlencoded":
+        body = bytearray()
+        async for chunk in request.content.iter_chunked(CHUNK):
+            count(len(chunk))
+            body += chunk
+        for name, value in urllib.parse.parse_qsl(body.decode(errors="replace"), True):
+            add(name, value)
+        return values
+    try:
+        reader = await parsing(request.multipart())
+        while (part := await parsing(reader.next())) is not None:
+            if not isinstance(part, aiohttp.BodyPartReader) or not part.name:
+                raise BadInputs("the form has a part without a name, or a nested one")
+            data = bytearray()
+            while chunk := await parsing(part.read_chunk(CHUNK)):
+                # A file grows by a third as base64.
+                count(len(chunk) * 4 // 3 + 4 if part.filename is not None else len(chunk))
+                data += chunk
+            if part.filename is None:
+                add(part.name, data.decode(part.get_charset("utf-8"), errors="replace"))
+            else:
+                kind = part.headers.get("Content-Type", "")
+                if not re.fullmatch(r"[\w.+-]+/[\w.+-]+", kind):
+                    kind = mimetypes.guess_type(part.filename)[0] or "application/octet-stream"
+                add(part.name, f"data:{kind};base64,{base64.b64encode(data).decode()}")
+    except MalformedBody as exc:
+        raise BadInputs(f"the form cannot be read: {exc}") from None
+    return values
+
+
 def _too_large(what: str, limit: int) -> str:
     return f"the {what} is larger than {format_size(limit)}, the most this server takes"
 
@@ -130,28 +192,34 @@ async def _capped(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[by
 
 
 async def _answer(
-    request: web.Request, model: ModelContainer, record: PackageRecord, inputs: Inputs
+    request: web.Request, model: ModelContainer, api: ModelAPI, inputs: Inputs
 ) -> web.StreamResponse:
-    async with adapter_for(record).send(model, inputs) as answer:
+    async with api.send(model, inputs) as answer:
         if answer.status != 200:
             return await _model_error(answer)
         if isinstance(inputs, JsonInputs):
             return await _as_json(request, answer)
-        response = web.StreamResponse(
-            headers={k: answer.headers[k] for k in PASSED_ON if k in answer.headers}
-        )
+        headers = dict(answer.headers)
+        charset = f"; charset={answer.charset}" if answer.charset else ""
+        headers.setdefault("Content-Type", answer.content_type + charset)
+        response = web.StreamResponse(headers=headers)
         if answer.content_length is not None:
             response.content_length = answer.content_length
         await response.prepare(request)
-        async for chunk in answer.content.iter_chunked(CHUNK):
+        async for chunk in answer.body:
             await response.write(chunk)
         await response.write_eof()
         return response
 
 
-async def _model_error(answer: aiohttp.ClientResponse) -> web.Response:
+async def _model_error(answer: Answer) -> web.Response:
     """The model's error answer, passed on: JSON ``{"error", ...}`` with its status."""
-    body = await answer.content.read(MAX_ERROR_BYTES)
+    body = bytearray()
+    async for chunk in answer.body:
+        body += chunk
+        if len(body) >= MAX_ERROR_BYTES:
+            del body[MAX_ERROR_BYTES:]
+            break
     try:
         document = json.loads(body)
     except ValueError:
@@ -164,7 +232,7 @@ async def _model_error(answer: aiohttp.ClientResponse) -> web.Response:
     return web.json_response(document, status=answer.status, headers=headers)
 
 
-async def _as_json(request: web.Request, answer: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _as_json(request: web.Request, answer: Answer) -> web.StreamResponse:
     """``{"status": "succeeded", "output": ..., "metrics": ...}``, written as the output
     comes: JSON as it is, text as a JSON string, a file as a data: URI."""
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
@@ -172,18 +240,18 @@ async def _as_json(request: web.Request, answer: aiohttp.ClientResponse) -> web.
     await response.write(b'{"status":"succeeded","output":')
     kind = answer.content_type
     if kind == "application/json":
-        async for chunk in answer.content.iter_chunked(CHUNK):
+        async for chunk in answer.body:
             await response.write(chunk)
     elif kind.startswith("text/"):
         decoder = codecs.getincrementaldecoder(answer.charset or "utf-8")(errors="replace")
         await response.write(b'"')
-        async for chunk in answer.content.iter_chunked(CHUNK):
+        async for chunk in answer.body:
             await response.write(_json_string_body(decoder.decode(chunk)))
         await response.write(_json_string_body(decoder.decode(b"", final=True)) + b'"')
     else:
         await response.write(f'"data:{kind};base64,'.encode())
         pending = b""
-        async for chunk in answer.content.iter_chunked(CHUNK):
+        async for chunk in answer.body:
             pending += chunk
             whole = len(pending) - len(pending) % 3  # base64 of whole 3-byte groups only
             await response.write(base64.b64encode(pending[:whole]))

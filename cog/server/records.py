@@ -20,7 +20,8 @@ from typing import Any
 
 import attrs
 
-from cog.config import Config, config_from_json, config_to_json
+from cog.config import Config
+from cog.config_wire import config_from_json, config_to_json
 
 
 class Status(str, enum.Enum):

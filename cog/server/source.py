@@ -1,5 +1,7 @@
-"""A model's input signature read from its source with :mod:`ast`, never imported, so the
-server can check a package's declarations and compare them with what its image reports."""
+"""A model's signature read from its source with :mod:`ast`, never imported, so the server
+can check a package's declarations and compare them with what its image reports: a 2021
+model's ``@cog.input`` declarations here, a predictor's annotations in
+:mod:`cog.server.predictor_source`."""
 
 from __future__ import annotations
 
@@ -9,14 +11,10 @@ from typing import Any, Union
 
 import attrs
 
+from cog.declarations import InputDeclaration, RunParameters, build_signature
 from cog.model import METHODS
-from cog.signature import (
-    InputDeclaration,
-    RunParameters,
-    Signature,
-    SignatureError,
-    build_signature,
-)
+from cog.server.predictor_source import is_predictor_class, static_predictor_signature
+from cog.signature import Signature, SignatureError
 
 _INPUT_KEYWORDS = ("name", "type", "help", "default", "min", "max", "options")
 _BUILTIN_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
@@ -27,8 +25,9 @@ class _Undetermined(Exception):
 
 
 def static_signature(source: str, class_name: str, filename: str = "<model>") -> Signature | None:
-    """The signature of the model's ``run()`` (or ``predict()``) in a model file, read with
-    ``ast`` (never imported).
+    """The signature of ``class_name`` in a model file, read with ``ast`` (never imported):
+    a predictor's (based on BasePredictor/BaseRunner, or on nothing), else that of the
+    2021 model's ``run()`` (or ``predict()``).
 
     Returns None when it cannot be determined statically: the class or its method is not
     defined at the top level of the file (e.g. inherited), the method has a decorator other
@@ -47,6 +46,11 @@ def static_signature(source: str, class_name: str, filename: str = "<model>") ->
     cls = classes.get(class_name)
     if cls is None:
         return None
+    try:
+        if is_predictor_class(tree, cls):
+            return static_predictor_signature(tree, cls, filename)
+    except RecursionError:  # what parsed may still nest deeper than the reader recurses
+        raise SignatureError([f"{filename} nests deeper than the server reads"]) from None
     methods = _methods(cls)
     if not methods and _defines_neither(cls, classes, names, tree):
         raise SignatureError(
