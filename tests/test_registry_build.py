@@ -173,8 +173,10 @@ async def test_setup_failure_is_reported_with_the_models_error(
     assert "setup failed" in everything and "no weights here" in everything
     await assert_failed_at(client, package_id, "test: setup", "no weights here")
     # The traceback went out live as the model printed it: not a second time after it.
+    # (The runtime tags what the model's setup writes to stderr: "... [setup] stderr: ".)
     lines = [e["line"] for e in events if e["type"] == "log"]
-    assert lines.count("model: ValueError: no weights here") == 1, lines
+    written = [line.rsplit("stderr: ", 1)[-1] for line in lines if line.startswith("model: ")]
+    assert written.count("ValueError: no weights here") == 1, lines
     assert "Last lines of its output:" not in lines
 
 
