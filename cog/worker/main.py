@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, Iterator, List
 
 from cog import model as cog_model
 from cog.signature import SignatureError
@@ -299,16 +299,21 @@ def _directory_maker(path: str) -> Callable[[], str]:
 # -- the loops --------------------------------------------------------------------------
 
 
-def _serve_inline(worker: Worker, sock: socket.socket, cancels: _Cancels) -> None:
-    """One synchronous prediction at a time, in the main thread."""
+def _messages(sock: socket.socket) -> Iterator[Dict[str, Any]]:
+    """The server's messages as they arrive, until it closes its end."""
     decoder = Decoder()
     while True:
         data = sock.recv(1 << 16)
         if not data:
             return
-        for message in decoder.feed(data):
-            if message["op"] == "predict":
-                worker.predict_sync(message, cancels)
+        yield from decoder.feed(data)
+
+
+def _serve_inline(worker: Worker, sock: socket.socket, cancels: _Cancels) -> None:
+    """One synchronous prediction at a time, in the main thread."""
+    for message in _messages(sock):
+        if message["op"] == "predict":
+            worker.predict_sync(message, cancels)
 
 
 def _serve_threads(worker: Worker, sock: socket.socket, threads: int) -> None:
@@ -329,19 +334,14 @@ def _serve_threads(worker: Worker, sock: socket.socket, threads: int) -> None:
 
     for n in range(threads):
         threading.Thread(target=work, name=f"cog-predict-{n}", daemon=True).start()
-    decoder = Decoder()
-    while True:
-        data = sock.recv(1 << 16)
-        if not data:
-            return
-        for message in decoder.feed(data):
-            if message["op"] == "predict":
-                jobs.put(message)
-            elif message["op"] == "cancel" and message["id"] in running:
-                # The best a thread allows: raised at its next Python instruction.
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(running[message["id"]]), ctypes.py_object(CancelationException)
-                )
+    for message in _messages(sock):
+        if message["op"] == "predict":
+            jobs.put(message)
+        elif message["op"] == "cancel" and message["id"] in running:
+            # The best a thread allows: raised at its next Python instruction.
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(running[message["id"]]), ctypes.py_object(CancelationException)
+            )
 
 
 class _AsyncChannel(asyncio.Protocol):
