@@ -1,4 +1,5 @@
-"""The example models in examples/: each cog.yaml's `examples:` run against the server.
+"""The example models in examples/: each 2021 cog.yaml's `examples:` run against the
+runtime, and today's Cog example driven through `/predictions` as a Cog client would.
 
 Test dependency: the thumbnail example needs the Pillow version its cog.yaml pins
 (``pip install pillow==11.3.0``), because its expected PNG is compared byte for byte.
@@ -6,6 +7,8 @@ Test dependency: the thumbnail example needs the Pillow version its cog.yaml pin
 
 from __future__ import annotations
 
+import base64
+import importlib.util
 import io
 import json
 import pathlib
@@ -15,17 +18,24 @@ import pytest
 import yaml
 
 from cog.model import signature_of
+from cog.predictor import predictor_signature
 from cog.runtime import InferenceServer
 from cog.runtime.model_ref import ModelRef
 from cog.server.source import static_signature
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-EXAMPLE_DIRS = sorted(p.parent for p in EXAMPLES.glob("*/cog.yaml"))
 
 
 def load_config(directory):
     with open(directory / "cog.yaml", encoding="utf-8") as f:
         return yaml.safe_load(f)
+
+
+ALL_DIRS = sorted(p.parent for p in EXAMPLES.glob("*/cog.yaml"))
+#: Models written for Cog in 2021 (`model:`, `examples:`) ...
+EXAMPLE_DIRS = [d for d in ALL_DIRS if "model" in load_config(d)]
+#: ... and for today's Cog (`build:`, `predict:`).
+PREDICTOR_DIRS = [d for d in ALL_DIRS if "predict" in load_config(d)]
 
 
 def require_pinned_packages(config):
@@ -56,8 +66,10 @@ def example_form(directory, inputs):
     return writer
 
 
-def test_there_are_three_examples():
+def test_every_example_is_of_one_format_or_the_other():
     assert {d.name for d in EXAMPLE_DIRS} >= {"hello", "thumbnail", "sentiment"}
+    assert {d.name for d in PREDICTOR_DIRS} >= {"wordcount"}
+    assert sorted(EXAMPLE_DIRS + PREDICTOR_DIRS) == ALL_DIRS
 
 
 @pytest.mark.parametrize("directory", EXAMPLE_DIRS, ids=lambda d: d.name)
@@ -110,3 +122,48 @@ async def test_example_inferences(directory, aiohttp_client, monkeypatch, tmp_pa
             assert json.loads(body) == json.loads(expected), example
         else:
             assert body.decode("utf-8") == expected, example
+
+
+# --- today's Cog --------------------------------------------------------------------------
+
+
+def test_the_predictor_example_is_read_from_source_as_at_import():
+    directory = EXAMPLES / "wordcount"
+    config = load_config(directory)
+    assert set(config) <= {"build", "predict", "image"}
+    file, _, class_name = config["predict"].partition(":")
+    spec = importlib.util.spec_from_file_location("example_wordcount", directory / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    imported = predictor_signature(getattr(module, class_name))
+    static = static_signature((directory / file).read_text(encoding="utf-8"), class_name, file)
+    assert static == imported
+    assert list(imported.to_json()["arguments"]) == ["text", "document", "top", "skip_common"]
+
+
+async def test_the_predictor_example_answers_predictions(aiohttp_client):
+    directory = EXAMPLES / "wordcount"
+    server = InferenceServer.from_directory(str(directory))
+    client = await aiohttp_client(server.app)
+    await server.runner.wait_started()
+    health = await (await client.get("/health-check")).json()
+    assert health["status"] == "READY", health
+
+    text = "The cat and the hat; the cat's hat, the cat."
+    body = await (await client.post("/predictions", json={"input": {"text": text}})).json()
+    assert body["status"] == "succeeded", body
+    assert body["output"] == {"words": 10, "distinct": 5, "top": ["cat", "hat", "cat's"]}
+
+    poem = (directory / "poem.txt").read_bytes()
+    document = "data:text/plain;base64," + base64.b64encode(poem).decode()
+    answer = await client.post(
+        "/predictions", json={"input": {"document": document, "top": 1, "skip_common": False}}
+    )
+    body = await answer.json()
+    assert body["status"] == "succeeded", body
+    assert body["output"] == {"words": 21, "distinct": 18, "top": ["on"]}
+
+    response = await client.post("/predictions", json={"input": {"top": 99}})
+    assert response.status == 422
+    detail = (await response.json())["detail"]
+    assert [problem["loc"] for problem in detail] == [["body", "input", "top"]], detail

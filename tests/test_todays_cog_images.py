@@ -25,6 +25,7 @@ from tests.test_cli import COG, cog_server
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 WAIT = 120.0
 
 
@@ -42,9 +43,9 @@ def built(tmp_path_factory, registry, base_images):
 
         assert cog("remote", "set", url).returncode == 0
         packages = {}
-        for name in ("kitchen", "stream"):
+        for name, where in (("kitchen", FIXTURES), ("stream", FIXTURES), ("wordcount", EXAMPLES)):
             model = tmp_path / name
-            shutil.copytree(FIXTURES / name, model)
+            shutil.copytree(where / name, model)
             result = cog("build", cwd=model)
             assert result.returncode == 0, result.stdout + result.stderr
             package_id = result.stdout.strip().splitlines()[-1].split()[-1]
@@ -233,6 +234,23 @@ def test_cog_predict_and_infer_as_a_cog_user(built):
     streamed = cog("infer", packages["stream"]["id"][:12], "-i", "prompt=hello world", cwd=work)
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout.strip() == "[aiohttp 3.8.6, pydantic 1.10.13] hello world"
+
+
+def test_the_wordcount_example_as_its_readme_runs_it(built):
+    """examples/wordcount, built unchanged: checked with its defaults, then `cog predict`
+    with a file of the package, its object output printed as JSON."""
+    cog, packages, tmp_path = built
+    wordcount = packages["wordcount"]
+    assert "[cpu/test] Prediction with the defaults: ok" in wordcount["log"]
+    assert wordcount["doc"]["Name"] == "examples/wordcount"
+    work = tmp_path / "wordcount-work"
+    work.mkdir()
+    shutil.copy(EXAMPLES / "wordcount" / "poem.txt", work)
+    ran = cog(
+        "predict", wordcount["id"][:12], "-i", "document=@poem.txt", "-i", "top=2", cwd=work
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout) == {"words": 21, "distinct": 18, "top": ["cat", "city"]}
 
 
 async def test_todays_models_run_through_the_server(built):
