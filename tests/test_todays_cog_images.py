@@ -291,6 +291,47 @@ async def test_todays_models_run_through_the_server(built):
         assert "predicting world" in failure["logs"]
 
 
+async def test_a_prediction_its_client_abandons_stops_its_container(built):
+    """A client that hangs up mid-prediction through the server: the warm container that
+    was running it is removed (its model may still be busy), and the next request gets a
+    fresh one."""
+    _, packages, _ = built
+    route = f"{packages['url']}/v1/packages/{packages['kitchen']['id']}/predictions"
+
+    def containers() -> list[str]:
+        listed = subprocess.run(
+            ["docker", "ps", "-aq", "--filter", f"ancestor={image(packages, 'kitchen')}"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return listed.stdout.split()
+
+    def logs(container: str) -> str:
+        shown = subprocess.run(["docker", "logs", container], capture_output=True, text=True)
+        return shown.stdout + shown.stderr
+
+    async def eventually(condition, what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while not condition():
+            assert asyncio.get_running_loop().time() < deadline, f"gave up waiting: {what}"
+            await asyncio.sleep(0.2)
+
+    async with aiohttp.ClientSession() as client:
+        body = {"input": {"text": "abandoned", "sleep": 60}}
+        request = asyncio.create_task(client.post(route, json=body))
+        await eventually(
+            lambda: any("predicting abandoned" in logs(c) for c in containers()),
+            "the model to start the prediction",
+        )
+        [busy] = [c for c in containers() if "predicting abandoned" in logs(c)]
+        request.cancel()  # the client hangs up
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await eventually(lambda: busy not in containers(), "the busy container to go")
+        async with client.post(route, json={"input": {"text": "after"}}) as answer:
+            assert answer.status == 200, await answer.text()
+            assert (await answer.json())["output"]["text"] == "after after|3.0|a,b|None"
+
+
 def test_cog_infer_remote_on_todays_models(built):
     """`cog infer --remote` writes a predictor's outputs as `cog predict` does locally, and
     joins what a ConcatenateIterator streamed."""
