@@ -6,6 +6,7 @@ token prompt), on a server without a builder. Builds followed live, failed build
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gzip
 import re
 
@@ -191,6 +192,15 @@ async def test_list_and_package_pages_without_builder(browser, aiohttp_server, t
     assert await rows.nth(0).locator("td.id").inner_text() == thumbnail[:12]
     assert await rows.nth(0).locator(".badge").inner_text() == "ready"
     assert await rows.nth(0).locator("td.created").inner_text() == "just now"
+    # Hovering gives the local date and time, from the record's own UTC time.
+    created = rows.nth(0).locator("td.created time")
+    iso, title = await created.get_attribute("datetime"), await created.get_attribute("title")
+    assert title == await page.evaluate(
+        "iso => new Date(iso).toLocaleString("
+        "undefined, {dateStyle: 'medium', timeStyle: 'medium'})",
+        iso,
+    )
+    assert str(datetime.datetime.now().year) in title
     assert await rows.nth(0).locator("td.size").inner_text() == "8.7 KiB"
     await pages.shot(page, "list-laptop")
 
