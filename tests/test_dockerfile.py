@@ -90,6 +90,7 @@ def render(
     package_id: str = PACKAGE_ID,
     wheel: str = WHEEL,
     stamped: bool = False,
+    pip_cache: str | None = None,
 ) -> str:
     files = {"infer.py": MODEL, **(files or {})}
     config = check_config(yaml, Files(files))
@@ -100,7 +101,7 @@ def render(
     requirements = files[path] if target == "gpu" and path else None
     text = dockerfile_for(
         config, target, settings, package_id=package_id, runtime_wheel=wheel,
-        signature_json='{"arguments": {}}', requirements=requirements,
+        signature_json='{"arguments": {}}', requirements=requirements, pip_cache=pip_cache,
     )  # fmt: skip
     # The cog version is stamped in; keep the golden files version-independent.
     return text if stamped else text.replace(cog.__version__, "VERSION")
@@ -210,6 +211,23 @@ def test_golden(name):
     path = GOLDEN / f"{name}.Dockerfile"
     if os.environ.get("COG_UPDATE_GOLDEN") == "1":
         path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text(), f"{path} differs; see the module docstring"
+
+
+#: The cases also rendered as the BuildKit builder renders them: pip's downloads in a cache
+#: mount (one with a requirements file rewritten for CUDA, whose RUN line is compound).
+BUILDKIT_CASES = ("cpu-packages", "gpu-image-torch-requirements")
+
+
+@pytest.mark.parametrize("name", BUILDKIT_CASES)
+def test_golden_with_a_pip_cache(name):
+    yaml, target, strategy, files, *base = CASES[name]
+    text = render(
+        yaml, target, strategy, files, base=base[0] if base else None, pip_cache="cog-pip"
+    )
+    path = GOLDEN / f"{name}.buildkit.Dockerfile"
+    if os.environ.get("COG_UPDATE_GOLDEN") == "1":
         path.write_text(text)
     assert text == path.read_text(), f"{path} differs; see the module docstring"
 

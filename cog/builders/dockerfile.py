@@ -67,6 +67,9 @@ SERVER_COMMAND = [
 IMPLICIT = {"pydantic": "pydantic>=1.9,<3"}
 _TORCH_FAMILY = {"torch", "torchvision", "torchaudio"}
 _PIP = "python -m pip install --no-cache-dir"
+#: Where pip keeps what it downloads and the wheels it builds, in a BuildKit cache mount
+#: shared by every build on that BuildKit (see :class:`Installer`)
+PIP_CACHE_DIR = "/var/cache/cog/pip"
 #: Every NVIDIA library directory pip put in site-packages (nvidia/<library>/lib), for
 #: the dynamic loader; none is fine (torch wheels that bundle their CUDA libraries).
 _REGISTER_NVIDIA_LIBS = (
@@ -244,6 +247,37 @@ def _quote(words: Sequence[str]) -> str:
     return " ".join(shlex.quote(word) for word in words)
 
 
+class Installer:
+    """How a RUN line installs packages from an index with pip.
+
+    Without a cache (the Docker builder, or any cold build): nothing of pip's downloads is
+    kept in the image. With ``cache`` (a BuildKit cache mount's ID), pip keeps its HTTP
+    cache and the wheels it built in a mount that outlives the build, so a package whose
+    dependencies another one downloaded already gets them from there. It changes how fast,
+    never what: pip still asks the index for every requirement (it revalidates index
+    pages), and a cached file is the one the same URL and hash would give.
+    """
+
+    def __init__(self, cache: str | None = None):
+        self.cache = cache
+
+    @property
+    def run(self) -> str:
+        """The RUN instruction, with its cache mount when there is one."""
+        if self.cache is None:
+            return "RUN"
+        return f"RUN --mount=type=cache,id={self.cache},target={PIP_CACHE_DIR}"
+
+    @property
+    def pip(self) -> str:
+        if self.cache is None:
+            return _PIP
+        return f"python -m pip install --cache-dir {PIP_CACHE_DIR}"
+
+    def line(self, words: Sequence[str]) -> str:
+        return f"{self.run} {self.pip} {_quote(words)}"
+
+
 def cog_config(config: Config) -> dict[str, Any]:
     """The config as Cog writes it into ``run.cog.config``: today's cog.yaml as JSON."""
     env = config.environment
@@ -312,6 +346,7 @@ def dockerfile_for(
     signature_json: str | None = None,
     requirements: str | None = None,
     implicit: Sequence[str] = (),
+    pip_cache: str | None = None,
 ) -> str:
     """The Dockerfile text. runtime_wheel is the file name of the wheels in the context's
     cog/server/ and cog/model/ (see cog.builders.runtime).
@@ -320,8 +355,11 @@ def dockerfile_for(
     to rewrite its torch/tensorflow pins (and to see which framework brings CUDA); without
     it the file is installed as written. implicit: packages the model uses without listing
     them, that Cog's own dependencies used to bring (see :func:`implicit_packages`).
+    pip_cache: the ID of a BuildKit cache mount for pip's downloads (see :class:`Installer`);
+    only for builders with BuildKit's Dockerfile frontend.
     """
     env = config.environment
+    installer = Installer(pip_cache)
     gpu = target == "gpu"
     strategy = settings.gpu_strategy
     lines = [
@@ -345,7 +383,7 @@ def dockerfile_for(
     lines += [
         # The inference server's environment, apart from the model's: the same layer for
         # every package on this base image.
-        f"RUN {_PIP} --target {SERVER_ENV} {_quote(RUNTIME_REQUIREMENTS)}",
+        installer.line(["--target", SERVER_ENV, *RUNTIME_REQUIREMENTS]),
     ]
     if config.variables:
         lines.append("ENV " + " ".join(_variable(v) for v in config.variables))
@@ -363,18 +401,18 @@ def dockerfile_for(
     if wheels_gpu:
         wheels = _framework_cuda_wheels(env, specs, pins)
         if wheels:
-            lines.append(f"RUN {_PIP} {_quote(wheels)}")
+            lines.append(installer.line(wheels))
 
     if env.python_requirements:
         rewrite = {"cuda": env.cuda, "strategy": strategy, "pins": pins} if gpu else None
-        lines += _requirements_layers(env.python_requirements, requirements, rewrite)
+        lines += _requirements_layers(env.python_requirements, requirements, rewrite, installer)
     if env.python_packages:
         packages, extra = list(env.python_packages), []
         if gpu:
             packages, extra = gpu_packages(packages, env.cuda, strategy=strategy, pins=pins)
-        lines.append(f"RUN {_PIP} {_quote([*extra, *packages])}")
+        lines.append(installer.line([*extra, *packages]))
     if implicit:
-        lines.append(f"RUN {_PIP} {_quote(list(implicit))}")
+        lines.append(installer.line(list(implicit)))
     if wheels_gpu:
         lines.append(f"RUN {_REGISTER_NVIDIA_LIBS}")
     lines += [f"RUN {command}" for command in env.run]
@@ -411,7 +449,9 @@ def dockerfile_for(
     return "\n".join(lines) + "\n"
 
 
-def _requirements_layers(path: str, text: str | None, rewrite: dict | None) -> list[str]:
+def _requirements_layers(
+    path: str, text: str | None, rewrite: dict | None, installer: Installer
+) -> list[str]:
     """The requirements file's layers: copied and installed as written; or, on a GPU image
     (rewrite: gpu_packages' arguments) whose file pins torch/tensorflow, rewritten and
     written by the Dockerfile itself, so every builder gets it without a context change."""
@@ -426,14 +466,14 @@ def _requirements_layers(path: str, text: str | None, rewrite: dict | None) -> l
             summary = ", ".join(f"{old} -> {new}" for old, new in changes)
             return [
                 f"# {path}, rewritten for CUDA {rewrite['cuda']}: {summary}",
-                "RUN mkdir -p /tmp/cog && printf '%s\\n' "
+                f"{installer.run} mkdir -p /tmp/cog && printf '%s\\n' "
                 f"{_quote(lines)} > /tmp/cog/requirements.txt && "
-                f"{_PIP} {_quote([*extra, '-r', '/tmp/cog/requirements.txt'])}",
+                f"{installer.pip} {_quote([*extra, '-r', '/tmp/cog/requirements.txt'])}",
             ]
     return [
         # The JSON form: the path may hold spaces.
         "COPY " + json.dumps([f"package/{path}", "/tmp/cog/requirements.txt"]),
-        f"RUN {_PIP} -r /tmp/cog/requirements.txt",
+        installer.line(["-r", "/tmp/cog/requirements.txt"]),
     ]
 
 
@@ -490,8 +530,11 @@ def _requirements_text(request: BuildRequest) -> str | None:
         return None
 
 
-def dockerfile_for_request(request: BuildRequest, settings: BuilderSettings) -> str:
-    """The Dockerfile of one build request, the same for every builder."""
+def dockerfile_for_request(
+    request: BuildRequest, settings: BuilderSettings, *, pip_cache: str | None = None
+) -> str:
+    """The Dockerfile of one build request, the same for every builder (pip_cache: see
+    :func:`dockerfile_for`; never for a build without the cache)."""
     return dockerfile_for(
         request.config,
         request.target,
@@ -503,4 +546,5 @@ def dockerfile_for_request(request: BuildRequest, settings: BuilderSettings) -> 
         implicit=implicit_packages(
             request.package_zip, request.config, _requirements_text(request)
         ),
+        pip_cache=None if request.no_cache else pip_cache,
     )
