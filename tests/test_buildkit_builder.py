@@ -666,3 +666,40 @@ class TestBuildKitBuilderContract(BuilderContract):
     async def builder(self, settings):
         async with opened(BuildKitBuilder.from_settings(settings)) as builder:
             yield builder
+
+
+# ---- pip's downloads, shared through a cache mount -------------------------------------
+
+
+async def test_a_second_package_gets_pips_downloads_from_the_cache_mount(
+    registry, base_images, engine_addr, tmp_path
+):
+    """Two packages pinning the same package: the first downloads it, the second finds it
+    in the cache mount (pip says "Using cached"), with the same version installed; a
+    build without the cache downloads it again. A mount of its own for this test, so the
+    first build cannot find anything there."""
+    settings = BuilderSettings(
+        registry=registry,
+        options={"addr": engine_addr, "pip_cache": f"cog-test-{uuid.uuid4().hex[:12]}"},
+    )
+    requests = []
+    for name in ("first", "second", "cold"):
+        (tmp_path / name).mkdir()
+        root = model_dir(tmp_path / name, yaml_extra="  python_requirements: requirements.txt\n")
+        # A requirements file of its own: its pip step runs, not from the layer cache.
+        (root / "requirements.txt").write_text(f"# {uuid.uuid4()}\nsix==1.16.0\n")
+        requests.append(package_request(root, tmp_path / f"{name}.zip", registry))
+    requests[2] = attrs.evolve(requests[2], no_cache=True)
+    logs = {}
+    async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+        for name, request in zip(("first", "second", "cold"), requests):
+            assert ("--mount=type=cache" in builder.dockerfile(request)) is (name != "cold")
+            logged, built = await collect(builder.build(request))
+            assert built, name
+            logs[name] = "\n".join(lines(logged))
+    assert "Downloading six-1.16.0" in logs["first"]
+    assert "Using cached six-1.16.0" in logs["second"]
+    assert "Downloading six-1.16.0" not in logs["second"]
+    assert "Downloading six-1.16.0" in logs["cold"]
+    for name in logs:
+        assert "Successfully installed six-1.16.0" in logs[name], name

@@ -251,6 +251,14 @@ def test_layer_order_puts_what_changes_most_last():
         layer_index(text, "LABEL"),
     ]
     assert order == sorted(order)
+    # The image settings are cached with the base image: no build spends a step on them.
+    first_install = layer_index(text, "pip install")
+    assert layer_index(text, "EXPOSE 5000") < first_install
+    assert layer_index(text, "CMD [") < first_install
+    # After the model's packages: one step copies cog's wheels, one installs both.
+    after = text.splitlines()[layer_index(text, "pillow==11.3.0") + 1 :]
+    steps = [line.split()[0] for line in after if line[:1].isupper()]
+    assert steps == ["COPY", "RUN", "WORKDIR", "COPY", "LABEL"], after
 
 
 def test_todays_cog_yaml_sets_variables_and_runs_its_commands_after_the_packages():

@@ -381,6 +381,10 @@ def dockerfile_for(
     flag = "gpu" if gpu and strategy == "image" else "cpu"
     lines.append(python_check(env.python_version, base_image(config, target, settings), flag))
     lines += [
+        # Image settings early: the same for every package on this base image, so no
+        # build, cold or not, spends a step on them.
+        "EXPOSE 5000",
+        f"CMD {json.dumps(SERVER_COMMAND)}",
         # The inference server's environment, apart from the model's: the same layer for
         # every package on this base image.
         installer.line(["--target", SERVER_ENV, *RUNTIME_REQUIREMENTS]),
@@ -419,14 +423,15 @@ def dockerfile_for(
     lines += [
         # cog itself: the server's wheel into its environment, the model's (its API and
         # worker, pure Python, no dependencies) into the image's Python.
+        # The server's is pure Python, with no dependencies, into a directory of its own:
+        # unpacked (and compiled, as pip would) with no pip start. The model's goes
+        # through pip, which replaces any cog the model's own packages brought.
         "COPY cog/ /tmp/cog/",
-        f"RUN {_PIP} --no-deps --upgrade --target {SERVER_ENV} /tmp/cog/server/{runtime_wheel}"
+        f"RUN python -m zipfile -e /tmp/cog/server/{runtime_wheel} {SERVER_ENV}"
+        f" && python -m compileall -q {SERVER_ENV}/cog"
         f" && {_PIP} --no-deps --force-reinstall /tmp/cog/model/{runtime_wheel}"
         " && rm -rf /tmp/cog",
-        # Image settings before the model's files, so a code change reuses them too.
         f"WORKDIR {WORKDIR}",
-        "EXPOSE 5000",
-        f"CMD {json.dumps(SERVER_COMMAND)}",
         f"COPY package/ {WORKDIR}/",
     ]
     labels = {
