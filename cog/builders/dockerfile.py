@@ -423,13 +423,11 @@ def dockerfile_for(
     lines += [
         # cog itself: the server's wheel into its environment, the model's (its API and
         # worker, pure Python, no dependencies) into the image's Python.
-        # The server's is pure Python, with no dependencies, into a directory of its own:
-        # unpacked (and compiled, as pip would) with no pip start. The model's goes
-        # through pip, which replaces any cog the model's own packages brought.
+        # Both pure Python, with no dependencies: unpacked and compiled, as pip would,
+        # by one Python start (cog.wheel_install, run from the server's wheel).
         "COPY cog/ /tmp/cog/",
-        f"RUN python -m zipfile -e /tmp/cog/server/{runtime_wheel} {SERVER_ENV}"
-        f" && python -m compileall -q {SERVER_ENV}/cog"
-        f" && {_PIP} --no-deps --force-reinstall /tmp/cog/model/{runtime_wheel}"
+        f"RUN PYTHONPATH=/tmp/cog/server/{runtime_wheel} python -m cog.wheel_install"
+        f" /tmp/cog/server/{runtime_wheel} {SERVER_ENV} /tmp/cog/model/{runtime_wheel}"
         " && rm -rf /tmp/cog",
         f"WORKDIR {WORKDIR}",
         f"COPY package/ {WORKDIR}/",

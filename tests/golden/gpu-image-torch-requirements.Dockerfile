@@ -10,7 +10,7 @@ RUN python -m pip install --no-cache-dir --target /opt/cog-runtime 'aiohttp>=3.9
 # requirements.txt, rewritten for CUDA 11.0: torch==1.7.1 -> torch==1.7.1+cu110, torchvision==0.8.2 ; python_version < '3.12' -> torchvision==0.8.2+cu110 ; python_version < '3.12'
 RUN mkdir -p /tmp/cog && printf '%s\n' '# the model'"'"'s packages' numpy==1.26.4 torch==1.7.1+cu110 'torchvision==0.8.2+cu110 ; python_version < '"'"'3.12'"'"'' > /tmp/cog/requirements.txt && python -m pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cu110 -f https://download.pytorch.org/whl/torch_stable.html -r /tmp/cog/requirements.txt
 COPY cog/ /tmp/cog/
-RUN python -m zipfile -e /tmp/cog/server/cog-0.0.0-py3-none-any.whl /opt/cog-runtime && python -m compileall -q /opt/cog-runtime/cog && python -m pip install --no-cache-dir --no-deps --force-reinstall /tmp/cog/model/cog-0.0.0-py3-none-any.whl && rm -rf /tmp/cog
+RUN PYTHONPATH=/tmp/cog/server/cog-0.0.0-py3-none-any.whl python -m cog.wheel_install /tmp/cog/server/cog-0.0.0-py3-none-any.whl /opt/cog-runtime /tmp/cog/model/cog-0.0.0-py3-none-any.whl && rm -rf /tmp/cog
 WORKDIR /src
 COPY package/ /src/
 LABEL org.cog-models.package-id="ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff" \

@@ -8,7 +8,7 @@ RUN python -m pip install --no-cache-dir --target /opt/cog-runtime 'aiohttp>=3.9
 RUN python -m pip install --no-cache-dir 'tensorflow[and-cuda]==2.15.0'
 RUN python -c "import glob, sysconfig; print('\n'.join(sorted({d for k in ('purelib', 'platlib') for d in glob.glob(sysconfig.get_path(k) + '/nvidia/*/lib')})))" > /etc/ld.so.conf.d/cog-nvidia.conf && ldconfig
 COPY cog/ /tmp/cog/
-RUN python -m zipfile -e /tmp/cog/server/cog-0.0.0-py3-none-any.whl /opt/cog-runtime && python -m compileall -q /opt/cog-runtime/cog && python -m pip install --no-cache-dir --no-deps --force-reinstall /tmp/cog/model/cog-0.0.0-py3-none-any.whl && rm -rf /tmp/cog
+RUN PYTHONPATH=/tmp/cog/server/cog-0.0.0-py3-none-any.whl python -m cog.wheel_install /tmp/cog/server/cog-0.0.0-py3-none-any.whl /opt/cog-runtime /tmp/cog/model/cog-0.0.0-py3-none-any.whl && rm -rf /tmp/cog
 WORKDIR /src
 COPY package/ /src/
 LABEL org.cog-models.package-id="ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff" \
