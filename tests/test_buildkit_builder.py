@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import re
 import ssl
 import subprocess
 import uuid
+import zipfile
 from pathlib import Path
 
 import attrs
 import grpc
 import pytest
+from aiohttp import web
 
 from cog.builders import BuildError, BuilderSettings, BuilderUnavailable, CheckedBuilder
 from cog.builders.buildkit import (
@@ -671,35 +674,99 @@ class TestBuildKitBuilderContract(BuilderContract):
 # ---- pip's downloads, shared through a cache mount -------------------------------------
 
 
+def _wheel(name: str, version: str) -> tuple[str, bytes]:
+    """A real, minimal pure-Python wheel of one module."""
+    module = name.replace("-", "_")
+    dist = f"{module}-{version}.dist-info"
+    files = {
+        f"{module}.py": b"VALUE = 1\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+        b"Tag: py3-none-any\n",
+    }
+    files[f"{dist}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{dist}/RECORD"]).encode()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for path, data in files.items():
+            archive.writestr(path, data)
+    return f"{module}-{version}-py3-none-any.whl", out.getvalue()
+
+
+@contextlib.asynccontextmanager
+async def package_index(name: str, version: str):
+    """A real package index (PEP 503 pages) on this machine, reachable from build
+    containers through the Docker bridge's gateway, serving one wheel with the caching
+    headers PyPI's file host sends. It stands in for PyPI because the way to PyPI from
+    here strips those headers (so pip caches nothing from it, on any builder); it counts
+    the wheel's downloads."""
+    filename, data = _wheel(name, version)
+    downloads = []
+
+    async def page(request):
+        link = f'<a href="/files/{filename}">{filename}</a>'
+        return web.Response(text=f"<html><body>{link}</body></html>", content_type="text/html")
+
+    async def wheel(request):
+        downloads.append(request.path)
+        headers = {"Cache-Control": "max-age=365000000, immutable, public"}
+        return web.Response(body=data, headers=headers, content_type="application/zip")
+
+    app = web.Application()
+    app.router.add_get(f"/simple/{name}/", page)
+    app.router.add_get(f"/files/{filename}", wheel)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    gateway = subprocess.run(
+        ["docker", "network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    site = web.TCPSite(runner, gateway, 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://{gateway}:{port}/simple/", downloads
+    finally:
+        await runner.cleanup()
+
+
 async def test_a_second_package_gets_pips_downloads_from_the_cache_mount(
     registry, base_images, engine_addr, tmp_path
 ):
     """Two packages pinning the same package: the first downloads it, the second finds it
-    in the cache mount (pip says "Using cached"), with the same version installed; a
-    build without the cache downloads it again. A mount of its own for this test, so the
-    first build cannot find anything there."""
+    in the cache mount (pip says "Using cached"; the index serves it once), the same
+    version installed; a build without the cache downloads it again. A mount of its own
+    for this test, so the first build cannot find anything there."""
     settings = BuilderSettings(
         registry=registry,
         options={"addr": engine_addr, "pip_cache": f"cog-test-{uuid.uuid4().hex[:12]}"},
     )
-    requests = []
-    for name in ("first", "second", "cold"):
-        (tmp_path / name).mkdir()
-        root = model_dir(tmp_path / name, yaml_extra="  python_requirements: requirements.txt\n")
-        # A requirements file of its own: its pip step runs, not from the layer cache.
-        (root / "requirements.txt").write_text(f"# {uuid.uuid4()}\nsix==1.16.0\n")
-        requests.append(package_request(root, tmp_path / f"{name}.zip", registry))
-    requests[2] = attrs.evolve(requests[2], no_cache=True)
+    name = f"cog-test-cached-{uuid.uuid4().hex[:8]}"
     logs = {}
-    async with opened(BuildKitBuilder.from_settings(settings)) as builder:
-        for name, request in zip(("first", "second", "cold"), requests):
-            assert ("--mount=type=cache" in builder.dockerfile(request)) is (name != "cold")
-            logged, built = await collect(builder.build(request))
-            assert built, name
-            logs[name] = "\n".join(lines(logged))
-    assert "Downloading six-1.16.0" in logs["first"]
-    assert "Using cached six-1.16.0" in logs["second"]
-    assert "Downloading six-1.16.0" not in logs["second"]
-    assert "Downloading six-1.16.0" in logs["cold"]
-    for name in logs:
-        assert "Successfully installed six-1.16.0" in logs[name], name
+    async with package_index(name, "1.0") as (index, downloads):
+        host = index.split("//")[1].split(":")[0]
+        requests = []
+        for build in ("first", "second", "cold"):
+            (tmp_path / build).mkdir()
+            root = model_dir(
+                tmp_path / build, yaml_extra="  python_requirements: requirements.txt\n"
+            )
+            # A requirements file of its own: its pip step runs, not from the layer cache.
+            (root / "requirements.txt").write_text(
+                f"# {build} {uuid.uuid4()}\n--index-url {index}\n--trusted-host {host}\n"
+                f"{name}==1.0\n"
+            )
+            requests.append(package_request(root, tmp_path / f"{build}.zip", registry))
+        requests[2] = attrs.evolve(requests[2], no_cache=True)
+        async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+            for build, request in zip(("first", "second", "cold"), requests):
+                assert ("--mount=type=cache" in builder.dockerfile(request)) is (build != "cold")
+                before = len(downloads)
+                logged, built = await collect(builder.build(request))
+                assert built, build
+                logs[build] = ("\n".join(lines(logged)), len(downloads) - before)
+    wheel = name.replace("-", "_") + "-1.0"
+    assert f"Downloading {wheel}" in logs["first"][0] and logs["first"][1] == 1
+    assert f"Using cached {wheel}" in logs["second"][0] and logs["second"][1] == 0
+    assert f"Downloading {wheel}" in logs["cold"][0] and logs["cold"][1] == 1
+    for build, (text, _) in logs.items():
+        assert f"Successfully installed {name}-1.0" in text, build
