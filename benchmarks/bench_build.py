@@ -19,8 +19,8 @@ Each round, in an order that alternates between rounds so neither side always go
   cache saves on each side.
 Reported: the median of each over the rounds (and every round), cog / floor, the sizes
 of the two images (`docker image inspect`, in MB of 10^6 bytes), as the issue table gives
-them, and where the last cold `cog build` spent its time: when each phase began (upload
-until "Received", build, push, the check) and each build step's seconds.
+them, and where the last cold and code-only `cog build` spent their time: when each phase
+began (upload until "Received", build, push, the check) and each build step's seconds.
 
 With ``--shared PIN`` (issue 15's goal 3), instead: two models that both pin a large
 package, each built cold by `cog build`, the second after the first, and the floor
@@ -317,6 +317,7 @@ def comparison(args: argparse.Namespace, work: Path) -> dict[str, object]:
         floor.build(cold=True)
         cog.build()
         cold_phases: dict[str, object] = {}
+        code_only_phases: dict[str, object] = {}
         for round_ in range(args.rounds):
             change_requirements(cog_dir, plain_dir)
             sides = [("floor", lambda: floor.build(cold=True)), ("cog", cog.build)]
@@ -327,6 +328,7 @@ def comparison(args: argparse.Namespace, work: Path) -> dict[str, object]:
             sides = [("floor", lambda: floor.build(cold=False)), ("cog", cog.build)]
             for name, build in sides if round_ % 2 == 0 else reversed(sides):
                 times[f"{name}_code_only"].append(build())
+            code_only_phases = cog.phases()
             last = {name: round(values[-1], 2) for name, values in times.items()}
             print(json.dumps({"round": round_ + 1} | last), flush=True)
         sizes = {"floor_image_mb": image_mb(floor.image), "cog_image_mb": image_mb(cog.image())}
@@ -341,6 +343,7 @@ def comparison(args: argparse.Namespace, work: Path) -> dict[str, object]:
         "cog_vs_floor_image": round(sizes["cog_image_mb"] / sizes["floor_image_mb"], 3),
         "rounds_s": {name: [round(v, 2) for v in values] for name, values in times.items()},
         "cog_cold_last_round": cold_phases,
+        "cog_code_only_last_round": code_only_phases,
     }
 
 
