@@ -174,17 +174,24 @@ async def test_setup_failure_is_reported_with_the_models_error(
     await assert_failed_at(client, package_id, "test: setup", "no weights here")
     # The traceback went out live as the model printed it: not a second time after it.
     lines = [e["line"] for e in events if e["type"] == "log"]
-    assert lines.count("model: ValueError: no weights here") == 1, lines
+    # (the runtime logs each line the model printed with its time and stream before it,
+    # then its own account, "setup failed: ...")
+    printed = [
+        line
+        for line in lines
+        if line.endswith("ValueError: no weights here") and "setup failed" not in line
+    ]
+    assert len(printed) == 1 and printed[0].startswith("model: "), printed
     assert "Last lines of its output:" not in lines
 
 
 @pytest.mark.parametrize(
     ("extra", "step", "needle"),
     [
-        # Step 3 checks the image's Python; step 4 is the inference server's environment,
-        # the same for every package.
-        ("  system_packages: [no-such-package-cog-test]\n", "Step 5/", "no-such-package-cog-test"),
-        ("  python_packages: ['cog-no-such-dist-xyz==0.0.1']\n", "Step 5/", "cog-no-such-dist-xyz"),
+        # Step 3 checks the image's Python; steps 4 and 5 are EXPOSE and CMD, step 6 the
+        # inference server's environment: the same for every package.
+        ("  system_packages: [no-such-package-cog-test]\n", "Step 7/", "no-such-package-cog-test"),
+        ("  python_packages: ['cog-no-such-dist-xyz==0.0.1']\n", "Step 7/", "cog-no-such-dist-xyz"),
     ],
     ids=["system-package", "pip-requirement"],
 )
