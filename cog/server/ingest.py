@@ -10,8 +10,8 @@ An upload goes through named steps, each an async generator of build events (see
    here or on another server, or claim the package (its zip stored, its record
    "building");
 3. the build (:meth:`_build`): wait for a build slot, build and push each architecture's
-   image, check the model in the built image, record the outcome; every event goes to
-   the build's live log, which is stored when the build ends.
+   image (all at once, :mod:`cog.server.targets`), check the model in the built image,
+   record the outcome; every event goes to the build's live log, stored when it ends.
 """
 
 from __future__ import annotations
