@@ -35,6 +35,7 @@ from cog.builders.dockerfile import (
     cuda_wheels,
     dockerfile_for,
     dockerfile_for_request,
+    framework_pins,
     gpu_packages,
     python_check,
 )
@@ -801,3 +802,54 @@ def test_a_model_that_imports_pydantic_without_listing_it_gets_it(tmp_path):
         Files({"predict.py": "class P: pass\n"}),
     )
     assert implicit_packages(uses, pinned, None) == []
+
+
+def test_two_models_pinning_one_framework_share_its_layer(tmp_path):
+    """Two real packages of different models, both pinning tensorflow-cpu (one in
+    python_packages, one in its requirements file, each with packages of its own): every
+    line up to the framework's own layer is the same, so the second builds and pushes
+    none of it again; each still installs all its packages after."""
+    texts = []
+    for name, yaml, requirements in (
+        ("one", "  python_packages: ['tensorflow-cpu==2.20.0', 'pillow==11.3.0']\n", None),
+        ("two", "  python_requirements: requirements.txt\n", "numpy<2.2\ntensorflow-cpu==2.20.0\n"),
+    ):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "cog.yaml").write_text(
+            f"name: {name}\nmodel: infer.py:Model\nenvironment:\n  python_version: '3.11'\n" + yaml
+        )
+        if requirements:
+            (root / "requirements.txt").write_text(requirements)
+        (root / "infer.py").write_text(MODEL + f"# {name}\n")
+        texts.append(_real_dockerfile(root, tmp_path, "cpu"))
+    one, two = texts
+    layer = "RUN python -m pip install --no-cache-dir tensorflow-cpu==2.20.0"
+    assert _before(one, layer) == _before(two, layer)
+    assert layer in one.splitlines() and layer in two.splitlines()
+    after_one = one.splitlines()[layer_index(one, layer) + 1 :]
+    after_two = two.splitlines()[layer_index(two, layer) + 1 :]
+    assert "python -m pip install --no-cache-dir tensorflow-cpu==2.20.0 pillow==11.3.0" in (
+        "\n".join(after_one)
+    )
+    assert "-r /tmp/cog/requirements.txt" in "\n".join(after_two)
+
+
+@pytest.mark.parametrize(
+    ("packages", "requirements", "expected"),
+    [
+        (
+            ["torch==2.1.0", "pillow==11.3.0"],
+            "torchvision==0.16.0\n",
+            ["torch==2.1.0", "torchvision==0.16.0"],
+        ),
+        (["Torch==2.1.0"], "torch==2.0.0\n", ["Torch==2.1.0"]),  # each framework once
+        (["torch>=2"], None, []),  # not a pin: left where it is
+        ([], "torch==2.1.0 ; python_version < '3.12'\n", []),  # a marker: left too
+        # Options may point its pins at another index's builds: the file is left whole.
+        ([], "--extra-index-url https://download.pytorch.org/whl/cpu\ntorch==2.1.0+cpu\n", []),
+        (["jax[cpu]==0.4.30"], "", ["jax[cpu]==0.4.30"]),
+    ],
+)
+def test_framework_pins(packages, requirements, expected):
+    assert framework_pins(packages, requirements) == expected

@@ -66,6 +66,10 @@ SERVER_COMMAND = [
 #: module -> the requirement installed for it (Cog 0.10 and later took pydantic 1 or 2).
 IMPLICIT = {"pydantic": "pydantic>=1.9,<3"}
 _TORCH_FAMILY = {"torch", "torchvision", "torchaudio"}
+#: Frameworks large enough that packages pinning the same one should share its layer
+FRAMEWORKS = frozenset(
+    {*_TORCH_FAMILY, "tensorflow", "tensorflow-cpu", "tensorflow-gpu", "jax", "jaxlib"}
+)
 _PIP = "python -m pip install --no-cache-dir"
 #: Where pip keeps what it downloads and the wheels it builds, in a BuildKit cache mount
 #: shared by every build on that BuildKit (see :class:`Installer`)
@@ -242,6 +246,23 @@ def _framework_cuda_wheels(env, specs: Sequence[str], pins: Mapping[str, str]) -
     return cuda_wheels(env.cuda, env.cudnn, tensorflow=bool(tf))
 
 
+def framework_pins(packages: Sequence[str], requirements: str | None) -> list[str]:
+    """The exact pins of large frameworks (:data:`FRAMEWORKS`) in python_packages and the
+    requirements file, each framework once, in order. Not from a requirements file with
+    options (``--index-url``, ``-f``...): its pins may name another index's builds."""
+    specs = list(packages)
+    if requirements is not None:
+        lines = requirements.removeprefix("\ufeff").splitlines()
+        if not any(line.strip().startswith("-") for line in lines):
+            specs += filter(None, requirement_specs(requirements))
+    chosen: dict[str, str] = {}
+    for spec in specs:
+        pin = parse_pin(spec) if ";" not in spec else None  # a marker: left where it is
+        if pin and requirement_key(pin[0]) in FRAMEWORKS:
+            chosen.setdefault(requirement_key(pin[0]), spec)
+    return list(chosen.values())
+
+
 def _quote(words: Sequence[str]) -> str:
     """Words for a RUN line, which /bin/sh reads: `aiohttp>=3.9` must not redirect."""
     return " ".join(shlex.quote(word) for word in words)
@@ -353,7 +374,8 @@ def dockerfile_for(
 
     requirements: the text of the package's python_requirements file. GPU images need it
     to rewrite its torch/tensorflow pins (and to see which framework brings CUDA); without
-    it the file is installed as written. implicit: packages the model uses without listing
+    it the file is installed as written. Its framework pins get a layer of their own
+    before it (see :func:`framework_pins`). implicit: packages the model uses without listing
     them, that Cog's own dependencies used to bring (see :func:`implicit_packages`).
     pip_cache: the ID of a BuildKit cache mount for pip's downloads (see :class:`Installer`);
     only for builders with BuildKit's Dockerfile frontend.
@@ -407,6 +429,14 @@ def dockerfile_for(
         if wheels:
             lines.append(installer.line(wheels))
 
+    frameworks = framework_pins(env.python_packages, requirements)
+    if frameworks:
+        # The frameworks first, in a layer of their own: packages pinning the same one
+        # share it (built once, pushed once); the model's packages then find it installed.
+        extra = []
+        if gpu:
+            frameworks, extra = gpu_packages(frameworks, env.cuda, strategy=strategy, pins=pins)
+        lines.append(installer.line([*extra, *frameworks]))
     if env.python_requirements:
         rewrite = {"cuda": env.cuda, "strategy": strategy, "pins": pins} if gpu else None
         lines += _requirements_layers(env.python_requirements, requirements, rewrite, installer)
@@ -481,9 +511,9 @@ def _requirements_layers(
 
 
 def _read_requirements(request: BuildRequest) -> str | None:
-    """The requirements file of a GPU build, from the package zip (small; read at once)."""
+    """The requirements file, from the package zip (small; read at once)."""
     path = request.config.environment.python_requirements
-    if request.target != "gpu" or not path:
+    if not path:
         return None
     try:
         with zipfile.ZipFile(request.package_zip) as archive:

@@ -7,6 +7,7 @@ RUN python -c 'import sys; sys.exit("%d.%d" % sys.version_info[:2] != "3.10" and
 EXPOSE 5000
 CMD ["python", "-I", "-S", "-c", "import sys, runpy; sys.path.insert(0, '/opt/cog-runtime'); runpy.run_module('cog.runtime', run_name='__main__', alter_sys=True)"]
 RUN --mount=type=cache,id=cog-pip,target=/var/cache/cog/pip python -m pip install --cache-dir /var/cache/cog/pip --target /opt/cog-runtime 'aiohttp>=3.9' 'attrs>=22.1' 'pyyaml>=5.4'
+RUN --mount=type=cache,id=cog-pip,target=/var/cache/cog/pip python -m pip install --cache-dir /var/cache/cog/pip --extra-index-url https://download.pytorch.org/whl/cu110 -f https://download.pytorch.org/whl/torch_stable.html torch==1.7.1+cu110
 # requirements.txt, rewritten for CUDA 11.0: torch==1.7.1 -> torch==1.7.1+cu110, torchvision==0.8.2 ; python_version < '3.12' -> torchvision==0.8.2+cu110 ; python_version < '3.12'
 RUN --mount=type=cache,id=cog-pip,target=/var/cache/cog/pip mkdir -p /tmp/cog && printf '%s\n' '# the model'"'"'s packages' numpy==1.26.4 torch==1.7.1+cu110 'torchvision==0.8.2+cu110 ; python_version < '"'"'3.12'"'"'' > /tmp/cog/requirements.txt && python -m pip install --cache-dir /var/cache/cog/pip --extra-index-url https://download.pytorch.org/whl/cu110 -f https://download.pytorch.org/whl/torch_stable.html -r /tmp/cog/requirements.txt
 COPY cog/ /tmp/cog/

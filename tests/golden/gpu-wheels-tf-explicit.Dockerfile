@@ -6,6 +6,7 @@ EXPOSE 5000
 CMD ["python", "-I", "-S", "-c", "import sys, runpy; sys.path.insert(0, '/opt/cog-runtime'); runpy.run_module('cog.runtime', run_name='__main__', alter_sys=True)"]
 RUN python -m pip install --no-cache-dir --target /opt/cog-runtime 'aiohttp>=3.9' 'attrs>=22.1' 'pyyaml>=5.4'
 RUN python -m pip install --no-cache-dir 'nvidia-cuda-runtime-cu11==11.8.*' 'nvidia-cudnn-cu11==8.*' 'nvidia-cublas-cu11==11.11.*' nvidia-cufft-cu11 nvidia-curand-cu11 nvidia-cusolver-cu11 nvidia-cusparse-cu11 nvidia-cuda-cupti-cu11
+RUN python -m pip install --no-cache-dir tensorflow==2.13.1
 COPY ["package/requirements.txt", "/tmp/cog/requirements.txt"]
 RUN python -m pip install --no-cache-dir -r /tmp/cog/requirements.txt
 RUN python -c "import glob, sysconfig; print('\n'.join(sorted({d for k in ('purelib', 'platlib') for d in glob.glob(sysconfig.get_path(k) + '/nvidia/*/lib')})))" > /etc/ld.so.conf.d/cog-nvidia.conf && ldconfig

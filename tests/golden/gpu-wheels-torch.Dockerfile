@@ -5,6 +5,7 @@ RUN python -c 'import sys; sys.exit("%d.%d" % sys.version_info[:2] != "3.11" and
 EXPOSE 5000
 CMD ["python", "-I", "-S", "-c", "import sys, runpy; sys.path.insert(0, '/opt/cog-runtime'); runpy.run_module('cog.runtime', run_name='__main__', alter_sys=True)"]
 RUN python -m pip install --no-cache-dir --target /opt/cog-runtime 'aiohttp>=3.9' 'attrs>=22.1' 'pyyaml>=5.4'
+RUN python -m pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cu121 -f https://download.pytorch.org/whl/torch_stable.html torch==2.1.0+cu121 torchvision==0.16.0+cu121
 RUN python -m pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cu121 -f https://download.pytorch.org/whl/torch_stable.html torch==2.1.0+cu121 torchvision==0.16.0+cu121 pillow==11.3.0
 RUN python -c "import glob, sysconfig; print('\n'.join(sorted({d for k in ('purelib', 'platlib') for d in glob.glob(sysconfig.get_path(k) + '/nvidia/*/lib')})))" > /etc/ld.so.conf.d/cog-nvidia.conf && ldconfig
 COPY cog/ /tmp/cog/
