@@ -430,6 +430,7 @@ def dockerfile_for(
             lines.append(installer.line(wheels))
 
     frameworks = framework_pins(env.python_packages, requirements)
+    frameworks_of_packages = framework_pins(env.python_packages, None)
     if frameworks:
         # The frameworks first, in a layer of their own: packages pinning the same one
         # share it (built once, pushed once); the model's packages then find it installed.
@@ -440,7 +441,8 @@ def dockerfile_for(
     if env.python_requirements:
         rewrite = {"cuda": env.cuda, "strategy": strategy, "pins": pins} if gpu else None
         lines += _requirements_layers(env.python_requirements, requirements, rewrite, installer)
-    if env.python_packages:
+    # python_packages that are all frameworks were installed whole just now.
+    if env.python_packages and set(env.python_packages) - set(frameworks_of_packages):
         packages, extra = list(env.python_packages), []
         if gpu:
             packages, extra = gpu_packages(packages, env.cuda, strategy=strategy, pins=pins)

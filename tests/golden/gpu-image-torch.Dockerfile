@@ -8,7 +8,6 @@ EXPOSE 5000
 CMD ["python", "-I", "-S", "-c", "import sys, runpy; sys.path.insert(0, '/opt/cog-runtime'); runpy.run_module('cog.runtime', run_name='__main__', alter_sys=True)"]
 RUN python -m pip install --no-cache-dir --target /opt/cog-runtime 'aiohttp>=3.9' 'attrs>=22.1' 'pyyaml>=5.4'
 RUN python -m pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cu124 torch==2.4.1+cu124 torchvision==0.19.1+cu124
-RUN python -m pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cu124 torch==2.4.1+cu124 torchvision==0.19.1+cu124
 COPY cog/ /tmp/cog/
 RUN PYTHONPATH=/tmp/cog/server/cog-0.0.0-py3-none-any.whl python -m cog.wheel_install /tmp/cog/server/cog-0.0.0-py3-none-any.whl /opt/cog-runtime /tmp/cog/model/cog-0.0.0-py3-none-any.whl && rm -rf /tmp/cog
 WORKDIR /src

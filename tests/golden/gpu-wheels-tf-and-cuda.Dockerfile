@@ -6,7 +6,6 @@ EXPOSE 5000
 CMD ["python", "-I", "-S", "-c", "import sys, runpy; sys.path.insert(0, '/opt/cog-runtime'); runpy.run_module('cog.runtime', run_name='__main__', alter_sys=True)"]
 RUN python -m pip install --no-cache-dir --target /opt/cog-runtime 'aiohttp>=3.9' 'attrs>=22.1' 'pyyaml>=5.4'
 RUN python -m pip install --no-cache-dir 'tensorflow[and-cuda]==2.15.0'
-RUN python -m pip install --no-cache-dir 'tensorflow[and-cuda]==2.15.0'
 RUN python -c "import glob, sysconfig; print('\n'.join(sorted({d for k in ('purelib', 'platlib') for d in glob.glob(sysconfig.get_path(k) + '/nvidia/*/lib')})))" > /etc/ld.so.conf.d/cog-nvidia.conf && ldconfig
 COPY cog/ /tmp/cog/
 RUN PYTHONPATH=/tmp/cog/server/cog-0.0.0-py3-none-any.whl python -m cog.wheel_install /tmp/cog/server/cog-0.0.0-py3-none-any.whl /opt/cog-runtime /tmp/cog/model/cog-0.0.0-py3-none-any.whl && rm -rf /tmp/cog

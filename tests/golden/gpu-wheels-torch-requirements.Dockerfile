@@ -8,7 +8,6 @@ RUN python -m pip install --no-cache-dir --target /opt/cog-runtime 'aiohttp>=3.9
 RUN python -m pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cu121 -f https://download.pytorch.org/whl/torch_stable.html torchvision==0.16.0+cu121 torch==2.1.0+cu121
 # requirements.txt, rewritten for CUDA 12.1: torch==2.1.0 -> torch==2.1.0+cu121
 RUN mkdir -p /tmp/cog && printf '%s\n' torch==2.1.0+cu121 > /tmp/cog/requirements.txt && python -m pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cu121 -f https://download.pytorch.org/whl/torch_stable.html -r /tmp/cog/requirements.txt
-RUN python -m pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cu121 -f https://download.pytorch.org/whl/torch_stable.html torchvision==0.16.0+cu121
 RUN python -c "import glob, sysconfig; print('\n'.join(sorted({d for k in ('purelib', 'platlib') for d in glob.glob(sysconfig.get_path(k) + '/nvidia/*/lib')})))" > /etc/ld.so.conf.d/cog-nvidia.conf && ldconfig
 COPY cog/ /tmp/cog/
 RUN PYTHONPATH=/tmp/cog/server/cog-0.0.0-py3-none-any.whl python -m cog.wheel_install /tmp/cog/server/cog-0.0.0-py3-none-any.whl /opt/cog-runtime /tmp/cog/model/cog-0.0.0-py3-none-any.whl && rm -rf /tmp/cog
