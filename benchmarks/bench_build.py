@@ -19,12 +19,18 @@ Each round, in an order that alternates between rounds so neither side always go
   cache saves on each side.
 Reported: the median of each over the rounds (and every round), cog / floor, the sizes
 of the two images (`docker image inspect`, in MB of 10^6 bytes), as the issue table gives
-them, and where the last cold `cog build` spent its time: when each phase began (upload
-until "Received", build, push, the check) and each build step's seconds.
+them, and where the last cold and code-only `cog build` spent their time: when each phase
+began (upload until "Received", build, push, the check) and each build step's seconds.
 
 With ``--shared PIN`` (issue 15's goal 3), instead: two models that both pin a large
 package, each built cold by `cog build`, the second after the first, and the floor
 building the second cold; both images' sizes.
+
+With ``--targets`` (goal 4), instead: one model with a CPU and a GPU image, built cold by
+two cog servers, one building the two at once (the default), the other in turn
+(``--targets-in-turn``), interleaved. The GPU image is the ``image`` strategy's on the
+CPU base image (``--base-image gpu=``; the Python in a virtualenv, no CUDA downloaded):
+this machine has no GPU, and CUDA's gigabytes would measure the network, not the overlap.
 """
 
 from __future__ import annotations
@@ -212,7 +218,9 @@ class Floor:
 class Cog:
     """`cog build` against a cog server of its own."""
 
-    def __init__(self, cog_dir: Path, work: Path, args: argparse.Namespace):
+    def __init__(
+        self, cog_dir: Path, work: Path, args: argparse.Namespace, extra: tuple[str, ...] = ()
+    ):
         self.dir = cog_dir
         self.package_id = ""
         port = free_port()
@@ -225,7 +233,8 @@ class Cog:
         ]  # fmt: skip
         for option in args.builder_opt:
             server += ["--builder-opt", option]
-        self.log = open(work / "server.log", "w")  # noqa: SIM115 - closed in stop()
+        server += extra
+        self.log = open(work / f"server-{port}.log", "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(server, stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(f"{self.url}/ping")
 
@@ -308,6 +317,7 @@ def comparison(args: argparse.Namespace, work: Path) -> dict[str, object]:
         floor.build(cold=True)
         cog.build()
         cold_phases: dict[str, object] = {}
+        code_only_phases: dict[str, object] = {}
         for round_ in range(args.rounds):
             change_requirements(cog_dir, plain_dir)
             sides = [("floor", lambda: floor.build(cold=True)), ("cog", cog.build)]
@@ -318,6 +328,7 @@ def comparison(args: argparse.Namespace, work: Path) -> dict[str, object]:
             sides = [("floor", lambda: floor.build(cold=False)), ("cog", cog.build)]
             for name, build in sides if round_ % 2 == 0 else reversed(sides):
                 times[f"{name}_code_only"].append(build())
+            code_only_phases = cog.phases()
             last = {name: round(values[-1], 2) for name, values in times.items()}
             print(json.dumps({"round": round_ + 1} | last), flush=True)
         sizes = {"floor_image_mb": image_mb(floor.image), "cog_image_mb": image_mb(cog.image())}
@@ -332,6 +343,7 @@ def comparison(args: argparse.Namespace, work: Path) -> dict[str, object]:
         "cog_vs_floor_image": round(sizes["cog_image_mb"] / sizes["floor_image_mb"], 3),
         "rounds_s": {name: [round(v, 2) for v in values] for name, values in times.items()},
         "cog_cold_last_round": cold_phases,
+        "cog_code_only_last_round": code_only_phases,
     }
 
 
@@ -371,6 +383,38 @@ def shared_dependencies(args: argparse.Namespace, work: Path) -> dict[str, objec
     }
 
 
+def targets(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    """Goal 4: a CPU and a GPU image of one package, built at once and in turn."""
+    cog_dir, plain_dir = make_models(work, args.base_image)
+    text = COG_YAML.replace("python_version", "architectures: [cpu, gpu]\n  python_version")
+    (cog_dir / "cog.yaml").write_text(text)
+    gpu = ("--base-image", f"gpu={args.base_image}", "--gpu-strategy", "image")
+    servers = {
+        "at_once": Cog(cog_dir, work, args, gpu),
+        "in_turn": Cog(cog_dir, work, args, (*gpu, "--targets-in-turn")),
+    }
+    times: dict[str, list[float]] = {name: [] for name in servers}
+    try:
+        change_requirements(cog_dir, plain_dir)
+        servers["at_once"].build()  # warm-up, not counted: the base layers of both targets
+        for round_ in range(args.rounds):
+            order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
+            for name in order:
+                change_requirements(cog_dir, plain_dir)
+                times[name].append(servers[name].build())
+            last = {name: round(values[-1], 2) for name, values in times.items()}
+            print(json.dumps({"round": round_ + 1} | last), flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        **{f"cpu_and_gpu_cold_{name}_s": round(value, 2) for name, value in median.items()},
+        "at_once_vs_in_turn": round(median["at_once"] / median["in_turn"], 2),
+        "rounds_s": {name: [round(v, 2) for v in values] for name, values in times.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
@@ -382,9 +426,13 @@ def main() -> None:
         metavar="PIN",
         help="goal 3 instead: two models both pinning PIN (e.g. tensorflow-cpu==2.20.0)",
     )
+    parser.add_argument(
+        "--targets", action="store_true", help="goal 4 instead: CPU and GPU, at once and in turn"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cog-bench-build-") as tmp:
         scenario = shared_dependencies if args.shared else comparison
+        scenario = targets if args.targets else scenario
         figures = scenario(args, Path(tmp))
     summary = {
         "builder": args.builder,

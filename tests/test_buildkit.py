@@ -105,6 +105,8 @@ def test_entry_point_loads_the_builder():
         ({"context_listen": "0.0.0.0:9"}, "needs context_url"),
         ({"context_url": "http://x:1", "context_listen": "nope"}, "HOST:PORT"),
         ({"connect_timeout": "soon"}, "could not convert"),
+        ({"pip_cache": "a b"}, "a cache ID"),
+        ({"pip_cache": ""}, "a cache ID"),
     ],
 )
 def test_bad_options_fail_at_start(options, message):
@@ -173,6 +175,48 @@ def test_a_no_cache_build_asks_the_frontend_for_no_cache():
         "filename": "Dockerfile",
         "no-cache": "",  # the dockerfile frontend's "every stage", as buildx --no-cache sends
     }
+
+
+def test_pip_downloads_go_to_a_shared_cache_mount_but_never_in_a_cold_build(tmp_path):
+    """Every pip install from an index runs with the cache mount (so a second package
+    gets the downloads of the first); a build without the cache has none (BuildKit keeps
+    a cache mount's contents through no-cache), nor has the Docker builder's Dockerfile."""
+    import attrs
+
+    from cog.builders.docker import DockerBuilder
+    from tests.builder_helpers import package_request
+
+    root = tmp_path / "model"
+    root.mkdir()
+    (root / "cog.yaml").write_text(
+        "model: infer.py:Model\nenvironment:\n  python_version: '3.11'\n"
+        "  python_packages: [pillow==11.3.0]\n  python_requirements: requirements.txt\n"
+    )
+    (root / "requirements.txt").write_text("numpy==2.1.0\n")
+    (root / "infer.py").write_text(
+        "import cog\nclass Model(cog.Model):\n  def run(self):\n    pass\n"
+    )
+    request = package_request(root, tmp_path / "p.zip", "r:5000")
+    mount = "RUN --mount=type=cache,id=cog-pip,target=/var/cache/cog/pip "
+    pip = "python -m pip install --cache-dir /var/cache/cog/pip"
+
+    warm = BuildKitBuilder.from_settings(settings()).dockerfile(request)
+    installs = [line for line in warm.splitlines() if "pip install" in line]
+    from_index = [line for line in installs if "/tmp/cog/server/" not in line]
+    assert len(from_index) == 3  # the server's environment, the requirements, the packages
+    assert all(line.startswith(mount + pip) for line in from_index), from_index
+    assert "--no-cache-dir" not in " ".join(from_index)
+
+    cold = BuildKitBuilder.from_settings(settings()).dockerfile(
+        attrs.evolve(request, no_cache=True)
+    )
+    off = BuildKitBuilder.from_settings(settings(pip_cache="off")).dockerfile(request)
+    classic = DockerBuilder.from_settings(settings()).dockerfile(request)
+    for text in (cold, off, classic):
+        assert "--mount" not in text and "/var/cache/cog" not in text
+        assert text.count("pip install --no-cache-dir") == len(installs)
+    named = BuildKitBuilder.from_settings(settings(pip_cache="site.pip")).dockerfile(request)
+    assert "RUN --mount=type=cache,id=site.pip,target=/var/cache/cog/pip " in named
 
 
 # ---- progress --------------------------------------------------------------------------

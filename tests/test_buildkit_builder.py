@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import re
 import ssl
 import subprocess
 import uuid
+import zipfile
 from pathlib import Path
 
 import attrs
 import grpc
 import pytest
+from aiohttp import web
 
 from cog.builders import BuildError, BuilderSettings, BuilderUnavailable, CheckedBuilder
 from cog.builders.buildkit import (
@@ -34,6 +37,9 @@ from tests.builder_helpers import EXAMPLES, collect, copy_example, lines, packag
 from tests.services.docker import registry_digest
 
 pytestmark = pytest.mark.integration
+#: How BuildKit's Dockerfile frontend names step N: "[N/total]", or "[stage-0 N/total]" (it
+#: names the stage too once a step has a cache mount, as every pip install of cog's has)
+STEP = r"\[(?:stage-0 )?{}/\d+\]"
 
 
 # ---- fixtures -----------------------------------------------------------------------
@@ -198,7 +204,7 @@ async def test_a_base_image_of_another_python_fails_naming_both(
         r"\(--base-image cpu=IMAGE\)",
         caught.value.message,
     ), caught.value.message
-    assert caught.value.step.startswith("[2/")  # the first step after FROM
+    assert re.match(STEP.format(2), caught.value.step)  # the first step after FROM
     inspected = subprocess.run(["docker", "image", "inspect", request.image], capture_output=True)
     assert inspected.returncode != 0
 
@@ -400,9 +406,12 @@ async def test_hello_builds_pushes_and_passes_the_check(
     text = lines(logs)
     assert text[0].startswith(f"{builder.label}: BuildKit ")
     assert any(
-        re.fullmatch(r"#\d+ \[1/\d+\] FROM docker.io/library/python:3.11-slim", t) for t in text
+        re.fullmatch(r"#\d+ " + STEP.format(1) + r" FROM docker.io/library/python:3.11-slim", t)
+        for t in text
     )
-    assert any(re.fullmatch(r"#\d+ \[\d+/\d+\] COPY package/ /src/", t) for t in text)
+    assert any(
+        re.fullmatch(r"#\d+ " + STEP.format(r"\d+") + " COPY package/ /src/", t) for t in text
+    )
     assert any(re.fullmatch(r"#\d+ naming to .*examples/hello:\w+ done", t) for t in text)
     assert [e.stage for e in logs].index("push") > max(
         i for i, e in enumerate(logs) if e.stage == "build"
@@ -429,10 +438,13 @@ async def test_code_only_change_reuses_cached_steps(builder, registry, tmp_path)
     text = lines(logs)
 
     def outcome(step: str) -> str:
-        number = next(t.split()[0] for t in text if re.match(rf"#\d+ \[\d+/\d+\] {step}", t))
+        vertex = r"#\d+ " + STEP.format(r"\d+") + f" {step}"
+        number = next(t.split()[0] for t in text if re.match(vertex, t))
         return next(t for t in text if t.startswith(f"{number} ") and t.split()[1].isupper())
 
-    assert outcome("RUN python -m pip install").endswith(" CACHED")
+    assert outcome(
+        "RUN --mount=type=cache,id=cog-pip,target=/var/cache/cog/pip python -m pip"
+    ).endswith(" CACHED")
     assert outcome("COPY cog/").endswith(" CACHED")
     assert outcome("COPY package/").split()[1] == "DONE"
     assert built[0].digest == registry_digest(registry, second.image)
@@ -452,7 +464,7 @@ async def test_failing_run_step_is_named_with_its_output(builder, registry, tmp_
     assert "exit code: 100" in error.message
     # [2/] checks the image's Python; [3/] is the inference server's environment, the same
     # for every package
-    assert error.step.startswith("[4/") and "apt-get install" in error.step
+    assert re.match(STEP.format(4), error.step) and "apt-get install" in error.step
     assert any("Unable to locate package no-such-package-cog-test" in line for line in error.output)
     assert any(line.endswith("ERROR: " + error.message.split(": ", 1)[1]) for line in seen)
 
@@ -666,3 +678,109 @@ class TestBuildKitBuilderContract(BuilderContract):
     async def builder(self, settings):
         async with opened(BuildKitBuilder.from_settings(settings)) as builder:
             yield builder
+
+
+# ---- pip's downloads, shared through a cache mount -------------------------------------
+
+
+def _wheel(name: str, version: str) -> tuple[str, bytes]:
+    """A real, minimal pure-Python wheel of one module."""
+    module = name.replace("-", "_")
+    dist = f"{module}-{version}.dist-info"
+    files = {
+        f"{module}.py": b"VALUE = 1\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+        b"Tag: py3-none-any\n",
+    }
+    files[f"{dist}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{dist}/RECORD"]).encode()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for path, data in files.items():
+            archive.writestr(path, data)
+    return f"{module}-{version}-py3-none-any.whl", out.getvalue()
+
+
+@contextlib.asynccontextmanager
+async def package_index(name: str, version: str):
+    """A real package index (PEP 503 pages) on this machine, reachable from build
+    containers through the Docker bridge's gateway, serving one wheel with the caching
+    headers PyPI's file host sends. It stands in for PyPI because the way to PyPI from
+    here strips those headers (so pip caches nothing from it, on any builder); it counts
+    the wheel's downloads."""
+    filename, data = _wheel(name, version)
+    downloads = []
+
+    async def page(request):
+        link = f'<a href="/files/{filename}">{filename}</a>'
+        return web.Response(text=f"<html><body>{link}</body></html>", content_type="text/html")
+
+    async def wheel(request):
+        downloads.append(request.path)
+        headers = {"Cache-Control": "max-age=365000000, immutable, public"}
+        return web.Response(body=data, headers=headers, content_type="application/zip")
+
+    app = web.Application()
+    app.router.add_get(f"/simple/{name}/", page)
+    app.router.add_get(f"/files/{filename}", wheel)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    gateway = subprocess.run(
+        ["docker", "network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    site = web.TCPSite(runner, gateway, 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://{gateway}:{port}/simple/", downloads
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_second_package_gets_pips_downloads_from_the_cache_mount(
+    registry, base_images, engine_addr, tmp_path
+):
+    """Two packages pinning the same package: the first downloads it, the second finds it
+    in the cache mount (pip says "Using cached"; the index serves it once), the same
+    version installed; a build without the cache downloads it again. A mount of its own
+    for this test, so the first build cannot find anything there."""
+    settings = BuilderSettings(
+        registry=registry,
+        options={"addr": engine_addr, "pip_cache": f"cog-test-{uuid.uuid4().hex[:12]}"},
+    )
+    name = f"cog-test-cached-{uuid.uuid4().hex[:8]}"
+    logs = {}
+    async with package_index(name, "1.0") as (index, downloads):
+        host = index.split("//")[1].split(":")[0]
+        requests = []
+        for build in ("first", "second", "cold"):
+            (tmp_path / build).mkdir()
+            root = model_dir(
+                tmp_path / build, yaml_extra="  python_requirements: requirements.txt\n"
+            )
+            # A requirements file of its own: its pip step runs, not from the layer cache.
+            (root / "requirements.txt").write_text(
+                f"# {build} {uuid.uuid4()}\n--index-url {index}\n--trusted-host {host}\n"
+                f"{name}==1.0\n"
+            )
+            requests.append(package_request(root, tmp_path / f"{build}.zip", registry))
+        requests[2] = attrs.evolve(requests[2], no_cache=True)
+        async with opened(BuildKitBuilder.from_settings(settings)) as builder:
+            for build, request in zip(("first", "second", "cold"), requests):
+                assert ("--mount=type=cache" in builder.dockerfile(request)) is (build != "cold")
+                before = len(downloads)
+                logged, built = await collect(builder.build(request))
+                assert built, build
+                logs[build] = ("\n".join(lines(logged)), len(downloads) - before)
+    wheel = name.replace("-", "_") + "-1.0-py3-none-any.whl"
+
+    def said(build: str) -> list[str]:  # pip's line about the wheel: how it got it
+        return [line for line in logs[build][0].splitlines() if wheel in line]
+
+    assert "Downloading" in " ".join(said("first")) and logs["first"][1] == 1, said("first")
+    assert "Using cached" in " ".join(said("second")), said("second")
+    assert logs["second"][1] == 0
+    assert "Downloading" in " ".join(said("cold")) and logs["cold"][1] == 1, said("cold")
+    for build, (text, _) in logs.items():
+        assert f"Successfully installed {name}-1.0" in text, build

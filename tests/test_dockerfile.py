@@ -35,6 +35,7 @@ from cog.builders.dockerfile import (
     cuda_wheels,
     dockerfile_for,
     dockerfile_for_request,
+    framework_pins,
     gpu_packages,
     python_check,
 )
@@ -90,6 +91,7 @@ def render(
     package_id: str = PACKAGE_ID,
     wheel: str = WHEEL,
     stamped: bool = False,
+    pip_cache: str | None = None,
 ) -> str:
     files = {"infer.py": MODEL, **(files or {})}
     config = check_config(yaml, Files(files))
@@ -100,7 +102,7 @@ def render(
     requirements = files[path] if target == "gpu" and path else None
     text = dockerfile_for(
         config, target, settings, package_id=package_id, runtime_wheel=wheel,
-        signature_json='{"arguments": {}}', requirements=requirements,
+        signature_json='{"arguments": {}}', requirements=requirements, pip_cache=pip_cache,
     )  # fmt: skip
     # The cog version is stamped in; keep the golden files version-independent.
     return text if stamped else text.replace(cog.__version__, "VERSION")
@@ -214,6 +216,23 @@ def test_golden(name):
     assert text == path.read_text(), f"{path} differs; see the module docstring"
 
 
+#: The cases also rendered as the BuildKit builder renders them: pip's downloads in a cache
+#: mount (one with a requirements file rewritten for CUDA, whose RUN line is compound).
+BUILDKIT_CASES = ("cpu-packages", "gpu-image-torch-requirements")
+
+
+@pytest.mark.parametrize("name", BUILDKIT_CASES)
+def test_golden_with_a_pip_cache(name):
+    yaml, target, strategy, files, *base = CASES[name]
+    text = render(
+        yaml, target, strategy, files, base=base[0] if base else None, pip_cache="cog-pip"
+    )
+    path = GOLDEN / f"{name}.buildkit.Dockerfile"
+    if os.environ.get("COG_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert text == path.read_text(), f"{path} differs; see the module docstring"
+
+
 def layer_index(text: str, needle: str) -> int:
     return next(i for i, line in enumerate(text.splitlines()) if needle in line)
 
@@ -233,6 +252,14 @@ def test_layer_order_puts_what_changes_most_last():
         layer_index(text, "LABEL"),
     ]
     assert order == sorted(order)
+    # The image settings are cached with the base image: no build spends a step on them.
+    first_install = layer_index(text, "pip install")
+    assert layer_index(text, "EXPOSE 5000") < first_install
+    assert layer_index(text, "CMD [") < first_install
+    # After the model's packages: one step copies cog's wheels, one installs both.
+    after = text.splitlines()[layer_index(text, "pillow==11.3.0") + 1 :]
+    steps = [line.split()[0] for line in after if line[:1].isupper()]
+    assert steps == ["COPY", "RUN", "WORKDIR", "COPY", "LABEL"], after
 
 
 def test_todays_cog_yaml_sets_variables_and_runs_its_commands_after_the_packages():
@@ -775,3 +802,54 @@ def test_a_model_that_imports_pydantic_without_listing_it_gets_it(tmp_path):
         Files({"predict.py": "class P: pass\n"}),
     )
     assert implicit_packages(uses, pinned, None) == []
+
+
+def test_two_models_pinning_one_framework_share_its_layer(tmp_path):
+    """Two real packages of different models, both pinning tensorflow-cpu (one in
+    python_packages, one in its requirements file, each with packages of its own): every
+    line up to the framework's own layer is the same, so the second builds and pushes
+    none of it again; each still installs all its packages after."""
+    texts = []
+    for name, yaml, requirements in (
+        ("one", "  python_packages: ['tensorflow-cpu==2.20.0', 'pillow==11.3.0']\n", None),
+        ("two", "  python_requirements: requirements.txt\n", "numpy<2.2\ntensorflow-cpu==2.20.0\n"),
+    ):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "cog.yaml").write_text(
+            f"name: {name}\nmodel: infer.py:Model\nenvironment:\n  python_version: '3.11'\n" + yaml
+        )
+        if requirements:
+            (root / "requirements.txt").write_text(requirements)
+        (root / "infer.py").write_text(MODEL + f"# {name}\n")
+        texts.append(_real_dockerfile(root, tmp_path, "cpu"))
+    one, two = texts
+    layer = "RUN python -m pip install --no-cache-dir tensorflow-cpu==2.20.0"
+    assert _before(one, layer) == _before(two, layer)
+    assert layer in one.splitlines() and layer in two.splitlines()
+    after_one = one.splitlines()[layer_index(one, layer) + 1 :]
+    after_two = two.splitlines()[layer_index(two, layer) + 1 :]
+    assert "python -m pip install --no-cache-dir tensorflow-cpu==2.20.0 pillow==11.3.0" in (
+        "\n".join(after_one)
+    )
+    assert "-r /tmp/cog/requirements.txt" in "\n".join(after_two)
+
+
+@pytest.mark.parametrize(
+    ("packages", "requirements", "expected"),
+    [
+        (
+            ["torch==2.1.0", "pillow==11.3.0"],
+            "torchvision==0.16.0\n",
+            ["torch==2.1.0", "torchvision==0.16.0"],
+        ),
+        (["Torch==2.1.0"], "torch==2.0.0\n", ["Torch==2.1.0"]),  # each framework once
+        (["torch>=2"], None, []),  # not a pin: left where it is
+        ([], "torch==2.1.0 ; python_version < '3.12'\n", []),  # a marker: left too
+        # Options may point its pins at another index's builds: the file is left whole.
+        ([], "--extra-index-url https://download.pytorch.org/whl/cpu\ntorch==2.1.0+cpu\n", []),
+        (["jax[cpu]==0.4.30"], "", ["jax[cpu]==0.4.30"]),
+    ],
+)
+def test_framework_pins(packages, requirements, expected):
+    assert framework_pins(packages, requirements) == expected

@@ -17,7 +17,7 @@ import json
 
 import pytest
 
-from cog.builders import Builder, BuildLog, BuiltImage
+from cog.builders import Builder, BuildError, BuildLog, BuiltImage
 from cog.events import NDJSON
 from cog.server.app import ServerSettings, make_app
 from cog.server.keys import INGEST
@@ -374,3 +374,92 @@ async def test_the_cli_client_asks_for_no_cache(aiohttp_client, settings, tmp_pa
         events = [e async for e in registry.rebuild(package_id, no_cache=True)]
         assert events[-1]["type"] == "package"
     assert [r.no_cache for r in builder.requests] == [True, True]
+
+
+# -- a package's architectures, built at once ---------------------------------------------
+
+
+class PairedBuilder(Builder):
+    """Each target's build says it started, then waits until the other target's has
+    started too (when `paired`): two builds run one after the other never get there, and
+    the test fails on its timeout instead. `fail` names a target whose build then fails;
+    every build's end (finished or stopped) is recorded."""
+
+    name = "paired"
+
+    def __init__(self, *, paired: bool = True, fail: str | None = None) -> None:
+        self.paired = paired
+        self.fail = fail
+        self.started = {"cpu": asyncio.Event(), "gpu": asyncio.Event()}
+        self.ended: dict[str, str] = {}
+
+    @classmethod
+    def from_settings(cls, settings):
+        return cls()
+
+    async def build(self, request):
+        target = request.target
+        other = "gpu" if target == "cpu" else "cpu"
+        try:
+            yield BuildLog("build", f"{target}: first step")
+            self.started[target].set()
+            if self.paired:
+                await asyncio.wait_for(self.started[other].wait(), 30)
+            if target == self.fail:
+                raise BuildError(f"{target} step failed", step="RUN false", output=("boom",))
+            if self.fail:
+                await asyncio.Event().wait()  # the other one fails meanwhile
+            yield BuildLog("build", f"{target}: last step")
+            yield BuiltImage(request.image, DIGEST)
+            self.ended[target] = "finished"
+        finally:
+            self.ended.setdefault(target, "stopped")
+
+
+@pytest.fixture
+def two_targets(tmp_path):
+    root = make_model_dir(tmp_path / "two")
+    with open(root / "cog.yaml", "a") as out:
+        out.write("  architectures: [cpu, gpu]\n")
+    return package_bytes(root)
+
+
+def build_lines(events: list[dict]) -> list[str]:
+    return [e["line"] for e in events if e["type"] == "log" and e.get("stage") == "build"]
+
+
+async def test_a_packages_cpu_and_gpu_images_build_at_once(aiohttp_client, settings, two_targets):
+    """Both builds are under way before either ends: each waits for the other's start."""
+    builder = PairedBuilder()
+    client = await server(aiohttp_client, settings, builder)
+    events = await events_of(client, two_targets[0])
+    assert events[-1]["type"] == "package", events
+    assert {a["Target"] for a in events[-1]["package"]["Artifacts"]} == {"docker-cpu", "docker-gpu"}
+    lines = build_lines(events)
+    first_ends = min(lines.index("cpu: last step"), lines.index("gpu: last step"))
+    assert max(lines.index("cpu: first step"), lines.index("gpu: first step")) < first_ends
+    assert builder.ended == {"cpu": "finished", "gpu": "finished"}
+
+
+async def test_targets_in_turn_builds_one_after_the_other(aiohttp_client, settings, two_targets):
+    builder = PairedBuilder(paired=False)
+    client = await server(aiohttp_client, settings, builder, concurrent_targets=False)
+    events = await events_of(client, two_targets[0])
+    assert events[-1]["type"] == "package", events
+    lines = build_lines(events)
+    assert lines == ["cpu: first step", "cpu: last step", "gpu: first step", "gpu: last step"]
+
+
+@pytest.mark.parametrize("failing", ["cpu", "gpu"])
+async def test_a_target_that_fails_stops_the_other(aiohttp_client, settings, two_targets, failing):
+    """The other build is stopped (not left running), the package fails with the failing
+    one's error, and its lines are that target's."""
+    builder = PairedBuilder(fail=failing)
+    client = await server(aiohttp_client, settings, builder)
+    events = await events_of(client, two_targets[0])
+    assert events[-1]["type"] == "error", events
+    assert f"{failing} step failed" in events[-1]["message"]
+    other = "gpu" if failing == "cpu" else "cpu"
+    assert builder.ended == {failing: "stopped", other: "stopped"}
+    errors = [e for e in events if e["type"] == "log" and e.get("stage") == "error"]
+    assert errors and {e.get("target") for e in errors} == {failing}, errors

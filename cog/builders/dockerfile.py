@@ -66,7 +66,14 @@ SERVER_COMMAND = [
 #: module -> the requirement installed for it (Cog 0.10 and later took pydantic 1 or 2).
 IMPLICIT = {"pydantic": "pydantic>=1.9,<3"}
 _TORCH_FAMILY = {"torch", "torchvision", "torchaudio"}
+#: Frameworks large enough that packages pinning the same one should share its layer
+FRAMEWORKS = frozenset(
+    {*_TORCH_FAMILY, "tensorflow", "tensorflow-cpu", "tensorflow-gpu", "jax", "jaxlib"}
+)
 _PIP = "python -m pip install --no-cache-dir"
+#: Where pip keeps what it downloads and the wheels it builds, in a BuildKit cache mount
+#: shared by every build on that BuildKit (see :class:`Installer`)
+PIP_CACHE_DIR = "/var/cache/cog/pip"
 #: Every NVIDIA library directory pip put in site-packages (nvidia/<library>/lib), for
 #: the dynamic loader; none is fine (torch wheels that bundle their CUDA libraries).
 _REGISTER_NVIDIA_LIBS = (
@@ -239,9 +246,57 @@ def _framework_cuda_wheels(env, specs: Sequence[str], pins: Mapping[str, str]) -
     return cuda_wheels(env.cuda, env.cudnn, tensorflow=bool(tf))
 
 
+def framework_pins(packages: Sequence[str], requirements: str | None) -> list[str]:
+    """The exact pins of large frameworks (:data:`FRAMEWORKS`) in python_packages and the
+    requirements file, each framework once, in order. Not from a requirements file with
+    options (``--index-url``, ``-f``...): its pins may name another index's builds."""
+    specs = list(packages)
+    if requirements is not None:
+        lines = requirements.removeprefix("\ufeff").splitlines()
+        if not any(line.strip().startswith("-") for line in lines):
+            specs += filter(None, requirement_specs(requirements))
+    chosen: dict[str, str] = {}
+    for spec in specs:
+        pin = parse_pin(spec) if ";" not in spec else None  # a marker: left where it is
+        if pin and requirement_key(pin[0]) in FRAMEWORKS:
+            chosen.setdefault(requirement_key(pin[0]), spec)
+    return list(chosen.values())
+
+
 def _quote(words: Sequence[str]) -> str:
     """Words for a RUN line, which /bin/sh reads: `aiohttp>=3.9` must not redirect."""
     return " ".join(shlex.quote(word) for word in words)
+
+
+class Installer:
+    """How a RUN line installs packages from an index with pip.
+
+    Without a cache (the Docker builder, or any cold build): nothing of pip's downloads is
+    kept in the image. With ``cache`` (a BuildKit cache mount's ID), pip keeps its HTTP
+    cache and the wheels it built in a mount that outlives the build, so a package whose
+    dependencies another one downloaded already gets them from there. It changes how fast,
+    never what: pip still asks the index for every requirement (it revalidates index
+    pages), and a cached file is the one the same URL and hash would give.
+    """
+
+    def __init__(self, cache: str | None = None):
+        self.cache = cache
+
+    @property
+    def run(self) -> str:
+        """The RUN instruction, with its cache mount when there is one."""
+        if self.cache is None:
+            return "RUN"
+        return f"RUN --mount=type=cache,id={self.cache},target={PIP_CACHE_DIR}"
+
+    @property
+    def pip(self) -> str:
+        if self.cache is None:
+            return _PIP
+        return f"python -m pip install --cache-dir {PIP_CACHE_DIR}"
+
+    def line(self, words: Sequence[str]) -> str:
+        return f"{self.run} {self.pip} {_quote(words)}"
 
 
 def cog_config(config: Config) -> dict[str, Any]:
@@ -312,16 +367,21 @@ def dockerfile_for(
     signature_json: str | None = None,
     requirements: str | None = None,
     implicit: Sequence[str] = (),
+    pip_cache: str | None = None,
 ) -> str:
     """The Dockerfile text. runtime_wheel is the file name of the wheels in the context's
     cog/server/ and cog/model/ (see cog.builders.runtime).
 
     requirements: the text of the package's python_requirements file. GPU images need it
     to rewrite its torch/tensorflow pins (and to see which framework brings CUDA); without
-    it the file is installed as written. implicit: packages the model uses without listing
+    it the file is installed as written. Its framework pins get a layer of their own
+    before it (see :func:`framework_pins`). implicit: packages the model uses without listing
     them, that Cog's own dependencies used to bring (see :func:`implicit_packages`).
+    pip_cache: the ID of a BuildKit cache mount for pip's downloads (see :class:`Installer`);
+    only for builders with BuildKit's Dockerfile frontend.
     """
     env = config.environment
+    installer = Installer(pip_cache)
     gpu = target == "gpu"
     strategy = settings.gpu_strategy
     lines = [
@@ -343,9 +403,13 @@ def dockerfile_for(
     flag = "gpu" if gpu and strategy == "image" else "cpu"
     lines.append(python_check(env.python_version, base_image(config, target, settings), flag))
     lines += [
+        # Image settings early: the same for every package on this base image, so no
+        # build, cold or not, spends a step on them.
+        "EXPOSE 5000",
+        f"CMD {json.dumps(SERVER_COMMAND)}",
         # The inference server's environment, apart from the model's: the same layer for
         # every package on this base image.
-        f"RUN {_PIP} --target {SERVER_ENV} {_quote(RUNTIME_REQUIREMENTS)}",
+        installer.line(["--target", SERVER_ENV, *RUNTIME_REQUIREMENTS]),
     ]
     if config.variables:
         lines.append("ENV " + " ".join(_variable(v) for v in config.variables))
@@ -363,32 +427,41 @@ def dockerfile_for(
     if wheels_gpu:
         wheels = _framework_cuda_wheels(env, specs, pins)
         if wheels:
-            lines.append(f"RUN {_PIP} {_quote(wheels)}")
+            lines.append(installer.line(wheels))
 
+    frameworks = framework_pins(env.python_packages, requirements)
+    frameworks_of_packages = framework_pins(env.python_packages, None)
+    if frameworks:
+        # The frameworks first, in a layer of their own: packages pinning the same one
+        # share it (built once, pushed once); the model's packages then find it installed.
+        extra = []
+        if gpu:
+            frameworks, extra = gpu_packages(frameworks, env.cuda, strategy=strategy, pins=pins)
+        lines.append(installer.line([*extra, *frameworks]))
     if env.python_requirements:
         rewrite = {"cuda": env.cuda, "strategy": strategy, "pins": pins} if gpu else None
-        lines += _requirements_layers(env.python_requirements, requirements, rewrite)
-    if env.python_packages:
+        lines += _requirements_layers(env.python_requirements, requirements, rewrite, installer)
+    # python_packages that are all frameworks were installed whole just now.
+    if env.python_packages and set(env.python_packages) - set(frameworks_of_packages):
         packages, extra = list(env.python_packages), []
         if gpu:
             packages, extra = gpu_packages(packages, env.cuda, strategy=strategy, pins=pins)
-        lines.append(f"RUN {_PIP} {_quote([*extra, *packages])}")
+        lines.append(installer.line([*extra, *packages]))
     if implicit:
-        lines.append(f"RUN {_PIP} {_quote(list(implicit))}")
+        lines.append(installer.line(list(implicit)))
     if wheels_gpu:
         lines.append(f"RUN {_REGISTER_NVIDIA_LIBS}")
     lines += [f"RUN {command}" for command in env.run]
     lines += [
         # cog itself: the server's wheel into its environment, the model's (its API and
         # worker, pure Python, no dependencies) into the image's Python.
+        # Both pure Python, with no dependencies: unpacked and compiled, as pip would,
+        # by one Python start (cog.wheel_install, run from the server's wheel).
         "COPY cog/ /tmp/cog/",
-        f"RUN {_PIP} --no-deps --upgrade --target {SERVER_ENV} /tmp/cog/server/{runtime_wheel}"
-        f" && {_PIP} --no-deps --force-reinstall /tmp/cog/model/{runtime_wheel}"
+        f"RUN PYTHONPATH=/tmp/cog/server/{runtime_wheel} python -m cog.wheel_install"
+        f" /tmp/cog/server/{runtime_wheel} {SERVER_ENV} /tmp/cog/model/{runtime_wheel}"
         " && rm -rf /tmp/cog",
-        # Image settings before the model's files, so a code change reuses them too.
         f"WORKDIR {WORKDIR}",
-        "EXPOSE 5000",
-        f"CMD {json.dumps(SERVER_COMMAND)}",
         f"COPY package/ {WORKDIR}/",
     ]
     labels = {
@@ -411,7 +484,9 @@ def dockerfile_for(
     return "\n".join(lines) + "\n"
 
 
-def _requirements_layers(path: str, text: str | None, rewrite: dict | None) -> list[str]:
+def _requirements_layers(
+    path: str, text: str | None, rewrite: dict | None, installer: Installer
+) -> list[str]:
     """The requirements file's layers: copied and installed as written; or, on a GPU image
     (rewrite: gpu_packages' arguments) whose file pins torch/tensorflow, rewritten and
     written by the Dockerfile itself, so every builder gets it without a context change."""
@@ -426,21 +501,21 @@ def _requirements_layers(path: str, text: str | None, rewrite: dict | None) -> l
             summary = ", ".join(f"{old} -> {new}" for old, new in changes)
             return [
                 f"# {path}, rewritten for CUDA {rewrite['cuda']}: {summary}",
-                "RUN mkdir -p /tmp/cog && printf '%s\\n' "
+                f"{installer.run} mkdir -p /tmp/cog && printf '%s\\n' "
                 f"{_quote(lines)} > /tmp/cog/requirements.txt && "
-                f"{_PIP} {_quote([*extra, '-r', '/tmp/cog/requirements.txt'])}",
+                f"{installer.pip} {_quote([*extra, '-r', '/tmp/cog/requirements.txt'])}",
             ]
     return [
         # The JSON form: the path may hold spaces.
         "COPY " + json.dumps([f"package/{path}", "/tmp/cog/requirements.txt"]),
-        f"RUN {_PIP} -r /tmp/cog/requirements.txt",
+        installer.line(["-r", "/tmp/cog/requirements.txt"]),
     ]
 
 
 def _read_requirements(request: BuildRequest) -> str | None:
-    """The requirements file of a GPU build, from the package zip (small; read at once)."""
+    """The requirements file, from the package zip (small; read at once)."""
     path = request.config.environment.python_requirements
-    if request.target != "gpu" or not path:
+    if not path:
         return None
     try:
         with zipfile.ZipFile(request.package_zip) as archive:
@@ -490,8 +565,11 @@ def _requirements_text(request: BuildRequest) -> str | None:
         return None
 
 
-def dockerfile_for_request(request: BuildRequest, settings: BuilderSettings) -> str:
-    """The Dockerfile of one build request, the same for every builder."""
+def dockerfile_for_request(
+    request: BuildRequest, settings: BuilderSettings, *, pip_cache: str | None = None
+) -> str:
+    """The Dockerfile of one build request, the same for every builder (pip_cache: see
+    :func:`dockerfile_for`; never for a build without the cache)."""
     return dockerfile_for(
         request.config,
         request.target,
@@ -503,4 +581,5 @@ def dockerfile_for_request(request: BuildRequest, settings: BuilderSettings) -> 
         implicit=implicit_packages(
             request.package_zip, request.config, _requirements_text(request)
         ),
+        pip_cache=None if request.no_cache else pip_cache,
     )

@@ -161,6 +161,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-builds", type=int, default=1, help="builds at once (default: 1)")
     p.add_argument(
+        "--targets-in-turn",
+        action="store_true",
+        help="build a package's CPU and GPU images one after the other (default: at once)",
+    )
+    p.add_argument(
         "--no-check",
         action="store_true",
         help="do not boot built images and run their examples before calling them ready",
@@ -278,6 +283,7 @@ def settings_from_args(args: argparse.Namespace):
             check_images=not args.no_check,
             check_timeout=args.check_timeout,
             max_concurrent_builds=args.max_builds,
+            concurrent_targets=not args.targets_in_turn,
             stale_after=args.stale_after,
             heartbeat=min(30.0, args.stale_after / 4),
         ),

@@ -10,8 +10,8 @@ An upload goes through named steps, each an async generator of build events (see
    here or on another server, or claim the package (its zip stored, its record
    "building");
 3. the build (:meth:`_build`): wait for a build slot, build and push each architecture's
-   image, check the model in the built image, record the outcome; every event goes to
-   the build's live log, which is stored when the build ends.
+   image (all at once, :mod:`cog.server.targets`), check the model in the built image,
+   record the outcome; every event goes to the build's live log, stored when it ends.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from cog.server.records import (
     record_to_json,
 )
 from cog.server.settings import IngestOptions
+from cog.server.targets import merged
 from cog.server.uploads import ReceivedUpload
 from cog.storage import NotFound, Storage
 from cog.streams import file_chunks, to_file
@@ -512,10 +513,12 @@ class IngestService:
             run.position.enter("waiting for a free build slot")
             yield events.status("Waiting for a free build slot")
         async with self._slots:
-            for target in run.record.config.environment.architectures:
-                async with contextlib.aclosing(self._build_image(run, zip_path, target)) as s:
-                    async for event in s:
-                        yield event
+            targets = run.record.config.environment.architectures
+            images = [self._build_image(run, zip_path, target) for target in targets]
+            at_once = self.options.concurrent_targets
+            async with contextlib.aclosing(merged(images, at_once=at_once)) as s:
+                async for event in s:
+                    yield event
             if self.options.check_images:
                 async with contextlib.aclosing(self._check(run, zip_path)) as s:
                     async for event in s:
@@ -539,14 +542,20 @@ class IngestService:
             signature_json=json.dumps(record.signature) if record.signature else None,
             no_cache=run.no_cache,
         )
-        async with contextlib.aclosing(self.builder.build(request)) as stream:
-            async for item in stream:
-                if isinstance(item, BuildLog):
-                    run.position.saw(item.line)
-                    yield events.log(item.stage, item.line, target)
-                else:
-                    run.artifacts.append(Artifact(f"docker-{target}", item.image, item.digest))
-                    yield events.status(f"Pushed {item.image} ({item.digest})")
+        try:
+            async with contextlib.aclosing(self.builder.build(request)) as stream:
+                async for item in stream:
+                    if isinstance(item, BuildLog):
+                        run.position.saw(item.line)
+                        yield events.log(item.stage, item.line, target)
+                    else:
+                        run.artifacts.append(Artifact(f"docker-{target}", item.image, item.digest))
+                        yield events.status(f"Pushed {item.image} ({item.digest})")
+        except BuildError:
+            # Another target may have moved the position meanwhile (built at once): the
+            # failure's lines are this one's.
+            run.position.enter(f"building the {target.upper()} image {image}", target)
+            raise
 
     async def _check(self, run: BuildRun, zip_path: Path) -> AsyncIterator[Event]:
         from cog.engine import RegistryAuth  # aiodocker: only where checks run

@@ -19,6 +19,8 @@ class IngestOptions:
     check_timeout: float = 300.0
     #: builds running at once in this server; more wait for a slot
     max_concurrent_builds: int = 1
+    #: build a package's architectures (CPU, GPU) at once, in one build slot
+    concurrent_targets: bool = True
     #: a running build refreshes its record this often...
     heartbeat: float = 30.0
     #: ...so a "building" record older than this belongs to a server that died: rebuild

@@ -4,13 +4,13 @@ ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=igno
 RUN if ! python3.11 -m venv /opt/cog 2>/dev/null; then apt-get update -qq && { apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates || { echo 'cog: this base image has no Python 3.11, and its distribution does not package python3.11; set python_version to one it packages (Ubuntu 22.04: 3.10, 3.11), build GPU images with --gpu-strategy wheels, or give the server a base image with Python 3.11 (--base-image gpu=IMAGE)'; exit 1; }; } && rm -rf /var/lib/apt/lists/* && python3.11 -m venv --clear /opt/cog; fi && /opt/cog/bin/python -c "import sys; print('Python', sys.version.split()[0], 'in /opt/cog')"
 ENV PATH=/opt/cog/bin:${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}
 RUN python -c 'import sys; sys.exit("%d.%d" % sys.version_info[:2] != "3.11" and "cog: python_version is 3.11, but the base image site.local/cuda:10.0-cudnn7-runtime runs Python %s; give the server a base image with Python 3.11 (--base-image gpu=IMAGE)" % sys.version.split()[0])'
+EXPOSE 5000
+CMD ["python", "-I", "-S", "-c", "import sys, runpy; sys.path.insert(0, '/opt/cog-runtime'); runpy.run_module('cog.runtime', run_name='__main__', alter_sys=True)"]
 RUN python -m pip install --no-cache-dir --target /opt/cog-runtime 'aiohttp>=3.9' 'attrs>=22.1' 'pyyaml>=5.4'
 RUN python -m pip install --no-cache-dir tensorflow_gpu==1.15.0
 COPY cog/ /tmp/cog/
-RUN python -m pip install --no-cache-dir --no-deps --upgrade --target /opt/cog-runtime /tmp/cog/server/cog-0.0.0-py3-none-any.whl && python -m pip install --no-cache-dir --no-deps --force-reinstall /tmp/cog/model/cog-0.0.0-py3-none-any.whl && rm -rf /tmp/cog
+RUN PYTHONPATH=/tmp/cog/server/cog-0.0.0-py3-none-any.whl python -m cog.wheel_install /tmp/cog/server/cog-0.0.0-py3-none-any.whl /opt/cog-runtime /tmp/cog/model/cog-0.0.0-py3-none-any.whl && rm -rf /tmp/cog
 WORKDIR /src
-EXPOSE 5000
-CMD ["python", "-I", "-S", "-c", "import sys, runpy; sys.path.insert(0, '/opt/cog-runtime'); runpy.run_module('cog.runtime', run_name='__main__', alter_sys=True)"]
 COPY package/ /src/
 LABEL org.cog-models.package-id="ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff" \
       org.cog-models.target="gpu" \

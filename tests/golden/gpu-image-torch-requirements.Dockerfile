@@ -4,14 +4,15 @@ ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=igno
 RUN if ! python3.10 -m venv /opt/cog 2>/dev/null; then apt-get update -qq && { apt-get install -y --no-install-recommends python3.10 python3.10-venv ca-certificates || { echo 'cog: this base image has no Python 3.10, and its distribution does not package python3.10; set python_version to one it packages (Ubuntu 22.04: 3.10, 3.11), build GPU images with --gpu-strategy wheels, or give the server a base image with Python 3.10 (--base-image gpu=IMAGE)'; exit 1; }; } && rm -rf /var/lib/apt/lists/* && python3.10 -m venv --clear /opt/cog; fi && /opt/cog/bin/python -c "import sys; print('Python', sys.version.split()[0], 'in /opt/cog')"
 ENV PATH=/opt/cog/bin:${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}
 RUN python -c 'import sys; sys.exit("%d.%d" % sys.version_info[:2] != "3.10" and "cog: python_version is 3.10, but the base image site.local/cuda:11.0-cudnn8-runtime-ubuntu22.04 runs Python %s; give the server a base image with Python 3.10 (--base-image gpu=IMAGE)" % sys.version.split()[0])'
+EXPOSE 5000
+CMD ["python", "-I", "-S", "-c", "import sys, runpy; sys.path.insert(0, '/opt/cog-runtime'); runpy.run_module('cog.runtime', run_name='__main__', alter_sys=True)"]
 RUN python -m pip install --no-cache-dir --target /opt/cog-runtime 'aiohttp>=3.9' 'attrs>=22.1' 'pyyaml>=5.4'
+RUN python -m pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cu110 -f https://download.pytorch.org/whl/torch_stable.html torch==1.7.1+cu110
 # requirements.txt, rewritten for CUDA 11.0: torch==1.7.1 -> torch==1.7.1+cu110, torchvision==0.8.2 ; python_version < '3.12' -> torchvision==0.8.2+cu110 ; python_version < '3.12'
 RUN mkdir -p /tmp/cog && printf '%s\n' '# the model'"'"'s packages' numpy==1.26.4 torch==1.7.1+cu110 'torchvision==0.8.2+cu110 ; python_version < '"'"'3.12'"'"'' > /tmp/cog/requirements.txt && python -m pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cu110 -f https://download.pytorch.org/whl/torch_stable.html -r /tmp/cog/requirements.txt
 COPY cog/ /tmp/cog/
-RUN python -m pip install --no-cache-dir --no-deps --upgrade --target /opt/cog-runtime /tmp/cog/server/cog-0.0.0-py3-none-any.whl && python -m pip install --no-cache-dir --no-deps --force-reinstall /tmp/cog/model/cog-0.0.0-py3-none-any.whl && rm -rf /tmp/cog
+RUN PYTHONPATH=/tmp/cog/server/cog-0.0.0-py3-none-any.whl python -m cog.wheel_install /tmp/cog/server/cog-0.0.0-py3-none-any.whl /opt/cog-runtime /tmp/cog/model/cog-0.0.0-py3-none-any.whl && rm -rf /tmp/cog
 WORKDIR /src
-EXPOSE 5000
-CMD ["python", "-I", "-S", "-c", "import sys, runpy; sys.path.insert(0, '/opt/cog-runtime'); runpy.run_module('cog.runtime', run_name='__main__', alter_sys=True)"]
 COPY package/ /src/
 LABEL org.cog-models.package-id="ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff" \
       org.cog-models.target="gpu" \

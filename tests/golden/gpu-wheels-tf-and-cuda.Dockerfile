@@ -2,14 +2,14 @@
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore DEBIAN_FRONTEND=noninteractive
 RUN python -c 'import sys; sys.exit("%d.%d" % sys.version_info[:2] != "3.11" and "cog: python_version is 3.11, but the base image python:3.11-slim runs Python %s; give the server a base image with Python 3.11 (--base-image cpu=IMAGE)" % sys.version.split()[0])'
+EXPOSE 5000
+CMD ["python", "-I", "-S", "-c", "import sys, runpy; sys.path.insert(0, '/opt/cog-runtime'); runpy.run_module('cog.runtime', run_name='__main__', alter_sys=True)"]
 RUN python -m pip install --no-cache-dir --target /opt/cog-runtime 'aiohttp>=3.9' 'attrs>=22.1' 'pyyaml>=5.4'
 RUN python -m pip install --no-cache-dir 'tensorflow[and-cuda]==2.15.0'
 RUN python -c "import glob, sysconfig; print('\n'.join(sorted({d for k in ('purelib', 'platlib') for d in glob.glob(sysconfig.get_path(k) + '/nvidia/*/lib')})))" > /etc/ld.so.conf.d/cog-nvidia.conf && ldconfig
 COPY cog/ /tmp/cog/
-RUN python -m pip install --no-cache-dir --no-deps --upgrade --target /opt/cog-runtime /tmp/cog/server/cog-0.0.0-py3-none-any.whl && python -m pip install --no-cache-dir --no-deps --force-reinstall /tmp/cog/model/cog-0.0.0-py3-none-any.whl && rm -rf /tmp/cog
+RUN PYTHONPATH=/tmp/cog/server/cog-0.0.0-py3-none-any.whl python -m cog.wheel_install /tmp/cog/server/cog-0.0.0-py3-none-any.whl /opt/cog-runtime /tmp/cog/model/cog-0.0.0-py3-none-any.whl && rm -rf /tmp/cog
 WORKDIR /src
-EXPOSE 5000
-CMD ["python", "-I", "-S", "-c", "import sys, runpy; sys.path.insert(0, '/opt/cog-runtime'); runpy.run_module('cog.runtime', run_name='__main__', alter_sys=True)"]
 COPY package/ /src/
 LABEL org.cog-models.package-id="ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff" \
       org.cog-models.target="gpu" \

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -54,8 +55,12 @@ OPTIONS = frozenset(
         "context_listen",
         "connect_timeout",
         "docker_host",
+        "pip_cache",
     }
 )
+#: The cache mount pip's downloads go to, shared by every package this BuildKit builds
+DEFAULT_PIP_CACHE = "cog-pip"
+_CACHE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TLS_WORDS = ("ssl", "tls", "handshake", "certificate", "verification")
 
 
@@ -207,6 +212,12 @@ class BuildKitBuilder(Builder):
             port = int(options.get("context_port", "0"))
         except ValueError as exc:
             raise BuilderConfigError(f"buildkit options: {exc}") from None
+        pip_cache = options.get("pip_cache", DEFAULT_PIP_CACHE)
+        if pip_cache != "off" and not _CACHE_ID.fullmatch(pip_cache):
+            raise BuilderConfigError(
+                f"buildkit option pip_cache={pip_cache!r}: a cache ID (letters, digits, "
+                "'.', '_', '-'), or off"
+            )
         context_url = options.get("context_url") or None
         if context_url:
             if not context_url.startswith(("http://", "https://")):
@@ -260,8 +271,16 @@ class BuildKitBuilder(Builder):
             await self._engine.close()
             self._engine = None
 
+    @property
+    def pip_cache(self) -> str | None:
+        """The ID of the cache mount for pip's downloads; None when the operator said off."""
+        cache = self.settings.options.get("pip_cache", DEFAULT_PIP_CACHE)
+        return None if cache == "off" else cache
+
     def dockerfile(self, request: BuildRequest) -> str:
-        return dockerfile_for_request(request, self.settings)
+        # A build without the cache gets no cache mount either: BuildKit keeps a cache
+        # mount's contents through no-cache.
+        return dockerfile_for_request(request, self.settings, pip_cache=self.pip_cache)
 
     # -- errors ------------------------------------------------------------------------
 
