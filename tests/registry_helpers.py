@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import urllib.error
@@ -66,6 +67,16 @@ def spooled(root: Path) -> list[Path]:
     """The files a server holds under its temporary directory root (in its own directory
     there, see cog.server.workdir), but for its lock."""
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != ".lock")
+
+
+async def nothing_spooled(root: Path, within: float = 10.0) -> None:
+    """Wait until the server holds no upload under root. An upload's file is removed as
+    its handler ends, which is just after a streamed answer's last byte has gone: a
+    client can read the end of the answer before the removal."""
+    deadline = asyncio.get_running_loop().time() + within
+    while left := spooled(root):
+        assert asyncio.get_running_loop().time() < deadline, f"left after {within:g}s: {left}"
+        await asyncio.sleep(0.01)
 
 
 async def stored_keys(storage) -> list[str]:

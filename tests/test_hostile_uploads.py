@@ -14,7 +14,7 @@ import pytest
 from cog.builders import BuilderSettings
 from cog.server.app import ServerSettings, make_app
 from cog.server.keys import STORAGE
-from tests.registry_helpers import form, raw_zip, spooled, stored_keys
+from tests.registry_helpers import form, nothing_spooled, raw_zip, stored_keys
 
 MODEL = """\
 import cog
@@ -151,7 +151,7 @@ async def test_a_hostile_upload_is_the_uploaders_400(client, tmp_path, case):
     assert response.status == 400, body
     assert words in body["error"], body["error"]
     assert await stored_keys(client.app[STORAGE]) == []
-    assert spooled(tmp_path / "spool") == []
+    await nothing_spooled(tmp_path / "spool")
 
 
 async def test_a_name_too_long_behind_the_registry_is_refused_at_upload(aiohttp_client, tmp_path):

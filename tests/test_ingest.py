@@ -22,7 +22,7 @@ from cog.events import NDJSON
 from cog.server.app import ServerSettings, make_app
 from cog.server.keys import INGEST
 from cog.server.settings import IngestOptions
-from tests.registry_helpers import form, make_model_dir, package_bytes, spooled
+from tests.registry_helpers import form, make_model_dir, nothing_spooled, package_bytes
 
 DIGEST = "sha256:" + "0" * 64
 
@@ -356,7 +356,7 @@ async def test_a_no_cache_value_that_is_no_yes_or_no_is_400_before_the_body(
     assert response.status == 400
     assert "no_cache='maybe'" in (await response.json())["error"]
     assert builder.requests == []
-    assert spooled(tmp_path / "spool") == []
+    await nothing_spooled(tmp_path / "spool")
     assert (await client.post(f"/v1/packages/{package_id}/build?no_cache=x")).status == 400
 
 

@@ -20,7 +20,13 @@ from cog.builders.docker import DockerBuilder
 from cog.events import NDJSON
 from cog.server.app import ServerSettings, make_app
 from cog.server.settings import IngestOptions
-from tests.registry_helpers import EXAMPLES, form, package_bytes, spooled, upload_then_hang_up
+from tests.registry_helpers import (
+    EXAMPLES,
+    form,
+    nothing_spooled,
+    package_bytes,
+    upload_then_hang_up,
+)
 from tests.services.docker import containers
 from tests.test_cli import COG, cog_server
 
@@ -183,10 +189,10 @@ async def test_setup_failure_is_reported_with_the_models_error(
 @pytest.mark.parametrize(
     ("extra", "step", "needle"),
     [
-        # Step 3 checks the image's Python; step 4 is the inference server's environment,
-        # the same for every package.
-        ("  system_packages: [no-such-package-cog-test]\n", "Step 5/", "no-such-package-cog-test"),
-        ("  python_packages: ['cog-no-such-dist-xyz==0.0.1']\n", "Step 5/", "cog-no-such-dist-xyz"),
+        # Step 3 checks the image's Python; steps 4 and 5 are EXPOSE and CMD, step 6 the
+        # inference server's environment: the same for every package.
+        ("  system_packages: [no-such-package-cog-test]\n", "Step 7/", "no-such-package-cog-test"),
+        ("  python_packages: ['cog-no-such-dist-xyz==0.0.1']\n", "Step 7/", "cog-no-such-dist-xyz"),
     ],
     ids=["system-package", "pip-requirement"],
 )
@@ -390,4 +396,4 @@ async def test_ten_parallel_uploads_of_a_new_package_make_one_build(
         e for events in results for e in events if "following that build" in e.get("message", "")
     ]
     assert len(following) == 9
-    assert spooled(tmp_path / "spool") == []
+    await nothing_spooled(tmp_path / "spool")
