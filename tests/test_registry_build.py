@@ -186,6 +186,28 @@ async def test_setup_failure_is_reported_with_the_models_error(
     assert "Last lines of its output:" not in lines
 
 
+@pytest.mark.parametrize("burst", [900, 3000])
+async def test_every_line_the_model_printed_is_in_the_build_log_or_counted(
+    client, tmp_path, no_leaked_containers, burst
+):
+    """The model's output is a stream of its own, read beside /health-check: a burst at
+    the end of setup() arrives after the model says it is ready. The check reads that
+    stream to its end (the container stopped) before it ends, so no line is lost; more
+    lines than are kept between two reads (1,000) are counted, in a line that says so."""
+    setup = f"[print(f'line {{n}} of the burst', flush=True) for n in range({burst})]"
+    data, _ = package_bytes(model_dir(tmp_path, setup=setup, examples=False))
+    events = await stream_upload(client, data)
+    assert events[-1]["type"] == "package", events[-1]
+    lines = [e["line"] for e in events if e["type"] == "log" and e.get("stage") == "test"]
+    printed = [line for line in lines if " of the burst" in line]
+    skipped = [
+        int(line.split("(", 1)[1].split()[0]) for line in lines if "output not shown" in line
+    ]
+    assert len(printed) + sum(skipped) == burst, (len(printed), skipped, printed[-3:])
+    assert printed[-1].endswith(f"line {burst - 1} of the burst")
+    assert bool(skipped) == (burst > 1000)
+
+
 @pytest.mark.parametrize(
     ("extra", "step", "needle"),
     [

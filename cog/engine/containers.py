@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import socket
@@ -54,6 +55,8 @@ SOCKET_WAIT = 60.0
 PACKAGE_LABEL = "org.cog-models.package"
 #: the longest line of the model's output kept (the rest of it is dropped)
 MAX_LOG_LINE = 16 * 1024
+#: the model's output lines kept until they are taken (new_log_lines)
+NEW_LINES = 1000
 #: every GPU the engine has, as `docker run --gpus all` asks for them
 ALL_GPUS = {"Driver": "", "Count": -1, "Capabilities": [["gpu"]]}
 
@@ -195,7 +198,9 @@ class ModelContainer:
         self._logs: collections.deque[str] = collections.deque(maxlen=200)
         # Lines not yet taken by new_log_lines(); bounded, as `cog infer` never takes them
         # after the model is ready and a chatty model must not grow this process.
-        self._new_lines: collections.deque[str] = collections.deque(maxlen=1000)
+        self._new_lines: collections.deque[str] = collections.deque(maxlen=NEW_LINES)
+        #: lines that fell out of _new_lines before they were taken (said, not hidden)
+        self._skipped = 0
         self._log_task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ModelContainer:
@@ -327,16 +332,40 @@ class ModelContainer:
                             pending = ""
                         for line in lines:
                             self._logs.append(line)
+                            if len(self._new_lines) == NEW_LINES:
+                                self._skipped += 1
                             self._new_lines.append(line)
         except (EngineError, aiohttp.ClientError):
             pass  # the container went away: its last lines are kept already
 
     def new_log_lines(self) -> list[str]:
-        """Lines the model printed since the last call."""
+        """Lines the model printed since the last call (the last NEW_LINES of them, and a
+        line saying how many came before those)."""
         lines = []
+        if self._skipped:
+            lines.append(
+                f"({self._skipped} lines of the model's output not shown: more than "
+                f"{NEW_LINES} came between two reads)"
+            )
+            self._skipped = 0
         while self._new_lines:
             lines.append(self._new_lines.popleft())
         return lines
+
+    async def last_log_lines(self, within: float = 5.0) -> list[str]:
+        """Stop the model, then the lines it printed that new_log_lines() has not given
+        yet. Its output is a stream of its own, so its last lines can arrive after its
+        answers (or after /health-check said it was ready): they are read until the
+        stream ends with the container (killed: it is removed next anyway), at most
+        ``within`` seconds."""
+        if self.container is not None:
+            # At best: one that is gone or stopped already has ended its log too, and
+            # an engine that does not answer leaves the wait below to its bound.
+            with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError):
+                await self.container.kill()
+        if self._log_task is not None:
+            await asyncio.wait([self._log_task], timeout=within)
+        return self.new_log_lines()
 
     def log_tail(self, n: int = 20) -> tuple[str, ...]:
         return tuple(list(self._logs)[-n:])

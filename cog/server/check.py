@@ -148,39 +148,48 @@ async def _check(
         if served.get("kind") == "predictor":
             async for line in _check_prediction(model, served, timeout):
                 yield line
-            return
+        else:
+            async for line in _check_examples(model, config, zip_path, timeout):
+                yield line
+        for line in await model.last_log_lines():
+            yield _log(f"model: {line}")
 
-        for number, example in enumerate(config.examples, start=1):
-            step = f"test: example {number}"
-            began = time.monotonic()
-            try:
-                verdict = await asyncio.wait_for(
-                    _answer(model, example_form(example, zip_path), example, zip_path), timeout
-                )
-            except asyncio.TimeoutError:
-                raise BuildError(
-                    f"example {number} got no answer within {timeout:g}s",
-                    step=step,
-                    output=model.log_tail(),
-                ) from None
-            except aiohttp.ClientError as exc:
-                failure = await model.failure(f"answering example {number}", exc)
-                raise BuildError(str(failure), step=step, output=failure.logs) from None
-            for line in model.new_log_lines():
-                yield _log(f"model: {line}")
-            if verdict.status != 200:
-                raise BuildError(
-                    f"example {number} failed (HTTP {verdict.status}): {verdict.error}",
-                    step=step,
-                    output=model.log_tail(),
-                )
-            if verdict.mismatch is not None:
-                raise BuildError(
-                    f"example {number}: {verdict.mismatch}", step=step, output=model.log_tail()
-                )
-            yield _log(f"Example {number}: ok ({time.monotonic() - began:.2f}s)")
-        if not config.examples:
-            yield _log("No examples in cog.yaml: checked that the model boots and serves /help")
+
+async def _check_examples(
+    model: ModelContainer, config: Config, zip_path: Path, timeout: float
+) -> AsyncIterator[BuildLog]:
+    """A 2021 model's examples, each answered as cog.yaml says."""
+    for number, example in enumerate(config.examples, start=1):
+        step = f"test: example {number}"
+        began = time.monotonic()
+        try:
+            verdict = await asyncio.wait_for(
+                _answer(model, example_form(example, zip_path), example, zip_path), timeout
+            )
+        except asyncio.TimeoutError:
+            raise BuildError(
+                f"example {number} got no answer within {timeout:g}s",
+                step=step,
+                output=model.log_tail(),
+            ) from None
+        except aiohttp.ClientError as exc:
+            failure = await model.failure(f"answering example {number}", exc)
+            raise BuildError(str(failure), step=step, output=failure.logs) from None
+        for line in model.new_log_lines():
+            yield _log(f"model: {line}")
+        if verdict.status != 200:
+            raise BuildError(
+                f"example {number} failed (HTTP {verdict.status}): {verdict.error}",
+                step=step,
+                output=model.log_tail(),
+            )
+        if verdict.mismatch is not None:
+            raise BuildError(
+                f"example {number}: {verdict.mismatch}", step=step, output=model.log_tail()
+            )
+        yield _log(f"Example {number}: ok ({time.monotonic() - began:.2f}s)")
+    if not config.examples:
+        yield _log("No examples in cog.yaml: checked that the model boots and serves /help")
 
 
 async def _answer(
