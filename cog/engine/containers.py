@@ -359,10 +359,12 @@ class ModelContainer:
         stream ends with the container (killed: it is removed next anyway), at most
         ``within`` seconds."""
         if self.container is not None:
-            # At best: one that is gone or stopped already has ended its log too, and
-            # an engine that does not answer leaves the wait below to its bound.
-            with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError):
-                await self.container.kill()
+            # Best effort: a container that is gone or stopped has ended its log
+            # already, and an engine that does not answer is waited for `within` at most.
+            with contextlib.suppress(
+                aiodocker.DockerError, aiohttp.ClientError, asyncio.TimeoutError
+            ):
+                await asyncio.wait_for(self.container.kill(), within)
         if self._log_task is not None:
             await asyncio.wait([self._log_task], timeout=within)
         return self.new_log_lines()
