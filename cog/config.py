@@ -372,6 +372,14 @@ _NAME = re.compile(
 )
 _MODEL = re.compile(r"(?P<file>[\w./-]+\.py):(?P<cls>[A-Za-z_]\w*)")
 _PIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:\[[A-Za-z0-9._,-]+\])?==[A-Za-z0-9.*+!_-]+")
+#: one requirement as today's Cog takes it in build.python_packages: a name, extras,
+#: version specifiers, a marker (no pip options: they would change where pip looks)
+_REQUIREMENT = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9._-]*(?:\[[A-Za-z0-9._,-]+\])?"
+    r"(?:\s*(?:===|==|!=|~=|>=|<=|>|<)\s*[A-Za-z0-9.*+!_-]+"
+    r"(?:\s*,\s*(?:===|==|!=|~=|>=|<=|>|<)\s*[A-Za-z0-9.*+!_-]+)*)?"
+    r"(?:\s*;\s*[A-Za-z0-9_.<>=!~'\" ()-]+)?"
+)
 _VCS = re.compile(r"git\+(?:https?|ssh)://[A-Za-z0-9._~:/@%+#=&?-]+")
 _DEB = re.compile(r"[a-z0-9][a-z0-9+.-]+(?:=[A-Za-z0-9.+~:-]+)?")
 
@@ -463,7 +471,15 @@ def _problems(config: Config, files: PackageFiles) -> list[str]:
                 f"environment.python_requirements: {env.python_requirements} is not in the package"
             )
     for i, spec in enumerate(env.python_packages):
-        if not (_PIN.fullmatch(spec) or _VCS.fullmatch(spec)):
+        if _PIN.fullmatch(spec) or _VCS.fullmatch(spec):
+            continue
+        if config.format == PREDICT_FORMAT:  # today's Cog passes any requirement to pip
+            if not _REQUIREMENT.fullmatch(spec):
+                problems.append(
+                    f"environment.python_packages[{i}]: {spec!r} is not a requirement "
+                    "(name[extras] and version specifiers, or a git+https:// URL)"
+                )
+        else:
             problems.append(
                 f"environment.python_packages[{i}]: {spec!r} is not pinned; "
                 "use name==version (or a git+https:// URL)"

@@ -144,14 +144,32 @@ def test_problems_name_the_keys_as_the_file_spells_them():
         "build.system_packages: item 1: expected a string, got an integer",
     ]
     problems = problems_of(
-        "predict: nothing\nimage: Bad Name\nbuild:\n  python_packages: [torch]\n"
+        "predict: nothing\nimage: Bad Name\nbuild:\n  python_packages: ['--index-url=x']\n"
     )
     assert problems == [
         "image: 'Bad Name' is not a valid image name (lowercase letters, digits, '.', '_', "
         "'-' and '/' between parts, e.g. 'acme/colorizer')",
         "predict: 'nothing' must be 'file.py:ClassName', e.g. 'infer.py:Model'",
-        "build.python_packages[0]: 'torch' is not pinned; "
-        "use name==version (or a git+https:// URL)",
+        "build.python_packages[0]: '--index-url=x' is not a requirement "
+        "(name[extras] and version specifiers, or a git+https:// URL)",
+    ]
+
+
+def test_todays_python_packages_take_any_requirement_as_cog_does():
+    """Cog passes build.python_packages to pip as they are (its own test projects list
+    `pydantic>=1.10.0`); a 2021 cog.yaml keeps its rule: pinned."""
+    today = (
+        "predict: predict.py:Predictor\nbuild:\n  python_packages:\n"
+        "    - pydantic>=1.10.0\n    - torch\n    - numpy>=1.2,<2\n"
+        "    - requests[socks]~=2.31\n    - \"pywin32; sys_platform == 'win32'\"\n"
+    )
+    config = check_config(today, Files({"predict.py": PREDICTOR}))
+    assert config.environment.python_packages[0] == "pydantic>=1.10.0"
+    assert problems_of(
+        "predict: predict.py:Predictor\nbuild:\n  python_packages: ['x>=1 && rm -rf /']\n"
+    ) == [
+        "build.python_packages[0]: 'x>=1 && rm -rf /' is not a requirement "
+        "(name[extras] and version specifiers, or a git+https:// URL)"
     ]
 
 
