@@ -246,8 +246,7 @@ def test_layer_order_puts_what_changes_most_last():
         layer_index(text, 'COPY ["package/requirements.txt"'),
         layer_index(text, "-r /tmp/cog/requirements.txt"),
         layer_index(text, "pillow==11.3.0"),
-        layer_index(text, "COPY cog/ /tmp/cog/"),
-        layer_index(text, f"/tmp/cog/model/{WHEEL}"),
+        layer_index(text, "COPY --from=cog-wheels /tmp/cog-files/ /"),
         layer_index(text, "COPY package/ /src/"),
         layer_index(text, "LABEL"),
     ]
@@ -256,10 +255,51 @@ def test_layer_order_puts_what_changes_most_last():
     first_install = layer_index(text, "pip install")
     assert layer_index(text, "EXPOSE 5000") < first_install
     assert layer_index(text, "CMD [") < first_install
-    # After the model's packages: one step copies cog's wheels, one installs both.
+    # After the model's packages: one step copies cog in, unpacked and compiled already.
     after = text.splitlines()[layer_index(text, "pillow==11.3.0") + 1 :]
     steps = [line.split()[0] for line in after if line[:1].isupper()]
-    assert steps == ["COPY", "RUN", "WORKDIR", "COPY", "LABEL"], after
+    assert steps == ["COPY", "COPY", "LABEL"], after
+    # The model's directory is the working directory from the base stage on.
+    assert layer_index(text, "WORKDIR /src") < first_install
+
+
+def _stages(text: str) -> list[list[str]]:
+    """The Dockerfile's stages, each its lines from its FROM on."""
+    stages: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("FROM "):
+            stages.append([])
+        if stages:
+            stages[-1].append(line)
+    return stages
+
+
+def test_cog_is_unpacked_in_a_stage_the_models_packages_never_wait_for():
+    """The base stage (the base image, the Python check, the server's environment); the
+    cog stage, from it, with cog's wheels and nothing of the model; the image, from the
+    base stage too, whose model's packages come before cog's one COPY."""
+    text = render(*CASES["cpu-packages"][:3], files=CASES["cpu-packages"][3])
+    base, wheels, image = _stages(text)
+    assert base[0] == "FROM python:3.11-slim AS cog-base"
+    assert any("--target /opt/cog-runtime 'aiohttp" in line for line in base)
+    assert wheels[0] == "FROM cog-base AS cog-wheels"
+    assert wheels[1:] == [
+        "COPY cog/ /tmp/cog/",
+        f"RUN PYTHONPATH=/tmp/cog/server/{WHEEL} python -m cog.wheel_install "
+        f"/tmp/cog/server/{WHEEL} /tmp/cog/model/{WHEEL} /tmp/cog-files",
+    ]
+    assert image[0] == "FROM cog-base"
+    assert not any("/tmp/cog/" in line and "requirements" not in line for line in image)
+    assert "PYTHONPATH=/opt/cog-model" in base[1]  # the model's cog first on its path
+
+
+def test_a_pythonpath_of_the_models_own_comes_after_its_cog():
+    yaml = (
+        "predict: predict.py:Predictor\nbuild:\n  python_packages: [pillow==11.3.0]\n"
+        "environment: [PYTHONPATH=/src/lib]\n"
+    )
+    text = render(yaml, "cpu", "wheels", files={"predict.py": "class Predictor:\n  pass\n"})
+    assert 'ENV PYTHONPATH="/opt/cog-model:/src/lib"' in text
 
 
 def test_todays_cog_yaml_sets_variables_and_runs_its_commands_after_the_packages():
@@ -273,7 +313,11 @@ def test_todays_cog_yaml_sets_variables_and_runs_its_commands_after_the_packages
         text, "ENV HF_HOME"
     )
     assert layer_index(text, "pillow==11.3.0") < layer_index(text, 'RUN echo "$HOME" > /x')
-    assert layer_index(text, 'RUN echo "$HOME"') < layer_index(text, "COPY cog/ /tmp/cog/")
+    assert layer_index(text, 'RUN echo "$HOME"') < layer_index(text, "COPY --from=cog-wheels")
+    # The commands run in /, as Cog's do; the model's files go to /src after them.
+    lines = text.splitlines()
+    run = layer_index(text, 'RUN echo "$HOME"')
+    assert lines[run - 1] == "WORKDIR /" and lines[run + 1] == "WORKDIR /src"
 
 
 def _real_dockerfile(root: Path, tmp_path: Path, target: str, strategy: str = "wheels") -> str:
@@ -326,9 +370,15 @@ def test_a_new_cog_version_leaves_the_packages_layers_alone(monkeypatch):
         runtime_wheel.cache_clear()
     assert wheel == "cog-99.0.0-py3-none-any.whl"
     assert 'cog-version="99.0.0"' in new and f'cog-version="{cog.__version__}"' in old
-    # Up to (and with) the runtime's own dependencies, nothing changed.
-    assert _before(old, "COPY cog/") == _before(new, "COPY cog/")
-    assert "pillow==11.3.0" in " ".join(_before(new, "COPY cog/"))
+    # The base stage (with the runtime's own dependencies) and every line of the image
+    # up to cog's COPY are the same; only the cog stage's wheels changed.
+    (old_base, old_wheels, old_image), (new_base, new_wheels, new_image) = map(_stages, (old, new))
+    assert old_base == new_base
+    assert old_wheels != new_wheels
+    assert _before("\n".join(old_image), "COPY --from") == _before(
+        "\n".join(new_image), "COPY --from"
+    )
+    assert "pillow==11.3.0" in " ".join(_before("\n".join(new_image), "COPY --from"))
 
 
 def test_requirements_pins_are_rewritten_for_gpu_images(tmp_path):
@@ -418,7 +468,10 @@ def test_image_strategy_gives_the_packages_python():
 
 
 def test_default_bases_and_templates():
-    assert render("model: infer.py:Model\n", "cpu").splitlines()[1] == "FROM python:3.8-slim"
+    assert (
+        render("model: infer.py:Model\n", "cpu").splitlines()[1]
+        == "FROM python:3.8-slim AS cog-base"
+    )
     gpu = render(CASES["gpu-image-torch"][0], "gpu", "image")
     assert "FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04" in gpu
     assert DEFAULT_BASE_IMAGES["cpu"] == "python:{python_version}-slim"
@@ -453,7 +506,7 @@ def test_image_strategy_needs_a_base_for_a_cuda_nvidia_no_longer_publishes():
         render(OLD_TORCH, "gpu", "image")
     assert "--base-image gpu=" in str(caught.value) and "CUDA 12.1 / cuDNN 8" in str(caught.value)
     text = render(OLD_TORCH, "gpu", "image", base="site.local/cuda:{cuda}-cudnn{cudnn}")
-    assert text.splitlines()[1] == "FROM site.local/cuda:11.0-cudnn8"
+    assert text.splitlines()[1] == "FROM site.local/cuda:11.0-cudnn8 AS cog-base"
     assert "torch==1.7.1+cu110" in text
 
 
@@ -614,7 +667,9 @@ def test_base_image_templates_are_checked_when_the_settings_are_made(template, p
     )
     assert settings.base_images["cpu"] == DEFAULT_BASE_IMAGES["cpu"]
     text = render(CASES["gpu-image-torch"][0], "gpu", "image", base=settings.base_images["gpu"])
-    assert text.splitlines()[1] == "FROM site/12.4-9-9-3.1112.4.1-cudnn-runtime-ubuntu22.04"
+    assert text.splitlines()[1] == (
+        "FROM site/12.4-9-9-3.1112.4.1-cudnn-runtime-ubuntu22.04 AS cog-base"
+    )
 
 
 def test_cog_server_refuses_a_bad_base_image_template(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import venv
 
 from cog.builders.runtime import model_wheel, runtime_wheel
@@ -20,43 +19,55 @@ def _wheels(tmp_path):
     return paths
 
 
-def _install(python, server, env_dir, model):
+def _install(python, server, model, root):
     env = {**os.environ, "PYTHONPATH": server}
     return subprocess.run(
-        [python, "-m", "cog.wheel_install", server, str(env_dir), model],
+        [python, "-m", "cog.wheel_install", server, model, str(root)],
         env=env, capture_output=True, text=True, timeout=120, cwd=os.path.dirname(server),
     )  # fmt: skip
 
 
 def test_both_wheels_are_unpacked_and_compiled_without_pip(tmp_path):
     server, model = _wheels(tmp_path)
-    venv.create(tmp_path / "venv", with_pip=False)  # no pip: the fast path needs none
+    venv.create(tmp_path / "venv", with_pip=False)  # no pip: none is needed
     python = str(tmp_path / "venv" / "bin" / "python")
-    result = _install(python, server, tmp_path / "runtime", model)
+    result = _install(python, server, model, tmp_path / "root")
     assert result.returncode == 0, result.stderr
-    runtime = tmp_path / "runtime" / "cog"
+    runtime = tmp_path / "root" / "opt" / "cog-runtime" / "cog"
     assert (runtime / "runtime" / "__init__.py").exists()  # the whole package
     assert list((runtime / "__pycache__").glob("*.pyc"))
-    found = subprocess.run(
-        [python, "-c", "import cog, cog.worker, sys; print(cog.__file__, sys.prefix)"],
-        capture_output=True, text=True, check=True, cwd=tmp_path,
-    ).stdout.split()  # fmt: skip
-    assert found[0].startswith(found[1]), found  # in the virtualenv's own site-packages
-    site = os.path.dirname(os.path.dirname(found[0]))
-    # Only the model's files there: no server module, and pip sees the distribution.
-    assert not os.path.exists(os.path.join(site, "cog", "runtime"))
-    assert os.path.exists(os.path.join(site, f"cog-{model_wheel()[0].split('-')[1]}.dist-info"))
+    model_env = tmp_path / "root" / "opt" / "cog-model"
+    # Only the model's files there: no server module, and pip would see the distribution.
+    assert (model_env / "cog" / "worker" / "main.py").exists()
+    assert not (model_env / "cog" / "runtime").exists()
+    assert (model_env / f"cog-{model_wheel()[0].split('-')[1]}.dist-info").is_dir()
+    # Compiled against the sources' hashes (a copy into another stage may change the
+    # files' times), and naming the paths where the files end up.
+    pyc = next((model_env / "cog" / "__pycache__").glob("__init__.*.pyc")).read_bytes()
+    assert int.from_bytes(pyc[4:8], "little") == 0b11  # hash-based, checked
+    assert b"/opt/cog-model/cog/__init__.py" in pyc
 
 
-def test_a_cog_installed_already_goes_through_pip(tmp_path):
-    """One of the model's packages brought a cog: pip replaces it (here the virtualenv has
-    no pip, so the attempt is what shows that the fast path was not taken)."""
+def test_the_models_cog_wins_over_one_its_packages_brought(tmp_path):
+    """The image's Python has /opt/cog-model first on its path (PYTHONPATH): a cog that
+    one of the model's packages installed into site-packages does not shadow it."""
     server, model = _wheels(tmp_path)
     venv.create(tmp_path / "venv", with_pip=False)
     python = str(tmp_path / "venv" / "bin" / "python")
-    first = _install(python, server, tmp_path / "runtime", model)
-    assert first.returncode == 0, first.stderr
-    again = _install(python, server, tmp_path / "runtime", model)
-    assert again.returncode != 0
-    assert "No module named pip" in again.stderr
-    assert sys.executable  # the test's own Python is never touched
+    assert _install(python, server, model, tmp_path / "root").returncode == 0
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    os.makedirs(os.path.join(site, "cog"))
+    with open(os.path.join(site, "cog", "__init__.py"), "w") as other:
+        other.write("raise ImportError('the other cog')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "root" / "opt" / "cog-model")}
+    found = subprocess.run(
+        [python, "-c", "import cog, cog.worker; print(cog.__file__)"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == str(
+        tmp_path / "root" / "opt" / "cog-model" / "cog" / "__init__.py"
+    )
