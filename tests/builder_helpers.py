@@ -53,7 +53,10 @@ async def collect(events) -> tuple[list[BuildLog], list[BuiltImage]]:
     logs: list[BuildLog] = []
     built: list[BuiltImage] = []
     async for event in events:
-        (logs if isinstance(event, BuildLog) else built).append(event)
+        if isinstance(event, BuildLog):
+            logs.append(event)
+        elif isinstance(event, BuiltImage):
+            built.append(event)
     return logs, built
 
 

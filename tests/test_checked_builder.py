@@ -16,6 +16,7 @@ from cog.builders import (
     BuildRequest,
     BuiltImage,
     CheckedBuilder,
+    ImageLoaded,
 )
 from cog.config import Config
 
@@ -62,6 +63,16 @@ async def test_a_builder_keeping_the_contract_passes_through():
     assert events == [BuildLog("build", "one"), BuiltImage(REQUEST.image, DIGEST)]
 
 
+async def test_a_builder_may_say_its_image_is_loaded_before_the_push():
+    script = (
+        BuildLog("build", "one"),
+        ImageLoaded(REQUEST.image),
+        BuildLog("push", "pushed"),
+        BuiltImage(REQUEST.image, DIGEST),
+    )
+    assert await run(Scripted(*script)) == list(script)
+
+
 @pytest.mark.parametrize(
     ("events", "words"),
     [
@@ -71,8 +82,21 @@ async def test_a_builder_keeping_the_contract_passes_through():
         ((BuiltImage("registry:5000/other:1", DIGEST),), "registry:5000/m:000000000000 was"),
         ((BuiltImage(REQUEST.image, "latest"),), "no registry digest"),
         (("a string",), "no build event"),
+        ((ImageLoaded("registry:5000/other:1"),), "registry:5000/m:000000000000 was"),
+        ((ImageLoaded(REQUEST.image), ImageLoaded(REQUEST.image)), "loaded twice"),
+        ((BuiltImage(REQUEST.image, DIGEST), ImageLoaded(REQUEST.image)), "went on"),
     ],
-    ids=["no image", "two images", "output after it", "another image", "no digest", "junk"],
+    ids=[
+        "no image",
+        "two images",
+        "output after it",
+        "another image",
+        "no digest",
+        "junk",
+        "another image loaded",
+        "loaded twice",
+        "loaded after the push",
+    ],
 )
 async def test_a_builder_breaking_the_contract_fails_the_build(events, words):
     builder = Scripted(*events)

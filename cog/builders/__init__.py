@@ -3,8 +3,10 @@
 A builder receives a :class:`BuildRequest` (the package zip on local disk, its completed
 config, the target ``cpu``/``gpu`` and the image reference to push) and returns an async
 iterator of events: :class:`BuildLog` lines *as they happen*, then exactly one
-:class:`BuiltImage` last. A failure raises :class:`BuildError` carrying the failing step
-and the last lines of its output, never a vendor exception.
+:class:`BuiltImage` last. A builder whose image is on the server's Docker Engine before it
+is pushed may say so (:class:`ImageLoaded`, once, before the push), so that the server
+checks the model while the image is pushed. A failure raises :class:`BuildError` carrying
+the failing step and the last lines of its output, never a vendor exception.
 
 Builders are found through the ``cog.builders`` entry-point group (``docker``,
 ``buildkit``; third parties may add more) and created from :class:`BuilderSettings`.
@@ -155,7 +157,16 @@ class BuiltImage:
     digest: str
 
 
-BuildEvent = Union[BuildLog, BuiltImage]
+@attrs.frozen
+class ImageLoaded:
+    """The image is built and on the Docker Engine the server runs its checks on
+    (:attr:`BuilderSettings.docker_host`), tagged as the request's image; its push
+    follows. Optional: a builder that pushes from elsewhere (BuildKit) never says it."""
+
+    image: str
+
+
+BuildEvent = Union[BuildLog, ImageLoaded, BuiltImage]
 
 
 class BuildError(Exception):
@@ -252,8 +263,9 @@ class CheckedBuilder(Builder):
     the contract, and what it raises is translated.
 
     - log lines come as they happen, then exactly one :class:`BuiltImage`, of the image
-      asked for, with a registry digest: anything else (no image, two, output after it)
-      fails the build with :class:`BuildError` naming the builder;
+      asked for, with a registry digest; before it, at most one :class:`ImageLoaded` of
+      that image: anything else (no image, two, output after it) fails the build with
+      :class:`BuildError` naming the builder;
     - an exception that is no BuildError is the builder's own failure, not the
       package's: it becomes :class:`BuilderUnavailable` (503), with the builder named;
     - a step of cog's Dockerfile that fails saying why (``cog: <why>``, e.g. the check of
@@ -311,6 +323,7 @@ class CheckedBuilder(Builder):
     ) -> AsyncIterator[BuildEvent]:
         """The backend's events, each checked against the contract (see the class)."""
         built: BuiltImage | None = None
+        loaded = False
         while True:
             with _translated(label, "building"):
                 try:
@@ -320,6 +333,14 @@ class CheckedBuilder(Builder):
             if built is not None:
                 raise BuildError(f"{label} went on after it reported the image {built.image}")
             if isinstance(event, BuildLog):
+                yield event
+            elif isinstance(event, ImageLoaded):
+                if event.image != request.image or loaded:
+                    raise BuildError(
+                        f"{label} reported {event.image} loaded "
+                        + ("twice" if loaded else f"; {request.image} was asked for")
+                    )
+                loaded = True
                 yield event
             elif isinstance(event, BuiltImage):
                 if event.image != request.image:

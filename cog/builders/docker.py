@@ -24,6 +24,7 @@ from cog.builders import (
     BuildEvent,
     BuildLog,
     BuildRequest,
+    ImageLoaded,
 )
 from cog.builders.context import build_context
 from cog.builders.dockerfile import base_image, dockerfile_for_request, missing_base_image
@@ -107,10 +108,14 @@ class DockerBuilder(Builder):
         await self.open()
         engine = self._engine
         assert engine is not None
-        for stage in (self._engine_build(engine, request), push_events(engine, request.image)):
-            async with contextlib.aclosing(stage):
-                async for event in stage:
-                    yield event
+        async with contextlib.aclosing(self._engine_build(engine, request)) as building:
+            async for line in building:
+                yield line
+        # Built by the engine the server's checks run on: the check may start now.
+        yield ImageLoaded(request.image)
+        async with contextlib.aclosing(push_events(engine, request.image)) as pushing:
+            async for event in pushing:
+                yield event
 
     async def _base_image(
         self, engine: Engine, base: str, request: BuildRequest

@@ -10,8 +10,8 @@ An upload goes through named steps, each an async generator of build events (see
    here or on another server, or claim the package (its zip stored, its record
    "building");
 3. the build (:meth:`_build`): wait for a build slot, build and push each architecture's
-   image (all at once, :mod:`cog.server.targets`), check the model in the built image,
-   record the outcome; every event goes to the build's live log, stored when it ends.
+   image and check the model in one of them (:mod:`cog.server.images`), record the
+   outcome; every event goes to the build's live log, stored when it ends.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import os
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -29,16 +28,20 @@ from typing import Any
 import structlog
 
 from cog import events
-from cog.builders import Builder, BuildError, BuilderSettings, BuildLog, BuildRequest
+from cog.builders import (
+    Builder,
+    BuildError,
+    BuilderSettings,
+)
 from cog.config import ConfigError
 from cog.config_bounds import MAX_NAME
 from cog.package import PackageLimits, short_id
 from cog.server.build_run import BuildRun
 from cog.server.catalog import Catalog, PackageDeleted, PackageNotFound, log_key, package_key
+from cog.server.images import ImageSteps
 from cog.server.inspection import Inspection, build_notes, inspect_package, verify_package
 from cog.server.live import LiveBuild
 from cog.server.records import (
-    Artifact,
     PackageRecord,
     PackageSummary,
     Status,
@@ -46,7 +49,6 @@ from cog.server.records import (
     record_to_json,
 )
 from cog.server.settings import IngestOptions
-from cog.server.targets import merged
 from cog.server.uploads import ReceivedUpload
 from cog.storage import NotFound, Storage
 from cog.streams import file_chunks, to_file
@@ -125,6 +127,7 @@ class IngestService:
         self._live: dict[str, LiveBuild] = {}
         self._claims = _Claims()
         self._slots = asyncio.Semaphore(options.max_concurrent_builds)
+        self._images = ImageSteps(builder, builder_settings, options, tmp_dir)
         self._inspecting = asyncio.Lock()
 
     def live(self, package_id: str) -> LiveBuild | None:
@@ -513,77 +516,8 @@ class IngestService:
             run.position.enter("waiting for a free build slot")
             yield events.status("Waiting for a free build slot")
         async with self._slots:
-            targets = run.record.config.environment.architectures
-            images = [self._build_image(run, zip_path, target) for target in targets]
-            at_once = self.options.concurrent_targets
-            async with contextlib.aclosing(merged(images, at_once=at_once)) as s:
-                async for event in s:
-                    yield event
-            if self.options.check_images:
-                async with contextlib.aclosing(self._check(run, zip_path)) as s:
-                    async for event in s:
-                        yield event
-
-    async def _build_image(
-        self, run: BuildRun, zip_path: Path, target: str
-    ) -> AsyncIterator[Event]:
-        assert self.builder is not None
-        record = run.record
-        image = self._image_name(record, target)
-        run.position.enter(f"building the {target.upper()} image {image}", target)
-        cold = " without the build cache" if run.no_cache else ""
-        yield events.status(f"Building {target.upper()} image {image}{cold}")
-        request = BuildRequest(
-            package_id=record.id,
-            package_zip=zip_path,
-            config=record.config,
-            target=target,  # type: ignore[arg-type]
-            image=image,
-            signature_json=json.dumps(record.signature) if record.signature else None,
-            no_cache=run.no_cache,
-        )
-        try:
-            async with contextlib.aclosing(self.builder.build(request)) as stream:
-                async for item in stream:
-                    if isinstance(item, BuildLog):
-                        run.position.saw(item.line)
-                        yield events.log(item.stage, item.line, target)
-                    else:
-                        run.artifacts.append(Artifact(f"docker-{target}", item.image, item.digest))
-                        yield events.status(f"Pushed {item.image} ({item.digest})")
-        except BuildError:
-            # Another target may have moved the position meanwhile (built at once): the
-            # failure's lines are this one's.
-            run.position.enter(f"building the {target.upper()} image {image}", target)
-            raise
-
-    async def _check(self, run: BuildRun, zip_path: Path) -> AsyncIterator[Event]:
-        from cog.engine import RegistryAuth  # aiodocker: only where checks run
-        from cog.server.check import check_image
-
-        by_target = {a.target: a for a in run.artifacts}
-        artifact = by_target.get("docker-cpu") or by_target.get("docker-gpu")
-        if artifact is None:
-            return
-        target = artifact.target.removeprefix("docker-")
-        run.position.enter(f"testing the model in {artifact.uri}", target)
-        yield events.status(f"Testing the model in {artifact.uri}")
-        async with contextlib.aclosing(
-            check_image(
-                artifact.uri,
-                zip_path,
-                run.record.config,
-                run.record.signature,
-                docker_host=self.builder_settings.docker_host,
-                registry_auth=RegistryAuth(self.builder_settings.registry_auth),
-                timeout=self.options.check_timeout,
-                socket_root=self.tmp_dir,
-                package_id=run.record.id,
-            )
-        ) as stream:
-            async for item in stream:
-                run.position.saw(item.line)
-                yield events.log(item.stage, item.line, target)
+            async for event in self._images.build(run, zip_path):
+                yield event
 
     async def _end(self, run: BuildRun) -> None:
         """The live build is over: followers end, its log goes to Storage (also when the
@@ -608,8 +542,3 @@ class IngestService:
         writing.add_done_callback(written)
         with contextlib.suppress(Exception):  # said by the callback
             await asyncio.shield(writing)
-
-    def _image_name(self, record: PackageRecord, target: str) -> str:
-        tag = short_id(record.id) + ("" if target == "cpu" else f"-{target}")
-        registry = self.builder_settings.registry.rstrip("/")
-        return f"{registry}/{record.name}:{tag}"

@@ -48,6 +48,7 @@ from cog.builders import (
     BuildLog,
     BuildRequest,
     BuiltImage,
+    ImageLoaded,
 )
 from cog.config import DirectoryFiles, check_config
 from cog.package import short_id, write_package
@@ -285,6 +286,10 @@ class BuilderContract:
         assert all(isinstance(e.line, str) and isinstance(e.stage, str) for e in logs)
         assert len(images) == 1, images
         assert events[-1] is images[0], "the image is the last event"
+        # An ImageLoaded (optional): once, of the image asked for, before the push.
+        loaded = [e for e in events if isinstance(e, ImageLoaded)]
+        assert len(loaded) <= 1, loaded
+        assert all(e.image == request.image for e in loaded), loaded
         assert images[0].image == request.image
         assert re.fullmatch(r"sha256:[0-9a-f]{64}", images[0].digest), images[0].digest
         assert self.registry_digest(registry, request.image) == images[0].digest
