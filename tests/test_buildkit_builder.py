@@ -37,9 +37,9 @@ from tests.builder_helpers import EXAMPLES, collect, copy_example, lines, packag
 from tests.services.docker import registry_digest
 
 pytestmark = pytest.mark.integration
-#: How BuildKit's Dockerfile frontend names step N: "[N/total]", or "[stage-0 N/total]" (it
-#: names the stage too once a step has a cache mount, as every pip install of cog's has)
-STEP = r"\[(?:stage-0 )?{}/\d+\]"
+#: How BuildKit's Dockerfile frontend names step N of a stage: "[N/total]", or with the
+#: stage's name ("[cog-base N/total]", "[stage-2 N/total]": cog's Dockerfile has stages)
+STEP = r"\[(?:[\w.-]+ )?{}/\d+\]"
 
 
 # ---- fixtures -----------------------------------------------------------------------
@@ -462,9 +462,9 @@ async def test_failing_run_step_is_named_with_its_output(builder, registry, tmp_
     assert not isinstance(error, BuilderUnavailable)
     assert str(error).startswith(f"{builder.label}: ")
     assert "exit code: 100" in error.message
-    # [2/] checks the image's Python; [3/] is the inference server's environment, the same
-    # for every package
-    assert re.match(STEP.format(4), error.step) and "apt-get install" in error.step
+    # The base stage checks the image's Python and holds the inference server's
+    # environment, the same for every package; apt-get is the image's first step.
+    assert re.match(STEP.format(r"\d+"), error.step) and "apt-get install" in error.step
     assert any("Unable to locate package no-such-package-cog-test" in line for line in error.output)
     assert any(line.endswith("ERROR: " + error.message.split(": ", 1)[1]) for line in seen)
 
