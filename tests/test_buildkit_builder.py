@@ -35,6 +35,7 @@ from cog.server.check import check_image
 from cog.testing.builder import BuilderContract
 from tests.builder_helpers import EXAMPLES, collect, copy_example, lines, package_request
 from tests.services.docker import registry_digest
+from tests.tls_helpers import make_certs
 
 pytestmark = pytest.mark.integration
 #: How BuildKit's Dockerfile frontend names step N of a stage: "[N/total]", or with the
@@ -212,43 +213,10 @@ async def test_a_base_image_of_another_python_fails_naming_both(
 # ---- TLS: a real TLS listener in front of the embedded BuildKit ------------------------
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _key_and_csr(cwd: Path, name: str, subject: str) -> None:
-    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key", cwd=cwd)
-    openssl("req", "-new", "-key", f"{name}.key", "-subj", subject, "-out", f"{name}.csr", cwd=cwd)
-
-
-def _sign(cwd: Path, name: str, ext: str) -> None:
-    (cwd / f"{name}.ext").write_text(ext)
-    openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
-        cwd=cwd,
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory) -> Path:
     """A CA, a server cert for 127.0.0.1 and a client cert it signed; a self-signed one."""
-    cwd = tmp_path_factory.mktemp("certs")
-    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=cwd)
-    openssl(
-        "req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=cog test CA", "-days", "2",
-        "-out", "ca.pem", cwd=cwd,
-    )  # fmt: skip
-    _key_and_csr(cwd, "server", "/CN=buildkitd")
-    _sign(cwd, "server", "subjectAltName=IP:127.0.0.1,DNS:buildkitd\nextendedKeyUsage=serverAuth")
-    _key_and_csr(cwd, "client", "/CN=cog server")
-    _sign(cwd, "client", "extendedKeyUsage=clientAuth")
-    openssl(
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", "self.key", "-out", "self.pem", "-subj", "/CN=impostor", "-days", "2",
-        "-addext", "subjectAltName=IP:127.0.0.1", cwd=cwd,
-    )  # fmt: skip
-    return cwd
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @contextlib.asynccontextmanager

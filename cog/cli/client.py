@@ -22,6 +22,7 @@ from cog import events
 from cog.cli.output import CLIError
 from cog.package import PackageError, PackagePlan, package_chunks
 from cog.streams import LineTooLong, file_chunks, in_thread, lines
+from cog.tls import load_certificates
 
 CHUNK = 1024 * 1024
 Progress = Callable[[int], None]
@@ -36,6 +37,8 @@ class RegistryClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> RegistryClient:
+        if self.base_url.startswith("https:"):
+            load_certificates()  # put off by the CLI (cog.tls), needed now
         self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         return self
 

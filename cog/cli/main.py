@@ -23,6 +23,7 @@ from cog.cli.output import (
 )
 from cog.cli.remote import current_remote, current_token, forget_token, save_remote, save_token
 from cog.events import plain
+from cog.tls import import_aiohttp
 from cog.units import format_size
 
 
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.func is not serve.run_server:
+        # The client's verbs talk plain HTTP but to an https:// server (RegistryClient
+        # loads the certificates then): aiohttp's 0.1 s of them at import is put off.
+        import_aiohttp()
     try:
         return args.func(args) or 0
     except CLIError as exc:

@@ -1,0 +1,112 @@
+"""cog.tls: aiohttp imported with its certificate loads put off, and loaded before TLS.
+
+Each case runs in a Python of its own (this one imported aiohttp long ago), against a real
+TLS listener whose certificate a test CA signed; SSL_CERT_FILE makes that CA the system's,
+so "loaded" and "not loaded" differ by whether a connection verifies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.tls_helpers import make_certs
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+PROBE = textwrap.dedent(
+    """
+    import asyncio, json, ssl, sys
+    from cog.tls import certificates_put_off, import_aiohttp, load_certificates
+
+    import_aiohttp()
+    import aiohttp
+    from aiohttp import web
+    from cog.cli.client import RegistryClient
+
+    async def main(cert, key):
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        app = web.Application()
+        app.router.add_get("/ping", lambda request: web.json_response({"status": "ok"}))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+        await site.start()
+        url = "https://127.0.0.1:%d" % runner.addresses[0][1]
+        seen = {"put_off": certificates_put_off()}
+        # A context made after the import is whole: only aiohttp's own were put off.
+        seen["new_context_cas"] = ssl.create_default_context().cert_store_stats()["x509_ca"]
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(url + "/ping") as response:
+                    seen["before"] = response.status
+        except aiohttp.ClientConnectorCertificateError:
+            seen["before"] = "certificate refused"
+        async with RegistryClient(url) as client:  # an https:// server: it loads them
+            seen["client"] = await client.ping()
+        seen["put_off_after"] = certificates_put_off()
+        await runner.cleanup()
+        print(json.dumps(seen))
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    """
+)
+
+
+def test_aiohttp_verifies_nothing_until_the_certificates_are_loaded_then_everything(certs):
+    env = {**os.environ, "SSL_CERT_FILE": str(certs / "ca.pem")}
+    env.pop("SSL_CERT_DIR", None)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(certs / "server.pem"), str(certs / "server.key")],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["put_off"] >= 1
+    assert seen["new_context_cas"] == 1  # the test CA, from SSL_CERT_FILE
+    # Before the loads, aiohttp's default context trusts nothing: it fails closed.
+    assert seen["before"] == "certificate refused"
+    assert seen["client"] == {"status": "ok"}
+    assert seen["put_off_after"] == 0
+
+
+def test_the_clis_verbs_put_the_loads_off_and_the_server_does_not(tmp_path):
+    """`cog list` against a plain-HTTP server that is not there: aiohttp was imported with
+    its loads put off. `cog server` (here refusing its storage) leaves them alone: the
+    server may reach S3 over TLS through aiohttp's defaults."""
+    probe = textwrap.dedent(
+        """
+        import sys
+        from cog.cli.main import main
+        from cog.tls import certificates_put_off
+        try:
+            main(sys.argv[1:])
+        except SystemExit:
+            pass
+        print("put off:", certificates_put_off(), "aiohttp:", "aiohttp" in sys.modules)
+        """
+    )
+    env = {**os.environ, "HOME": str(tmp_path)}
+    listed = subprocess.run(
+        [sys.executable, "-c", probe, "--remote", "http://127.0.0.1:1", "list"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert "cannot reach the cog server" in listed.stderr
+    assert listed.stdout.split()[2] != "0" and listed.stdout.split()[-1] == "True"
+    served = subprocess.run(
+        [sys.executable, "-c", probe, "server", "--storage", "nosuch://x", "--port", "1"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert "no storage backend for scheme 'nosuch'" in served.stderr
+    assert served.stdout.splitlines()[-1].split() == ["put", "off:", "0", "aiohttp:", "True"]
