@@ -262,7 +262,11 @@ class Cog:
             "received": "--> Received package",
             "building": "--> Building ",
             "pushing": "/push] ",
+            # The check starts as soon as the image is built (the Docker builder), so
+            # it runs while the image is pushed: these may come in either order.
             "testing": "--> Testing the model",
+            "model_ready": "Model ready after",
+            "pushed": "--> Pushed ",
             "done": "--> Built and pushed",
         }
         began = {
