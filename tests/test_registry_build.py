@@ -211,10 +211,15 @@ async def test_every_line_the_model_printed_is_in_the_build_log_or_counted(
 @pytest.mark.parametrize(
     ("extra", "step", "needle"),
     [
-        # Step 3 checks the image's Python; steps 4 and 5 are EXPOSE and CMD, step 6 the
-        # inference server's environment: the same for every package.
-        ("  system_packages: [no-such-package-cog-test]\n", "Step 7/", "no-such-package-cog-test"),
-        ("  python_packages: ['cog-no-such-dist-xyz==0.0.1']\n", "Step 7/", "cog-no-such-dist-xyz"),
+        # Steps 1-7 are the base stage (the Python check, the image settings, the
+        # inference server's environment), 8-10 the cog stage, 11 the image's FROM: the
+        # same for every package. The package's own steps begin at 12.
+        ("  system_packages: [no-such-package-cog-test]\n", "Step 12/", "no-such-package-cog-test"),
+        (
+            "  python_packages: ['cog-no-such-dist-xyz==0.0.1']\n",
+            "Step 12/",
+            "cog-no-such-dist-xyz",
+        ),
     ],
     ids=["system-package", "pip-requirement"],
 )
