@@ -20,17 +20,24 @@ Logs (including the model's stdout/stderr) go to stderr.
 
 from __future__ import annotations
 
+# Standard library only (and the small worker_process) until the model's worker runs: it
+# imports the model and runs its setup while this process imports aiohttp and the server.
 import argparse
-import asyncio
 import logging
 import os
-import signal
 import sys
+from typing import TYPE_CHECKING
 
-from aiohttp import web
+from cog.runtime.worker_process import (
+    DEFAULT_MAX_QUEUE,
+    StartedWorker,
+    cannot_start,
+    start_worker,
+)
 
-from cog.runtime.app import InferenceServer
-from cog.runtime.supervisor import DEFAULT_MAX_QUEUE
+if TYPE_CHECKING:
+    from cog.runtime.app import InferenceServer
+    from cog.runtime.model_ref import ModelRef
 
 logger = logging.getLogger("cog.runtime")
 
@@ -105,6 +112,11 @@ async def serve(
     server: InferenceServer, host: str, port: int, unix_socket: str | None = None
 ) -> int:
     """Serve until SIGTERM/SIGINT, then shut down gracefully; the exit status."""
+    import asyncio
+    import signal
+
+    from aiohttp import web
+
     loop = asyncio.get_running_loop()
     stop, force = asyncio.Event(), asyncio.Event()
 
@@ -154,16 +166,50 @@ async def serve(
     return 0
 
 
+def start_early(args: argparse.Namespace) -> tuple[ModelRef | None, StartedWorker | None, str]:
+    """Read the model in cog.yaml and start its worker, before aiohttp is imported: the
+    model (None when cog.yaml names none), its started worker, and why there is none (no
+    model, or a --python that cannot run)."""
+    from cog.runtime.model_ref import ModelLoadError, ModelRef
+
+    try:
+        model = ModelRef.from_directory(args.dir)
+    except ModelLoadError as e:
+        return None, None, str(e)
+    try:
+        started = start_worker(
+            args.python,
+            model.reference,
+            directory=model.directory,
+            concurrency=args.concurrency or model.concurrency,
+            env=model.worker_env(),
+        )
+    except OSError as e:
+        return model, None, cannot_start(args.python, e)
+    logger.info("started the model's worker process (pid %d)", started.process.pid)
+    return model, started, ""
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level)
-    server = InferenceServer.from_directory(
-        args.dir,
-        concurrency=args.concurrency,
-        max_queue=args.max_queue,
-        python=args.python,
-        upload_url=args.upload_url,
-    )
+    model, started, error = start_early(args)
+
+    import asyncio
+
+    from cog.runtime.app import InferenceServer
+
+    logger.debug("imported the inference server")
+    settings = {
+        "concurrency": args.concurrency,
+        "max_queue": args.max_queue,
+        "python": args.python,
+        "upload_url": args.upload_url,
+    }
+    if model is None:  # /ping says why
+        server = InferenceServer("-", directory=args.dir, load_error=error, **settings)
+    else:
+        server = InferenceServer(model, load_error=error or None, started=started, **settings)
     status = asyncio.run(serve(server, args.host, args.port, args.unix_socket))
     sys.stdout.flush()
     sys.stderr.flush()
