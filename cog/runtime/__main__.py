@@ -11,8 +11,10 @@ that runs the model, default this one), ``--upload-url`` ($COG_UPLOAD_URL: where
 outputs of predictions are uploaded), ``--log-level``
 ($COG_LOG_LEVEL, default info; debug adds a line per inference).
 
-The port is open at once: the model is imported and set up in a worker process in the
-background while ``/ping`` answers 503 ``starting``. On SIGTERM (or SIGINT) the server
+The model's worker process starts first, before this server imports aiohttp (its
+largest import), so that the model is imported and set up while the server starts; the
+port is open as soon as the server is, and ``/ping`` answers 503 ``starting`` until the
+model's setup is over. On SIGTERM (or SIGINT) the server
 finishes the running inferences (and sends their responses), answers the queued and any
 new ones with 503 at once, and exits 0; a second signal exits at once with status 1.
 Logs (including the model's stdout/stderr) go to stderr.
