@@ -39,7 +39,7 @@ def test_import_cog_is_light_and_the_runtime_needs_no_server_packages():
         import cog
         light = sorted(m for m in ("attrs", "aiohttp", "yaml") if m in sys.modules)
         cog.Model, cog.input, cog.Path
-        import cog.runtime, cog.runtime.__main__
+        import cog.runtime, cog.runtime.__main__, cog.runtime.app
         print(json.dumps({"light": light, "loaded": sorted(sys.modules)}))
         """
     )

@@ -51,6 +51,8 @@ VERSION_LABEL = "org.cog-models.cog-version"  # so is this one, on every image c
 #: how long a model's runtime may take to open its socket (it opens it before the
 #: model's setup): an image whose runtime never does was built by an older cog
 SOCKET_WAIT = 60.0
+#: seconds between wait_ready's questions to the engine whether the container still runs
+RUNNING_CHECK = 0.2
 #: the package a check container checks
 PACKAGE_LABEL = "org.cog-models.package"
 #: the longest line of the model's output kept (the rest of it is dropped)
@@ -411,6 +413,7 @@ class ModelContainer:
         assert self._session is not None and self.socket_dir is not None
         started = time.monotonic()
         deadline = started + timeout
+        seen_running = started  # when the engine last said the container runs
         while True:
             if time.monotonic() - started > SOCKET_WAIT and not self.socket_dir.socket.exists():
                 raise ContainerError(
@@ -437,19 +440,23 @@ class ModelContainer:
                         )
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
                 pass  # not listening yet
-            if not await self._running():
-                await asyncio.sleep(0.2)
-                for line in self.new_log_lines():
-                    yield line
-                raise ContainerError(
-                    "the model's container exited before it was ready", self.log_tail()
-                )
+            # An engine call, not made at every poll: a dead container is found a little
+            # later, and the polls that find the model ready sooner cost the engine nothing.
+            if time.monotonic() - seen_running >= RUNNING_CHECK:
+                if not await self._running():
+                    await asyncio.sleep(0.2)
+                    for line in self.new_log_lines():
+                        yield line
+                    raise ContainerError(
+                        "the model's container exited before it was ready", self.log_tail()
+                    )
+                seen_running = time.monotonic()
             if time.monotonic() > deadline:
                 raise ContainerError(
                     f"the model was not ready after {timeout:.0f} seconds", self.log_tail()
                 )
             # Most models are up within a second: poll often at first, then back off.
-            await asyncio.sleep(0.05 if time.monotonic() - started < 3 else 0.25)
+            await asyncio.sleep(0.02 if time.monotonic() - started < 3 else 0.25)
 
     async def help(self) -> dict[str, Any]:
         """The model's input signature; ContainerError if what answers is no cog model."""

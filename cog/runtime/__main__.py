@@ -11,8 +11,10 @@ that runs the model, default this one), ``--upload-url`` ($COG_UPLOAD_URL: where
 outputs of predictions are uploaded), ``--log-level``
 ($COG_LOG_LEVEL, default info; debug adds a line per inference).
 
-The port is open at once: the model is imported and set up in a worker process in the
-background while ``/ping`` answers 503 ``starting``. On SIGTERM (or SIGINT) the server
+The model's worker process starts first, before this server imports aiohttp (its
+largest import), so that the model is imported and set up while the server starts; the
+port is open as soon as the server is, and ``/ping`` answers 503 ``starting`` until the
+model's setup is over. On SIGTERM (or SIGINT) the server
 finishes the running inferences (and sends their responses), answers the queued and any
 new ones with 503 at once, and exits 0; a second signal exits at once with status 1.
 Logs (including the model's stdout/stderr) go to stderr.
@@ -20,17 +22,24 @@ Logs (including the model's stdout/stderr) go to stderr.
 
 from __future__ import annotations
 
+# Standard library only (and the small worker_process) until the model's worker runs: it
+# imports the model and runs its setup while this process imports aiohttp and the server.
 import argparse
-import asyncio
 import logging
 import os
-import signal
 import sys
+from typing import TYPE_CHECKING
 
-from aiohttp import web
+from cog.runtime.worker_process import (
+    DEFAULT_MAX_QUEUE,
+    StartedWorker,
+    cannot_start,
+    start_worker,
+)
 
-from cog.runtime.app import InferenceServer
-from cog.runtime.supervisor import DEFAULT_MAX_QUEUE
+if TYPE_CHECKING:
+    from cog.runtime.app import InferenceServer
+    from cog.runtime.model_ref import ModelRef
 
 logger = logging.getLogger("cog.runtime")
 
@@ -105,6 +114,11 @@ async def serve(
     server: InferenceServer, host: str, port: int, unix_socket: str | None = None
 ) -> int:
     """Serve until SIGTERM/SIGINT, then shut down gracefully; the exit status."""
+    import asyncio
+    import signal
+
+    from aiohttp import web
+
     loop = asyncio.get_running_loop()
     stop, force = asyncio.Event(), asyncio.Event()
 
@@ -154,16 +168,50 @@ async def serve(
     return 0
 
 
+def start_early(args: argparse.Namespace) -> tuple[ModelRef | None, StartedWorker | None, str]:
+    """Read the model in cog.yaml and start its worker, before aiohttp is imported: the
+    model (None when cog.yaml names none), its started worker, and why there is none (no
+    model, or a --python that cannot run)."""
+    from cog.runtime.model_ref import ModelLoadError, ModelRef
+
+    try:
+        model = ModelRef.from_directory(args.dir)
+    except ModelLoadError as e:
+        return None, None, str(e)
+    try:
+        started = start_worker(
+            args.python,
+            model.reference,
+            directory=model.directory,
+            concurrency=args.concurrency or model.concurrency,
+            env=model.worker_env(),
+        )
+    except OSError as e:
+        return model, None, cannot_start(args.python, e)
+    logger.info("started the model's worker process (pid %d)", started.process.pid)
+    return model, started, ""
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level)
-    server = InferenceServer.from_directory(
-        args.dir,
-        concurrency=args.concurrency,
-        max_queue=args.max_queue,
-        python=args.python,
-        upload_url=args.upload_url,
-    )
+    model, started, error = start_early(args)
+
+    import asyncio
+
+    from cog.runtime.app import InferenceServer
+
+    logger.debug("imported the inference server")
+    settings = {
+        "concurrency": args.concurrency,
+        "max_queue": args.max_queue,
+        "python": args.python,
+        "upload_url": args.upload_url,
+    }
+    if model is None:  # /ping says why
+        server = InferenceServer("-", directory=args.dir, load_error=error, **settings)
+    else:
+        server = InferenceServer(model, load_error=error or None, started=started, **settings)
     status = asyncio.run(serve(server, args.host, args.port, args.unix_socket))
     sys.stdout.flush()
     sys.stderr.flush()

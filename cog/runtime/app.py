@@ -43,6 +43,7 @@ from cog.runtime.supervisor import (
     NotReady,
     State,
 )
+from cog.runtime.worker_process import StartedWorker
 
 logger = logging.getLogger("cog.runtime")
 
@@ -59,7 +60,9 @@ class InferenceServer:
     ``model`` is a ModelRef (the cog.yaml of a directory, see :meth:`from_directory`), a
     reference (``"predict.py:Predictor"`` in ``directory``), or a class of an importable
     module (for programs and tests that define one). The model runs in a worker process
-    of ``python`` (default: this one), see :mod:`cog.runtime.supervisor`.
+    of ``python`` (default: this one), see :mod:`cog.runtime.supervisor`; ``started``
+    is that process started already, with the same settings (``python -m cog.runtime``
+    starts it before importing this module), ``load_error`` why it cannot be.
     """
 
     def __init__(
@@ -73,13 +76,13 @@ class InferenceServer:
         upload_url: str | None = None,
         cancel_grace: float = DEFAULT_CANCEL_GRACE,
         load_error: str | None = None,
+        started: StartedWorker | None = None,
     ) -> None:
         env = None
         if isinstance(model, ModelRef):
             reference, directory = model.reference, model.directory
             concurrency = concurrency or model.concurrency
-            if model.variables:
-                env = {**os.environ, **dict(v.split("=", 1) for v in model.variables)}
+            env = model.worker_env()
         elif isinstance(model, type):
             reference = f"{model.__module__}:{model.__qualname__}"
             # The worker imports the class's module as this process does.
@@ -96,6 +99,7 @@ class InferenceServer:
             cancel_grace=cancel_grace,
         )
         self._load_error = load_error
+        self._started = started
         # Request ids: unique per server process, cheap to make, short in the log.
         self._id_prefix = os.urandom(4).hex()
         self._ids = itertools.count(1)
@@ -126,8 +130,11 @@ class InferenceServer:
     async def _start(self, app: web.Application) -> None:
         if self._load_error is not None:
             self.runner.fail(self._load_error)
-            return
-        await self.runner.start()
+        elif self._started is not None:
+            started, self._started = self._started, None
+            await self.runner.adopt(started)
+        else:
+            await self.runner.start()
 
     async def _close(self, app: web.Application) -> None:
         await self.predictions.close()

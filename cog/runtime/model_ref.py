@@ -72,6 +72,13 @@ class ModelRef:
     def reference(self) -> str:
         return f"{self.file}:{self.class_name}"
 
+    def worker_env(self) -> dict[str, str] | None:
+        """The environment of the model's worker: this process's with cog.yaml's
+        ``environment`` variables; None (this process's) when it has none."""
+        if not self.variables:
+            return None
+        return {**os.environ, **dict(v.split("=", 1) for v in self.variables)}
+
     @property
     def path(self) -> str:
         return os.path.join(self.directory, self.file)

@@ -11,13 +11,15 @@ refused (:class:`Busy`). A queued prediction whose caller gives up is dropped; a
 one is cancelled in the worker when asked (``cancel``), and when it does not stop within
 ``cancel_grace`` seconds the worker is killed and started again. A worker that dies makes
 its running predictions fail with its exit status; it is started again (the state is
-``defunct`` meanwhile, and stays so if its setup then fails).
+``defunct`` meanwhile, and stays so if its setup then fails). Its first process may have
+been started before the event loop (:mod:`cog.runtime.worker_process`): it is adopted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import enum
 import itertools
@@ -25,18 +27,25 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
+import threading
 from typing import Any, Callable
 
 import attrs
 
+from cog.runtime.worker_process import (
+    DEFAULT_MAX_QUEUE,
+    StartedWorker,
+    cannot_start,
+    worker_command,
+)
 from cog.signature import Argument, Signature
 from cog.worker.protocol import Decoder, ProtocolError, encode
 
 logger = logging.getLogger("cog.runtime")
 model_logger = logging.getLogger("cog.model")
 
-DEFAULT_MAX_QUEUE = 64
 #: Seconds a cancelled synchronous prediction may take to stop before its worker is killed.
 DEFAULT_CANCEL_GRACE = 5.0
 #: The setup logs /health-check keeps (the last ones).
@@ -138,6 +147,43 @@ class _Channel(asyncio.Protocol):
         self.owner._lost(self)
 
 
+class _AdoptedProcess:
+    """A worker started with subprocess.Popen before the event loop ran, with what the
+    supervisor uses of an asyncio.subprocess.Process (pid, returncode, wait, kill).
+
+    A thread waits for its exit, as asyncio's own child watcher does for the processes it
+    starts (one thread each): the event loop never blocks on it."""
+
+    def __init__(self, popen: subprocess.Popen) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self.returncode: int | None = None
+        loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[int] = loop.create_future()
+        threading.Thread(
+            target=self._wait, args=(loop,), name=f"wait-worker-{self.pid}", daemon=True
+        ).start()
+
+    def _wait(self, loop: asyncio.AbstractEventLoop) -> None:
+        code = self._popen.wait()
+        # A closed loop: the server is gone, and nobody waits any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._exit, code)
+
+    def _exit(self, code: int) -> None:
+        self.returncode = code
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+    async def wait(self) -> int:
+        # Shielded: a caller's timeout must not end the watch for everyone else.
+        return await asyncio.shield(self._exited)
+
+    def kill(self) -> None:
+        # Popen knows whether its waiter reaped the PID already (then it may be another's).
+        self._popen.kill()
+
+
 class ModelWorker:
     """The model in its worker process, with bounded concurrency and a bounded queue."""
 
@@ -179,7 +225,7 @@ class ModelWorker:
         self.setup_time: float | None = None
         self.setup = Setup()
         self._ids = itertools.count(1)
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: asyncio.subprocess.Process | _AdoptedProcess | None = None
         self._transport: asyncio.Transport | None = None
         self._channel: _Channel | None = None
         self._cancel_pipe: int | None = None
@@ -209,6 +255,15 @@ class ModelWorker:
         self._idle = asyncio.Event()
         await self._spawn()
 
+    async def adopt(self, started: StartedWorker) -> None:
+        """Take over a worker already started (with this worker's command, see
+        :mod:`cog.runtime.worker_process`) instead of starting one; as start() otherwise."""
+        self._idle = asyncio.Event()
+        self._ready = asyncio.get_running_loop().create_future()
+        self.setup = Setup(started_at=started.started_at)
+        self._process = _AdoptedProcess(started.process)
+        await self._connect(started.sock, started.cancel_pipe)
+
     def fail(self, error: str) -> None:
         """The model cannot even be started (its cog.yaml names none): a failed setup."""
         self._ready = asyncio.get_running_loop().create_future()
@@ -222,27 +277,16 @@ class ModelWorker:
         return self.state
 
     async def _spawn(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._ready = loop.create_future()
+        self._ready = asyncio.get_running_loop().create_future()
         self.setup = Setup(started_at=now())
         ours, theirs = socket.socketpair()
         cancel_read, cancel_write = os.pipe()
         env = dict(os.environ if self.env is None else self.env)
         try:
             self._process = await asyncio.create_subprocess_exec(
-                self.python,
-                "-m",
-                "cog.worker",
-                "--fd",
-                str(theirs.fileno()),
-                "--cancel-fd",
-                str(cancel_read),
-                "--model",
-                self.model,
-                "--dir",
-                ".",
-                "--concurrency",
-                str(self.concurrency),
+                *worker_command(
+                    self.python, self.model, self.concurrency, theirs.fileno(), cancel_read
+                ),
                 cwd=self.directory,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -251,16 +295,19 @@ class ModelWorker:
         except OSError as e:
             ours.close()
             os.close(cancel_write)
-            self._setup_over(State.FAILED, f"cannot start {self.python}: {e}")
+            self._setup_over(State.FAILED, cannot_start(self.python, e))
             return
         finally:
             theirs.close()
             os.close(cancel_read)
+        await self._connect(ours, cancel_write)
+        logger.info("started the model's worker process (pid %d)", self._process.pid)
+
+    async def _connect(self, ours: socket.socket, cancel_write: int) -> None:
         self._cancel_pipe = cancel_write
-        self._transport, self._channel = await loop.create_connection(
+        self._transport, self._channel = await asyncio.get_running_loop().create_connection(
             lambda: _Channel(self), sock=ours
         )
-        logger.info("started the model's worker process (pid %d)", self._process.pid)
 
     def _setup_over(self, state: State, error: str | None = None) -> None:
         self.setup.completed_at = now()
