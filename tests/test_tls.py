@@ -7,13 +7,17 @@ so "loaded" and "not loaded" differ by whether a connection verifies.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
+import ssl
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.tls_helpers import make_certs
@@ -110,3 +114,70 @@ def test_the_clis_verbs_put_the_loads_off_and_the_server_does_not(tmp_path):
     )  # fmt: skip
     assert "no storage backend for scheme 'nosuch'" in served.stderr
     assert served.stdout.splitlines()[-1].split() == ["put", "off:", "0", "aiohttp:", "True"]
+
+
+SIZE_OF_FILE = """
+from cog import BasePredictor, Path
+
+class Predictor(BasePredictor):
+    def predict(self, data: Path) -> int:
+        return len(data.read_bytes())
+"""
+
+
+async def test_the_inference_server_fetches_https_inputs_with_the_certificates_it_put_off(
+    certs, tmp_path
+):
+    """`python -m cog.runtime` imports aiohttp with its certificate loads put off and
+    makes them once it listens: an https:// input from a server the (test) system CA
+    signed is fetched; one from a self-signed server is refused (verification stays on)."""
+    from aiohttp import web
+
+    from tests.test_cli import free_port, wait_for
+    from tests.test_runtime_predictions import model_dir
+
+    body = b"x" * 1234
+
+    async def data(request: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.router.add_get("/data.bin", data)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sites = {}
+    for name in ("server", "self"):
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certs / f"{name}.pem", certs / f"{name}.key")
+        sites[name] = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+        await sites[name].start()
+    port = free_port()
+    env = {**os.environ, "SSL_CERT_FILE": str(certs / "ca.pem")}
+    env.pop("SSL_CERT_DIR", None)
+    model = subprocess.Popen(
+        [sys.executable, "-m", "cog.runtime", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "debug"],
+        cwd=model_dir(tmp_path, SIZE_OF_FILE), env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await asyncio.to_thread(wait_for, f"http://127.0.0.1:{port}/health-check")
+        async with aiohttp.ClientSession() as session:
+            answers = {}
+            for name, site in sites.items():
+                url = f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/data.bin"
+                async with session.post(
+                    f"http://127.0.0.1:{port}/predictions", json={"input": {"data": url}}
+                ) as response:
+                    answers[name] = (response.status, await response.json())
+    finally:
+        model.terminate()
+        _, log = model.communicate(timeout=30)
+        await runner.cleanup()
+    put_off = re.search(rb"\((\d+) certificate loads of aiohttp's put off\)", log)
+    assert put_off and int(put_off[1]) >= 1, log.decode()[-2000:]
+    status, trusted = answers["server"]
+    assert (status, trusted["status"], trusted["output"]) == (200, "succeeded", len(body)), trusted
+    status, impostor = answers["self"]
+    assert impostor["status"] == "failed" or status == 422, impostor
+    assert "certificate" in json.dumps(impostor).lower(), impostor

@@ -119,6 +119,8 @@ async def serve(
 
     from aiohttp import web
 
+    from cog.tls import load_certificates_in_background
+
     loop = asyncio.get_running_loop()
     stop, force = asyncio.Event(), asyncio.Event()
 
@@ -146,6 +148,8 @@ async def serve(
         await site.start()
         for address in app_runner.addresses:
             logger.info("listening on http://%s:%s", *address[:2])
+    # aiohttp's certificates (put off at its import): before any prediction needs them.
+    load_certificates_in_background()
 
     await stop.wait()
     running, refused = server.runner.stop()
@@ -199,9 +203,15 @@ def main(argv: list[str] | None = None) -> None:
 
     import asyncio
 
+    from cog.tls import certificates_put_off, import_aiohttp
+
+    import_aiohttp()  # its certificates put off: loaded once listening (see serve)
     from cog.runtime.app import InferenceServer
 
-    logger.debug("imported the inference server")
+    logger.debug(
+        "imported the inference server (%d certificate loads of aiohttp's put off)",
+        certificates_put_off(),
+    )
     settings = {
         "concurrency": args.concurrency,
         "max_queue": args.max_queue,

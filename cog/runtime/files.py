@@ -22,6 +22,7 @@ import aiohttp
 from yarl import URL
 
 from cog.signature import Argument
+from cog.tls import load_certificates
 
 #: The largest input file a prediction may download (bytes).
 MAX_INPUT_FILE = 4 * 1024**3
@@ -72,8 +73,12 @@ class Files:
         self.upload_url = upload_url
         self._session: aiohttp.ClientSession | None = None
 
-    def session(self) -> aiohttp.ClientSession:
+    async def session(self) -> aiohttp.ClientSession:
+        """The one client session; aiohttp's certificates loaded first (the server put
+        them off when it imported aiohttp, and loads them in the background as it starts:
+        a request in its first tenth of a second waits for them, off the event loop)."""
         if self._session is None:
+            await asyncio.get_running_loop().run_in_executor(None, load_certificates)
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
             )
@@ -116,7 +121,7 @@ class Files:
             return path
         path = os.path.join(folder, _filename(url))
         try:
-            async with self.session().get(url) as response:
+            async with (await self.session()).get(url) as response:
                 if response.status != 200:
                     raise FileError(f"input {name}: {url} answered HTTP {response.status}")
                 if (response.content_length or 0) > MAX_INPUT_FILE:
@@ -165,7 +170,7 @@ class Files:
                 yield chunk
 
         try:
-            async with self.session().put(
+            async with (await self.session()).put(
                 url, data=chunks(), headers={"Content-Type": content_type}
             ) as response:
                 if response.status >= 300:

@@ -234,7 +234,8 @@ class Predictions:
         webhook = body.get("webhook")
         if webhook:
             events = frozenset(body.get("webhook_events_filter") or EVENTS)
-            prediction.webhook = Webhook(self.files.session(), webhook, events, prediction.to_json)
+            session = await self.files.session()
+            prediction.webhook = Webhook(session, webhook, events, prediction.to_json)
         self._live[prediction_id] = prediction
         prediction.finished = asyncio.get_running_loop().create_future()
         if respond_async:
