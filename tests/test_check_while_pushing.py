@@ -31,6 +31,7 @@ class HeldRegistry:
         self.holding = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self._relays: set[asyncio.Task] = set()
+        self.gone = False
 
     @property
     def address(self) -> str:
@@ -39,6 +40,12 @@ class HeldRegistry:
 
     def release(self) -> None:
         self.released.set()
+
+    def cut(self) -> None:
+        """Every connection closed, and each new one at once: the registry is gone."""
+        self.gone = True
+        for relay in self._relays:
+            relay.cancel()
 
     async def __aenter__(self) -> HeldRegistry:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
@@ -64,6 +71,8 @@ class HeldRegistry:
             self._relays.discard(task)
 
     async def _pipes(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.gone:
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(
                 self.upstream_host, self.upstream_port
@@ -176,5 +185,45 @@ async def test_a_failed_check_ends_the_build_without_waiting_for_the_push(
             assert not held.released.is_set()
             assert not any(e.get("message", "").startswith("Pushed ") for e in events)
             assert final["package"]["Artifacts"] in (None, [])
+        finally:
+            remove_image(image)
+
+
+@pytest.mark.slow
+async def test_a_failed_push_stops_the_check(
+    aiohttp_client, registry, base_images, tmp_path, no_leaked_containers
+):
+    """The registry goes away while the model is being checked: the build fails as the
+    server's problem (503, the push named), and the check's container is removed."""
+    async with HeldRegistry(registry) as held:
+        client = await aiohttp_client(make_app(settings(tmp_path, held.address)))
+        root = make_model_dir(tmp_path / "model", name="cog-test/pushcheck")
+        (root / "infer.py").write_text(
+            (root / "infer.py")
+            .read_text()
+            .replace(
+                'self.greeting = "hello"',
+                'self.greeting = "hello"\n        import time; time.sleep(30)',
+            )
+        )
+        data, package_id = package_bytes(root)
+        image = f"{held.address}/cog-test/pushcheck:{package_id[:12]}"
+        try:
+            response = await upload(client, data)
+            events = []
+
+            async def read() -> None:
+                async for line in response.content:
+                    events.append(json.loads(line))
+                    if events[-1].get("message", "").startswith("Testing the model"):
+                        await asyncio.wait_for(held.holding.wait(), 60)
+                        held.cut()  # while the model sets up (for 30 s)
+
+            await asyncio.wait_for(read(), 120)
+            final = events[-1]
+            assert final["type"] == "error" and final["status"] == 503, final
+            assert "(step: push)" in final["message"], final
+            assert final["package"]["Status"] == "failed"
+            assert not any("Model ready" in e.get("line", "") for e in events)
         finally:
             remove_image(image)
