@@ -32,11 +32,11 @@ class HeldRegistry:
         self._server: asyncio.AbstractServer | None = None
         self._relays: set[asyncio.Task] = set()
         self.gone = False
+        #: the test client of the cog server pushing through this relay
+        self.client = None
+        #: host:port of the relay, once it listens
+        self.address = ""
 
-    @property
-    def address(self) -> str:
-        assert self._server is not None
-        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
 
     def release(self) -> None:
         self.released.set()
@@ -49,6 +49,7 @@ class HeldRegistry:
 
     async def __aenter__(self) -> HeldRegistry:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -66,6 +67,8 @@ class HeldRegistry:
         self._relays.add(task)
         try:
             await self._pipes(reader, writer)
+        except asyncio.CancelledError:
+            pass  # cut(), or the relay's end: asyncio would log a cancelled callback task
         finally:
             writer.close()
             self._relays.discard(task)
@@ -113,80 +116,90 @@ def settings(tmp_path, registry: str) -> ServerSettings:
     )
 
 
-async def upload(client, data: bytes):
-    return await client.post("/v1/packages/upload", data=form(data), headers={"Accept": NDJSON})
+@contextlib.asynccontextmanager
+async def server_behind(registry: str, aiohttp_client, tmp_path):
+    """A cog server (Docker builder, checks on) pushing through a HeldRegistry."""
+    async with HeldRegistry(registry) as held:
+        held.client = await aiohttp_client(make_app(settings(tmp_path, held.address)))
+        yield held
 
 
-def remove_image(image: str) -> None:
-    subprocess.run(["docker", "rmi", "-f", image], capture_output=True)
+async def build(held: HeldRegistry, root, on_event=None, within: float = 240) -> list[dict]:
+    """Upload the model directory root; the build's events, each shown to on_event as it
+    comes (an async callable). The image is removed from the engine after."""
+    data, package_id = package_bytes(root)
+    image = f"{held.address}/cog-test/pushcheck:{package_id[:12]}"
+    events: list[dict] = []
+
+    async def read() -> None:
+        response = await held.client.post(
+            "/v1/packages/upload", data=form(data), headers={"Accept": NDJSON}
+        )
+        async for line in response.content:
+            events.append(json.loads(line))
+            if on_event is not None:
+                await on_event(events)
+
+    try:
+        await asyncio.wait_for(read(), within)
+    finally:
+        subprocess.run(["docker", "rmi", "-f", image], capture_output=True)
+    return events
+
+
+def messages(events: list[dict]) -> list[str]:
+    return [e.get("message", "") for e in events]
 
 
 @pytest.mark.slow
 async def test_the_model_is_checked_while_its_image_is_pushed(
     aiohttp_client, registry, base_images, tmp_path, no_leaked_containers
 ):
-    async with HeldRegistry(registry) as held:
-        client = await aiohttp_client(make_app(settings(tmp_path, held.address)))
+    async def on_event(events: list[dict]) -> None:
+        if "checked that the model boots" in events[-1].get("line", ""):
+            # The whole check ran while the engine's push was held.
+            assert held.holding.is_set(), "the push had not begun"
+            assert not any(m.startswith("Pushed ") for m in messages(events)), events
+            held.release()
+
+    async with server_behind(registry, aiohttp_client, tmp_path) as held:
         root = make_model_dir(tmp_path / "model", name="cog-test/pushcheck")
-        data, package_id = package_bytes(root)
-        image = f"{held.address}/cog-test/pushcheck:{package_id[:12]}"
-        try:
-            response = await upload(client, data)
-            events = []
-
-            async def read() -> None:
-                async for line in response.content:
-                    events.append(json.loads(line))
-                    if "checked that the model boots" in events[-1].get("line", ""):
-                        # The whole check ran while the engine's push was held.
-                        assert held.holding.is_set(), "the push had not begun"
-                        assert not any(
-                            e.get("message", "").startswith("Pushed ") for e in events
-                        ), events
-                        held.release()
-
-            await asyncio.wait_for(read(), 240)
-            assert held.released.is_set(), "the check never finished while the push was held"
-            final = events[-1]
-            assert final["type"] == "package", final
-            assert final["package"]["Status"] == "ready"
-            [artifact] = final["package"]["Artifacts"]
-            assert artifact["URI"] == image and artifact["Digest"].startswith("sha256:")
-            messages = [e.get("message", "") for e in events]
-            testing = messages.index(f"Testing the model in {image}")
-            pushed = next(i for i, m in enumerate(messages) if m.startswith(f"Pushed {image}"))
-            assert testing < pushed
-        finally:
-            remove_image(image)
+        # Without the check during the push, the push waits for release() forever.
+        events = await build(held, root, on_event)
+    assert held.released.is_set(), "the check never finished while the push was held"
+    final = events[-1]
+    assert final["type"] == "package", final
+    assert final["package"]["Status"] == "ready"
+    [artifact] = final["package"]["Artifacts"]
+    image = artifact["URI"]
+    assert image.startswith(f"{held.address}/cog-test/pushcheck:")
+    assert artifact["Digest"].startswith("sha256:")
+    said = messages(events)
+    testing = said.index(f"Testing the model in {image}")
+    pushed = next(i for i, m in enumerate(said) if m.startswith(f"Pushed {image}"))
+    assert testing < pushed
 
 
 @pytest.mark.slow
 async def test_a_failed_check_ends_the_build_without_waiting_for_the_push(
     aiohttp_client, registry, base_images, tmp_path, no_leaked_containers
 ):
-    async with HeldRegistry(registry) as held:
-        client = await aiohttp_client(make_app(settings(tmp_path, held.address)))
+    async with server_behind(registry, aiohttp_client, tmp_path) as held:
         root = make_model_dir(tmp_path / "model", name="cog-test/pushcheck")
         with open(root / "cog.yaml", "a") as config:
             config.write("examples:\n  - input: {text: world}\n    output: goodbye world\n")
-        data, package_id = package_bytes(root)
-        image = f"{held.address}/cog-test/pushcheck:{package_id[:12]}"
-        try:
-            response = await upload(client, data)
-            events = [json.loads(line) async for line in response.content]
-            final = events[-1]
-            assert final["type"] == "error", final
-            assert final["message"].startswith("example 1: "), final
-            assert "(step: test: example 1)" in final["message"]
-            assert final["package"]["Status"] == "failed"
-            # The check failed while the push was held: the build ended then, without
-            # waiting for the push (which the engine goes on with; the relay cuts it).
-            assert held.holding.is_set(), "the push had begun, and was held"
-            assert not held.released.is_set()
-            assert not any(e.get("message", "").startswith("Pushed ") for e in events)
-            assert final["package"]["Artifacts"] in (None, [])
-        finally:
-            remove_image(image)
+        events = await build(held, root)
+        # The check failed while the push was held: the build ended then, without
+        # waiting for the push (which the engine goes on with; the relay cuts it).
+        assert held.holding.is_set(), "the push had begun, and was held"
+        assert not held.released.is_set()
+    final = events[-1]
+    assert final["type"] == "error", final
+    assert final["message"].startswith("example 1: "), final
+    assert "(step: test: example 1)" in final["message"]
+    assert final["package"]["Status"] == "failed"
+    assert not any(m.startswith("Pushed ") for m in messages(events))
+    assert final["package"]["Artifacts"] in (None, [])
 
 
 @pytest.mark.slow
@@ -195,35 +208,20 @@ async def test_a_failed_push_stops_the_check(
 ):
     """The registry goes away while the model is being checked: the build fails as the
     server's problem (503, the push named), and the check's container is removed."""
-    async with HeldRegistry(registry) as held:
-        client = await aiohttp_client(make_app(settings(tmp_path, held.address)))
+
+    async def on_event(events: list[dict]) -> None:
+        if events[-1].get("message", "").startswith("Testing the model"):
+            await asyncio.wait_for(held.holding.wait(), 60)
+            held.cut()  # while the model sets up (for 30 s)
+
+    async with server_behind(registry, aiohttp_client, tmp_path) as held:
         root = make_model_dir(tmp_path / "model", name="cog-test/pushcheck")
-        (root / "infer.py").write_text(
-            (root / "infer.py")
-            .read_text()
-            .replace(
-                'self.greeting = "hello"',
-                'self.greeting = "hello"\n        import time; time.sleep(30)',
-            )
-        )
-        data, package_id = package_bytes(root)
-        image = f"{held.address}/cog-test/pushcheck:{package_id[:12]}"
-        try:
-            response = await upload(client, data)
-            events = []
-
-            async def read() -> None:
-                async for line in response.content:
-                    events.append(json.loads(line))
-                    if events[-1].get("message", "").startswith("Testing the model"):
-                        await asyncio.wait_for(held.holding.wait(), 60)
-                        held.cut()  # while the model sets up (for 30 s)
-
-            await asyncio.wait_for(read(), 120)
-            final = events[-1]
-            assert final["type"] == "error" and final["status"] == 503, final
-            assert "(step: push)" in final["message"], final
-            assert final["package"]["Status"] == "failed"
-            assert not any("Model ready" in e.get("line", "") for e in events)
-        finally:
-            remove_image(image)
+        slow_setup = 'self.greeting = "hello"\n        import time; time.sleep(30)'
+        model = root / "infer.py"
+        model.write_text(model.read_text().replace('self.greeting = "hello"', slow_setup))
+        events = await build(held, root, on_event, within=120)
+    final = events[-1]
+    assert final["type"] == "error" and final["status"] == 503, final
+    assert "(step: push)" in final["message"], final
+    assert final["package"]["Status"] == "failed"
+    assert not any("Model ready" in e.get("line", "") for e in events)

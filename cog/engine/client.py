@@ -39,7 +39,9 @@ _LOGIN_REFUSED = re.compile(
 )
 _REGISTRY_UNREACHABLE = re.compile(
     r"connection refused|no such host|dial tcp|i/o timeout|server gave HTTP response|"
-    r"network is unreachable|no route to host|TLS handshake",
+    r"network is unreachable|no route to host|TLS handshake|"
+    # a registry (or a proxy in front of it) that hung up on the engine
+    r"\bEOF\b|connection reset by peer|broken pipe",
     re.IGNORECASE,
 )
 
