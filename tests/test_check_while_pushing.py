@@ -37,7 +37,6 @@ class HeldRegistry:
         #: host:port of the relay, once it listens
         self.address = ""
 
-
     def release(self) -> None:
         self.released.set()
 
