@@ -49,6 +49,12 @@ def package_request(
     )
 
 
+async def iterate(items):
+    """A list's items as an async iterator (events gathered already, collected again)."""
+    for item in items:
+        yield item
+
+
 async def collect(events) -> tuple[list[BuildLog], list[BuiltImage]]:
     logs: list[BuildLog] = []
     built: list[BuiltImage] = []

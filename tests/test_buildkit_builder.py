@@ -24,7 +24,13 @@ import grpc
 import pytest
 from aiohttp import web
 
-from cog.builders import BuildError, BuilderSettings, BuilderUnavailable, CheckedBuilder
+from cog.builders import (
+    BuildError,
+    BuilderSettings,
+    BuilderUnavailable,
+    CheckedBuilder,
+    ImageLoaded,
+)
 from cog.builders.buildkit import (
     BuildKitBuilder,
     BuildKitConnection,
@@ -33,7 +39,14 @@ from cog.builders.buildkit import (
 )
 from cog.server.check import check_image
 from cog.testing.builder import BuilderContract
-from tests.builder_helpers import EXAMPLES, collect, copy_example, lines, package_request
+from tests.builder_helpers import (
+    EXAMPLES,
+    collect,
+    copy_example,
+    iterate,
+    lines,
+    package_request,
+)
 from tests.services.docker import registry_digest
 from tests.tls_helpers import make_certs
 
@@ -370,9 +383,15 @@ async def test_hello_builds_pushes_and_passes_the_check(
     builder, registry, tmp_path, no_leaked_containers
 ):
     request = package_request(EXAMPLES / "hello", tmp_path / "hello.zip", registry)
-    logs, built = await collect(builder.build(request))
+    events = [event async for event in builder.build(request)]
+    logs, built = await collect(iterate(events))
     text = lines(logs)
     assert text[0].startswith(f"{builder.label}: BuildKit ")
+    # The image is in the engine the server checks on (the test's) before its push: the
+    # builder says so, once, so that the check may run during the push.
+    loaded = [i for i, event in enumerate(events) if isinstance(event, ImageLoaded)]
+    assert [events[i].image for i in loaded] == [request.image]
+    assert loaded[0] < events.index(built[0])
     assert any(
         re.fullmatch(r"#\d+ " + STEP.format(1) + r" FROM docker.io/library/python:3.11-slim", t)
         for t in text

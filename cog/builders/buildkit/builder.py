@@ -25,6 +25,7 @@ from cog.builders import (
     BuildLog,
     BuildRequest,
     BuiltImage,
+    ImageLoaded,
     being_cancelled,
 )
 from cog.builders.buildkit.address import Address, parse_address
@@ -441,6 +442,9 @@ class BuildKitBuilder(Builder):
             line=f"Image {digest or request.image} is in the Docker Engine at {where}; "
             "pushing it from there",
         )
+        if engine_address(where) == engine_address(self.settings.docker_host):
+            # The engine the server checks models on: the check may start now.
+            yield ImageLoaded(request.image)
         try:
             async with contextlib.aclosing(push_events(self._engine, request.image)) as events:
                 async for event in events:
