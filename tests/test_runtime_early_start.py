@@ -16,7 +16,13 @@ import pytest
 
 from cog.runtime import InferenceServer, ModelRef
 from cog.runtime.worker_process import start_worker
-from tests.test_runtime_predictions import STUBBORN, _running, eventually, model_dir
+from tests.test_runtime_predictions import (
+    STUBBORN,
+    _running,
+    crash_and_wait_for_restart,
+    eventually,
+    model_dir,
+)
 
 WAIT = 20.0  # a bound for the test to give up, not a timing
 
@@ -139,18 +145,7 @@ async def test_an_adopted_worker_that_crashes_is_started_again(aiohttp_client, t
     server, client = await adopted(aiohttp_client, model_dir(tmp_path, STUBBORN))
     pid = server.runner._process.pid
     assert f"wait-worker-{pid}" in waiters()
-    body = await (await client.post("/predictions", json={"input": {"mode": "crash"}})).json()
-    assert body["status"] == "failed"
-    assert body["error"] == "the model's process exited (code 3)"
-
-    async def ready():
-        return (await (await client.get("/health-check")).json())["status"] == "READY"
-
-    await eventually(ready, "the worker to be started again")
-    output = (await (await client.post("/predictions", json={"input": {"mode": "ok"}})).json())[
-        "output"
-    ]
-    assert output != f"pid {pid}"
+    assert await crash_and_wait_for_restart(client) != f"pid {pid}"
     # The new worker is asyncio's own; the thread that waited for the adopted one is done.
     await eventually(no_waiters, "the thread that waited for it to end")
 

@@ -456,12 +456,9 @@ class Predictor(BasePredictor):
 """
 
 
-async def test_a_crashed_worker_fails_its_prediction_and_is_started_again(aiohttp_client, tmp_path):
-    directory = model_dir(tmp_path, STUBBORN)
-    _, client = await serve(aiohttp_client, directory)
-    first = (await (await client.post("/predictions", json={"input": {"mode": "ok"}})).json())[
-        "output"
-    ]
+async def crash_and_wait_for_restart(client) -> str:
+    """Crash STUBBORN's worker with a prediction (which fails, saying how it exited), wait
+    until a new worker is ready; what a prediction answers then ("pid N": its process)."""
     body = await (await client.post("/predictions", json={"input": {"mode": "crash"}})).json()
     assert body["status"] == "failed"
     assert body["error"] == "the model's process exited (code 3)"
@@ -470,10 +467,17 @@ async def test_a_crashed_worker_fails_its_prediction_and_is_started_again(aiohtt
         return (await (await client.get("/health-check")).json())["status"] == "READY"
 
     await eventually(ready, "the worker to be started again")
-    second = (await (await client.post("/predictions", json={"input": {"mode": "ok"}})).json())[
+    body = await (await client.post("/predictions", json={"input": {"mode": "ok"}})).json()
+    return body["output"]
+
+
+async def test_a_crashed_worker_fails_its_prediction_and_is_started_again(aiohttp_client, tmp_path):
+    directory = model_dir(tmp_path, STUBBORN)
+    _, client = await serve(aiohttp_client, directory)
+    first = (await (await client.post("/predictions", json={"input": {"mode": "ok"}})).json())[
         "output"
     ]
-    assert first != second  # another process
+    assert first != await crash_and_wait_for_restart(client)  # another process
 
 
 async def test_a_prediction_that_ignores_cancel_gets_its_worker_restarted(aiohttp_client, tmp_path):
