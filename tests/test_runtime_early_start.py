@@ -18,7 +18,7 @@ from cog.runtime import InferenceServer, ModelRef
 from cog.runtime.worker_process import start_worker
 from tests.test_runtime_predictions import (
     STUBBORN,
-    _running,
+    cancel_a_stubborn_prediction,
     crash_and_wait_for_restart,
     eventually,
     model_dir,
@@ -155,14 +155,7 @@ async def test_an_adopted_worker_that_ignores_cancel_is_killed_and_started_again
 ):
     server, client = await adopted(aiohttp_client, model_dir(tmp_path, STUBBORN), cancel_grace=0.5)
     pid = server.runner._process.pid
-    running = asyncio.ensure_future(
-        client.put("/predictions/stuck", json={"input": {"mode": "stubborn"}})
-    )
-    await eventually(lambda: _running(client), "the prediction to start")
-    assert (await client.post("/predictions/stuck/cancel")).status == 200
-    body = await (await running).json()
-    assert body["status"] == "canceled"
-    assert "not stopping" in body["logs"]
+    await cancel_a_stubborn_prediction(client)
 
     async def ready():
         return (await (await client.get("/health-check")).json())["status"] == "READY"

@@ -480,9 +480,9 @@ async def test_a_crashed_worker_fails_its_prediction_and_is_started_again(aiohtt
     assert first != await crash_and_wait_for_restart(client)  # another process
 
 
-async def test_a_prediction_that_ignores_cancel_gets_its_worker_restarted(aiohttp_client, tmp_path):
-    directory = model_dir(tmp_path, STUBBORN)
-    _, client = await serve(aiohttp_client, directory, cancel_grace=0.5)
+async def cancel_a_stubborn_prediction(client) -> None:
+    """Start STUBBORN's prediction that ignores its cancel, cancel it: it ends canceled
+    (its worker killed after the grace), having said it was not stopping."""
     running = asyncio.ensure_future(
         client.put("/predictions/stuck", json={"input": {"mode": "stubborn"}})
     )
@@ -491,6 +491,12 @@ async def test_a_prediction_that_ignores_cancel_gets_its_worker_restarted(aiohtt
     body = await (await running).json()
     assert body["status"] == "canceled"
     assert "not stopping" in body["logs"]
+
+
+async def test_a_prediction_that_ignores_cancel_gets_its_worker_restarted(aiohttp_client, tmp_path):
+    directory = model_dir(tmp_path, STUBBORN)
+    _, client = await serve(aiohttp_client, directory, cancel_grace=0.5)
+    await cancel_a_stubborn_prediction(client)
     health = await (await client.get("/health-check")).json()
     assert health["status"] in ("DEFUNCT", "READY")
 
