@@ -53,9 +53,19 @@ def load_certificates() -> None:
             load(context, *args)
 
 
-def load_certificates_in_background() -> None:
-    """Start making the loads in a thread (OpenSSL's loading does not hold the GIL)."""
-    threading.Thread(target=load_certificates, name="cog-certificates", daemon=True).start()
+def load_certificates_in_background(done: Callable[[], None] | None = None) -> None:
+    """Start making the loads in a thread (OpenSSL's loading does not hold the GIL);
+    ``done`` is called in it after them.
+
+    Not a daemon: a process that ends meanwhile waits for it (a tenth of a second) rather
+    than tearing OpenSSL down under a thread that is inside it (which crashed it)."""
+
+    def load() -> None:
+        load_certificates()
+        if done is not None:
+            done()
+
+    threading.Thread(target=load, name="cog-certificates").start()
 
 
 def certificates_put_off() -> int:

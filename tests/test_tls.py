@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import ssl
 import subprocess
 import sys
@@ -181,3 +182,33 @@ async def test_the_inference_server_fetches_https_inputs_with_the_certificates_i
     status, impostor = answers["self"]
     assert impostor["status"] == "failed" or status == 422, impostor
     assert "certificate" in json.dumps(impostor).lower(), impostor
+
+
+def test_the_inference_server_ends_cleanly_while_it_loads_the_certificates(certs, tmp_path):
+    """SIGTERM while the certificates load (a bundle large enough to take a while): the
+    server waits for the load and exits 0. Loaded by a daemon thread, the interpreter tore
+    OpenSSL down under it, and the process died of SIGSEGV (6 times in 10)."""
+    from tests.test_runtime_predictions import model_dir
+
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text((certs / "ca.pem").read_text() * 3000)
+    env = {**os.environ, "SSL_CERT_FILE": str(bundle)}
+    env.pop("SSL_CERT_DIR", None)
+    directory = model_dir(tmp_path, SIZE_OF_FILE)
+    for _ in range(2):
+        server = subprocess.Popen(
+            [sys.executable, "-m", "cog.runtime", "--host", "127.0.0.1", "--port", "0",
+             "--log-level", "debug"],
+            cwd=directory, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert server.stderr is not None
+        for line in server.stderr:
+            if "listening on" in line:
+                break
+        server.send_signal(signal.SIGTERM)
+        with server.stderr:
+            log = server.stderr.read()
+        assert server.wait(timeout=120) == 0, log[-2000:]
+        # The signal came while the certificates loaded: the server stopped after them.
+        assert log.index("shutting down") < log.index("aiohttp's certificates loaded"), log

@@ -149,7 +149,7 @@ async def serve(
         for address in app_runner.addresses:
             logger.info("listening on http://%s:%s", *address[:2])
     # aiohttp's certificates (put off at its import): before any prediction needs them.
-    load_certificates_in_background()
+    load_certificates_in_background(lambda: logger.debug("aiohttp's certificates loaded"))
 
     await stop.wait()
     running, refused = server.runner.stop()

@@ -160,9 +160,10 @@ class _AdoptedProcess:
         self.returncode: int | None = None
         loop = asyncio.get_running_loop()
         self._exited: asyncio.Future[int] = loop.create_future()
-        threading.Thread(
+        self._thread = threading.Thread(
             target=self._wait, args=(loop,), name=f"wait-worker-{self.pid}", daemon=True
-        ).start()
+        )
+        self._thread.start()
 
     def _wait(self, loop: asyncio.AbstractEventLoop) -> None:
         code = self._popen.wait()
@@ -178,6 +179,12 @@ class _AdoptedProcess:
     async def wait(self) -> int:
         # Shielded: a caller's timeout must not end the watch for everyone else.
         return await asyncio.shield(self._exited)
+
+    async def waited(self) -> None:
+        """The thread that waited for the exit has ended too (it tells the exit just
+        before it ends): nothing of it runs on while the interpreter shuts down."""
+        await self.wait()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     def kill(self) -> None:
         # Popen knows whether its waiter reaped the PID already (then it may be another's).
@@ -596,6 +603,8 @@ class ModelWorker:
             except asyncio.TimeoutError:
                 process.kill()
                 await process.wait()
+        if isinstance(process, _AdoptedProcess):
+            await process.waited()
 
     def kill_now(self) -> None:
         """For an exit that cannot wait (a second signal)."""
