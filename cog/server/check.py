@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -31,6 +31,8 @@ from cog.engine.containers import (
 )
 from cog.server.answers import PREDICTION_BYTES, Verdict, judge, member, read_at_most
 from cog.units import format_size
+
+T = TypeVar("T")
 
 
 def _log(line: str) -> BuildLog:
@@ -162,19 +164,10 @@ async def _check_examples(
     for number, example in enumerate(config.examples, start=1):
         step = f"test: example {number}"
         began = time.monotonic()
-        try:
-            verdict = await asyncio.wait_for(
-                _answer(model, example_form(example, zip_path), example, zip_path), timeout
-            )
-        except asyncio.TimeoutError:
-            raise BuildError(
-                f"example {number} got no answer within {timeout:g}s",
-                step=step,
-                output=model.log_tail(),
-            ) from None
-        except aiohttp.ClientError as exc:
-            failure = await model.failure(f"answering example {number}", exc)
-            raise BuildError(str(failure), step=step, output=failure.logs) from None
+        answer = _answer(model, example_form(example, zip_path), example, zip_path)
+        verdict = await _within(
+            model, answer, timeout, step, f"example {number}", f"answering example {number}"
+        )
         for line in model.new_log_lines():
             yield _log(f"model: {line}")
         if verdict.status != 200:
@@ -190,6 +183,27 @@ async def _check_examples(
         yield _log(f"Example {number}: ok ({time.monotonic() - began:.2f}s)")
     if not config.examples:
         yield _log("No examples in cog.yaml: checked that the model boots and serves /help")
+
+
+async def _within(
+    model: ModelContainer,
+    answer: Awaitable[T],
+    timeout: float,
+    step: str,
+    what: str,
+    doing: str,
+) -> T:
+    """What the model answered, within timeout; else a BuildError naming the step: that
+    ``what`` got no answer in time, or what went wrong ``doing`` it (the model's end)."""
+    try:
+        return await asyncio.wait_for(answer, timeout)
+    except asyncio.TimeoutError:
+        raise BuildError(
+            f"{what} got no answer within {timeout:g}s", step=step, output=model.log_tail()
+        ) from None
+    except aiohttp.ClientError as exc:
+        failure = await model.failure(doing, exc)
+        raise BuildError(str(failure), step=step, output=failure.logs) from None
 
 
 async def _answer(
@@ -214,17 +228,14 @@ async def _check_prediction(
         return
     step = "test: prediction"
     began = time.monotonic()
-    try:
-        status, body = await asyncio.wait_for(_predict(model), timeout)
-    except asyncio.TimeoutError:
-        raise BuildError(
-            f"the prediction with the defaults got no answer within {timeout:g}s",
-            step=step,
-            output=model.log_tail(),
-        ) from None
-    except aiohttp.ClientError as exc:
-        failure = await model.failure("answering the prediction", exc)
-        raise BuildError(str(failure), step=step, output=failure.logs) from None
+    status, body = await _within(
+        model,
+        _predict(model),
+        timeout,
+        step,
+        "the prediction with the defaults",
+        "answering the prediction",
+    )
     for line in model.new_log_lines():
         yield _log(f"model: {line}")
     if status != 200 or not isinstance(body, dict):
